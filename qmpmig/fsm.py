@@ -90,14 +90,17 @@ STATE_FLAGS: dict[MigState, int] = {
     ERROR: 0xFFFFFFFF,
 }
 
+ALL_FLAGS = MigFlags.STOP_COPY | MigFlags.P2P | MigFlags.PRE_COPY
+
 #: The saving group: one data_fd lives across these states.
 SAVING_GROUP = frozenset({PRE_COPY, PRE_COPY_P2P, STOP_COPY})
 
 
 def supports(flags: int, state: MigState) -> bool:
-    """Whether a device with these migration flags has ``state``."""
+    """Whether a device with these migration flags has ``state``; flag bits
+    the uAPI does not define are ignored, so ERROR is never supported."""
     need = STATE_FLAGS[state]
-    return flags & need == need
+    return flags & ALL_FLAGS & need == need
 
 
 def _require(flags: int, *states: MigState) -> None:

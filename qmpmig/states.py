@@ -85,10 +85,9 @@ V2_TO_V1 = {state: bits for bits, state in V1_TO_V2.items()}
 
 def v1_normalize(bits: int) -> V1:
     """Drop NDMA where it says nothing: !RUNNING implies NDMA (seed 000)."""
-    bits = V1(bits)
     if not bits & V1.RUNNING:
-        bits &= ~V1.NDMA
-    return bits
+        bits &= ~int(V1.NDMA)
+    return V1(bits)
 
 
 def v1_to_v2(bits: int) -> MigState:
