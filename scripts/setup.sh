@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up qmpmig on a fresh Debian 12 machine (root, package registries only):
+# Debian's QEMU, a Python virtual environment with qmpmig and its test
+# dependencies in .venv/, and the test guest image in vm-images/build/.
+# Idempotent: what is already there is kept.
+set -euo pipefail
+top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$top"
+
+apt_packages=()
+command -v qemu-system-x86_64 >/dev/null || apt_packages+=(qemu-system-x86)
+python3 -c 'import ensurepip, venv' 2>/dev/null || apt_packages+=(python3-venv)
+if ((${#apt_packages[@]})); then
+    echo "setup: installing ${apt_packages[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
+fi
+
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+    { echo "setup: qmpmig needs Python 3.11 or newer" >&2; exit 1; }
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+vm-images/build.sh
+echo "setup: ready ($(qemu-system-x86_64 --version | head -1))"
