@@ -40,6 +40,18 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def sweep_stale() -> list[Path]:
+    """Remove guest RAM files left in /dev/shm by qmpmig processes that are
+    gone (killed before they could clean up); return what was removed."""
+    removed = []
+    for path in Path("/dev/shm").glob("qmpmig-*.ram"):
+        pid = path.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def image() -> tuple[Path, Path]:
     """The test guest's kernel and initramfs; VmError if not built."""
     kernel, initrd = IMAGE_DIR / "vmlinuz", IMAGE_DIR / "initramfs.cpio.gz"
@@ -130,6 +142,7 @@ class Vm:
     def start(self) -> "Vm":
         if self.proc is not None:
             raise VmError(f"{self.name} already started")
+        sweep_stale()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
