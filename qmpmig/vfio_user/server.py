@@ -1,0 +1,95 @@
+"""An asyncio vfio-user server: a listening UNIX socket, one client at a
+time, VERSION first, then each command to ``on_<command>`` of a handler.
+
+The handler answers with a reply payload (and fds), or raises OSError whose
+errno goes into the error reply.  Malformed messages never reach it: the
+transport answers them with EINVAL and the connection carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import inspect
+import logging
+import os
+import socket
+from typing import Any
+
+from . import wire
+from .transport import Endpoint
+from .wire import Command
+
+log = logging.getLogger("qmpmig.vfio_user")
+MAJOR, MINOR = 0, 1
+
+
+class ServerEndpoint(Endpoint):
+    """The server end of one client connection."""
+
+    def __init__(self, sock: socket.socket, handler: Any, capabilities: dict,
+                 max_data_xfer_size: int = 1 << 20):
+        super().__init__(sock, wire.Role.SERVER, max_data_xfer_size=max_data_xfer_size,
+                         max_msg_fds=capabilities.get("max_msg_fds", 1))
+        self.handler = handler
+        self.capabilities = capabilities
+        self.negotiated = False
+
+    async def handle_command(self, msg: wire.Message):
+        if not self.negotiated:
+            if msg.cmd != Command.VERSION:
+                self.hangup_after_reply = True
+                raise OSError(errno.EINVAL, f"first command must be VERSION, not {msg.cmd!r}")
+            return self._version(msg.payload), ()
+        if msg.cmd == Command.VERSION:
+            raise OSError(errno.EINVAL, "VERSION after negotiation")
+        method = getattr(self.handler, "on_" + Command(msg.cmd).name.lower(), None)
+        if method is None:
+            raise OSError(errno.EINVAL, f"{Command(msg.cmd).name} is not served")
+        result = method(msg)
+        if inspect.isawaitable(result):
+            result = await result
+        return result if isinstance(result, tuple) else (result, ())
+
+    def _version(self, proposal: wire.Version) -> wire.Version:
+        if proposal.major != MAJOR:
+            self.hangup_after_reply = True
+            raise OSError(errno.EINVAL, f"version {proposal.major}.{proposal.minor} is not {MAJOR}.x")
+        theirs = proposal.capabilities.get("capabilities", {})
+        if "max_data_xfer_size" in theirs:
+            self.peer_max_data_xfer_size = theirs["max_data_xfer_size"]
+        self.negotiated = True
+        return wire.Version(MAJOR, min(proposal.minor, MINOR), {"capabilities": self.capabilities})
+
+
+async def serve_unix(path: str, handler: Any, capabilities: dict | None = None,
+                     ready: asyncio.Event | None = None) -> None:
+    """Serve clients on ``path``, one at a time, until cancelled.  The
+    handler's ``attach(endpoint)`` and ``detach()`` bracket each client."""
+    capabilities = capabilities or {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20}
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+    if ready:
+        ready.set()
+    try:
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            endpoint = ServerEndpoint(sock, handler, capabilities,
+                                      max_data_xfer_size=capabilities.get("max_data_xfer_size", 1 << 20))
+            handler.attach(endpoint)
+            endpoint.start()
+            try:
+                await endpoint.closed.wait()
+            finally:
+                await endpoint.close()
+                handler.detach()
+    finally:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
