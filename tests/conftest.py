@@ -21,3 +21,21 @@ def guest_image():
 async def rig(guest_image):
     async with Rig() as r:
         yield r
+
+
+@pytest.fixture
+def spawn_device(tmp_path):
+    """Start real ``qmpmig-device`` processes; all are stopped at teardown."""
+    from qmpmig.device.process import DeviceProcess
+
+    started = []
+
+    def spawn(*options: str, name: str | None = None) -> DeviceProcess:
+        name = name or f"dev{len(started)}"
+        proc = DeviceProcess(tmp_path / f"{name}.sock", *options)
+        started.append(proc)
+        return proc.start()
+
+    yield spawn
+    for proc in started:
+        proc.close()

@@ -40,9 +40,11 @@ class V1Region:
 
     def __init__(self, device: ReferenceDevice):
         self.device = device
-        self.fd = os.memfd_create("qmpmig-v1-window")
-        os.ftruncate(self.fd, WINDOW)
-        self.window = mmap.mmap(self.fd, WINDOW)
+        # The fd stands for the whole region: the window sits at its region
+        # offset, so the client maps SPARSE_MMAP areas at region offset + area.
+        self.fd = os.memfd_create("qmpmig-v1-region")
+        os.ftruncate(self.fd, REGION_SIZE)
+        self.window = mmap.mmap(self.fd, WINDOW, offset=DATA_OFFSET)
         self.data_size: int | None = None
         self._reads = 0
 

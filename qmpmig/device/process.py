@@ -1,0 +1,71 @@
+"""A ``qmpmig-device`` process, started and stopped like the harness's QEMUs:
+it dies with its starter (PR_SET_PDEATHSIG) and leaves no socket behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import QmpmigError
+from ..vm import _die_with_parent
+
+
+class DeviceProcess:
+    """``qmpmig-device --socket PATH [options]`` in its own process."""
+
+    def __init__(self, socket: str | Path, *options: str, log: Path | None = None):
+        self.socket = Path(socket)
+        self.options = options
+        self.log_path = log or self.socket.with_suffix(".log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 10.0) -> "DeviceProcess":
+        self.socket.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "qmpmig.device.cli", "--socket", str(self.socket), *self.options]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + timeout
+        while not self.socket.exists():
+            if self.proc.poll() is not None:
+                raise QmpmigError(f"qmpmig-device exited ({self.proc.returncode}): {self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise QmpmigError(f"qmpmig-device: no socket at {self.socket} after {timeout} s")
+            time.sleep(0.01)
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self.alive():
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.socket.unlink(missing_ok=True)
+
+    def __enter__(self) -> "DeviceProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
