@@ -71,8 +71,12 @@ async def serve_unix(path: str, handler: Any, capabilities: dict | None = None,
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    # Bind aside and rename into place once listening: whoever sees the
+    # path can connect.
+    staging = f"{path}.{os.getpid()}.tmp"
+    listener.bind(staging)
     listener.listen(1)
+    os.rename(staging, path)
     listener.setblocking(False)
     loop = asyncio.get_running_loop()
     if ready:
