@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from . import lifecycle
+from . import check, lifecycle
 from .errors import QmpmigError
 from .fsm import InvalidTransition, plan
 from .qemu import Qemu
@@ -124,6 +124,13 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("new", choices=[s.name for s in MigState])
     pl.add_argument("--flags", type=_flags, default=ALL_FLAGS)
     pl.set_defaults(run=_plan)
+
+    c = sub.add_parser("check", help="conformance run against a vfio-user device server")
+    c.add_argument("--socket", required=True, help="the device's vfio-user socket")
+    c.add_argument("--peer", help="a second device of the same kind to resume into")
+    c.add_argument("--protocol", choices=("v1", "v2"), help="migrate by v1 or v2 (default: what the device offers)")
+    c.add_argument("--json", action="store_true", help="print the results as JSON")
+    c.set_defaults(run=check.command)
     return p
 
 
