@@ -410,18 +410,18 @@ def _v1_takes(dev: Device) -> list[int]:
 async def _v1_write(dev: Device, start: int, value: int, taken: bool) -> None:
     await dev.reset()
     if start != V1.RUNNING:
-        await dev._v1_set("device_state", start)
-    before = await dev._v1_get("device_state")
+        await dev.v1_set("device_state", start)
+    before = await dev.v1_get("device_state")
     try:
-        await dev._v1_set("device_state", value)
+        await dev.v1_set("device_state", value)
     except OSError as err:
-        after = await dev._v1_get("device_state")
+        after = await dev.v1_get("device_state")
         if taken:
             raise Fail(f"refused: {err}") from None
         if after != before:
             raise Fail(f"refused, but device_state went {before:#x} -> {after:#x}") from None
         return
-    after = await dev._v1_get("device_state")
+    after = await dev.v1_get("device_state")
     if not taken:
         raise Fail(f"accepted, device_state now {after:#x}")
     if v1_normalize(after) != v1_normalize(value):
@@ -443,12 +443,12 @@ async def v1_device_state(ctx: Context) -> str:
 
 async def _v1_stop_copy(dev: Device) -> None:
     await dev.reset()
-    await dev._v1_set("device_state", V1.SAVING)
+    await dev.v1_set("device_state", V1.SAVING)
 
 
 async def _v1_buffer(dev: Device) -> tuple[int, int]:
     """Start (or continue) an iteration: (data_offset, data_size)."""
-    return await dev._v1_get("data_offset"), await dev._v1_get("data_size")
+    return await dev.v1_get("data_offset"), await dev.v1_get("data_size")
 
 
 async def _v1_iterations(dev: Device) -> AsyncIterator[tuple[int, int]]:
@@ -456,7 +456,7 @@ async def _v1_iterations(dev: Device) -> AsyncIterator[tuple[int, int]]:
     V1_ITERATIONS iterations, while pending_bytes > 0."""
     await _v1_stop_copy(dev)
     for k in range(V1_ITERATIONS):
-        pending = await dev._v1_get("pending_bytes")
+        pending = await dev.v1_get("pending_bytes")
         if not pending:
             return
         yield k, pending
@@ -465,7 +465,7 @@ async def _v1_iterations(dev: Device) -> AsyncIterator[tuple[int, int]]:
 async def v1_pending_poll(ctx: Context) -> str:
     async with ctx.open() as dev:
         await _v1_stop_copy(dev)
-        polls = [await dev._v1_get("pending_bytes") for _ in range(5)]
+        polls = [await dev.v1_get("pending_bytes") for _ in range(5)]
         offset, size = await _v1_buffer(dev)
     if not polls[0]:
         raise Fail("pending_bytes is 0 at the start of stop-and-copy")
@@ -481,11 +481,11 @@ async def v1_iteration_stable(ctx: Context) -> str:
     async with ctx.open() as dev:
         async for n, _ in _v1_iterations(dev):
             seen = [await _v1_buffer(dev), await _v1_buffer(dev)]
-            data = await dev._v1_window_read(*seen[0])
+            data = await dev.v1_window_read(*seen[0])
             seen.append(await _v1_buffer(dev))
             if len(set(seen)) > 1:
                 problems.append(f"iteration {n}: (data_offset, data_size) read as {seen}")
-            if await dev._v1_window_read(*seen[0]) != data:
+            if await dev.v1_window_read(*seen[0]) != data:
                 problems.append(f"iteration {n}: the data changed when read again")
     return _verdict(problems, n + 1, "iterations")
 
@@ -494,7 +494,7 @@ async def v1_pending_ends_iteration(ctx: Context) -> str:
     problems, n, last = [], 0, None
     async with ctx.open() as dev:
         async for n, pending in _v1_iterations(dev):
-            data = await dev._v1_window_read(*await _v1_buffer(dev))
+            data = await dev.v1_window_read(*await _v1_buffer(dev))
             if last and data == last[1] and pending >= last[0]:
                 problems.append(f"iteration {n} offered iteration {n - 1}'s {len(data)} bytes again "
                                 f"and pending_bytes stayed {pending}")
@@ -505,18 +505,18 @@ async def v1_pending_ends_iteration(ctx: Context) -> str:
 async def v1_stop_copy_end(ctx: Context) -> str:
     async with ctx.open() as dev:
         await _v1_stop_copy(dev)
-        first = pending = await dev._v1_get("pending_bytes")
+        first = pending = await dev.v1_get("pending_bytes")
         total = iterations = empty = 0
         while pending:
             iterations += 1
             offset, size = await _v1_buffer(dev)
-            await dev._v1_window_read(offset, size)
+            await dev.v1_window_read(offset, size)
             total += size
             empty = 0 if size else empty + 1
             if empty > 100 or iterations > MAX_READS or total > 4 * first + STREAM_SLACK:
                 raise Fail(f"pending_bytes still {pending} after {iterations} iterations and {total} bytes")
-            pending = await dev._v1_get("pending_bytes")
-        after = [await dev._v1_get("pending_bytes") for _ in range(2)]
+            pending = await dev.v1_get("pending_bytes")
+        after = [await dev.v1_get("pending_bytes") for _ in range(2)]
     if any(after):
         raise Fail(f"pending_bytes went back to {after} after reaching 0")
     return f"pending_bytes {first} -> 0 in {iterations} iterations, {total} bytes"
@@ -735,7 +735,7 @@ async def _reset_from(dev: Device, enter: Callable[[], Awaitable[None]] | None) 
 
 async def _v1_enter(dev: Device, value: int) -> None:
     await dev.reset()
-    await dev._v1_set("device_state", value)
+    await dev.v1_set("device_state", value)
 
 
 async def reset_everywhere(ctx: Context) -> str:

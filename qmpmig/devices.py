@@ -89,13 +89,13 @@ class Device:
     async def _v1_has_ndma(self) -> bool:
         """NDMA is seed 000's proposal, not a flag a v1 device reports: ask
         a RUNNING device to enter NDMA|RUNNING and go back."""
-        if await self._v1_get("device_state") != V1.RUNNING:
+        if await self.v1_get("device_state") != V1.RUNNING:
             return False
         try:
-            await self._v1_set("device_state", V1.NDMA | V1.RUNNING)
+            await self.v1_set("device_state", V1.NDMA | V1.RUNNING)
         except OSError:
             return False
-        await self._v1_set("device_state", V1.RUNNING)
+        await self.v1_set("device_state", V1.RUNNING)
         return True
 
     async def close(self) -> None:
@@ -105,15 +105,15 @@ class Device:
 
     # -- v1 region fields ---------------------------------------------------
 
-    async def _v1_get(self, name: str) -> int:
+    async def v1_get(self, name: str) -> int:
         off, fmt = V1_FIELDS[name]
         return struct.unpack(fmt, await self.client.region_read(self.v1.index, off, struct.calcsize(fmt)))[0]
 
-    async def _v1_set(self, name: str, value: int) -> None:
+    async def v1_set(self, name: str, value: int) -> None:
         off, fmt = V1_FIELDS[name]
         await self.client.region_write(self.v1.index, off, struct.pack(fmt, value))
 
-    async def _v1_window_read(self, offset: int, size: int) -> bytes:
+    async def v1_window_read(self, offset: int, size: int) -> bytes:
         v1 = self.v1
         if v1.mem is not None and v1.mmap_start <= offset and offset + size <= v1.mmap_start + v1.mmap_size:
             start = offset - v1.mmap_start
@@ -123,7 +123,7 @@ class Device:
             parts.append(await self.client.region_read(v1.index, pos, min(self.chunk_size, offset + size - pos)))
         return b"".join(parts)
 
-    async def _v1_window_write(self, offset: int, data: bytes) -> None:
+    async def v1_window_write(self, offset: int, data: bytes) -> None:
         v1 = self.v1
         if v1.mem is not None and v1.mmap_start <= offset and offset + len(data) <= v1.mmap_start + v1.mmap_size:
             start = offset - v1.mmap_start
@@ -137,7 +137,7 @@ class Device:
     async def state(self) -> MigState:
         if self.protocol == "v2":
             return MigState(await self.client.device_state())
-        return v1_to_v2(await self._v1_get("device_state"))
+        return v1_to_v2(await self.v1_get("device_state"))
 
     async def set_state(self, state: MigState) -> None:
         """One MIG_DEVICE_STATE set (v2), or one device_state write of the
@@ -145,13 +145,13 @@ class Device:
         if self.protocol == "v2":
             await self.client.set_device_state(state)
         else:
-            await self._v1_set("device_state", v2_to_v1(state))
+            await self.v1_set("device_state", v2_to_v1(state))
 
     async def pending(self) -> int:
         """save_live_pending: bytes the device still has (an estimate in
         pre-copy; to the end of the stream in stop-copy)."""
         if self.protocol == "v1":
-            return await self._v1_get("pending_bytes")
+            return await self.v1_get("pending_bytes")
         state = await self.state()
         if state in (MigState.PRE_COPY, MigState.PRE_COPY_P2P):
             info = await self.client.precopy_info()
@@ -163,11 +163,11 @@ class Device:
         is nothing now (pre-copy) or nothing more (stop-copy)."""
         if self.protocol == "v2":
             return await self.client.mig_data_read(self.chunk_size)
-        if not await self._v1_get("pending_bytes"):
+        if not await self.v1_get("pending_bytes"):
             return b""
-        offset = await self._v1_get("data_offset")
-        size = await self._v1_get("data_size")
-        return await self._v1_window_read(offset, size)
+        offset = await self.v1_get("data_offset")
+        size = await self.v1_get("data_size")
+        return await self.v1_window_read(offset, size)
 
     async def write_data(self, data: bytes) -> None:
         """load_state: one piece of the stream, in the order it was read."""
@@ -178,9 +178,9 @@ class Device:
         window = self.v1.mmap_size or self.chunk_size
         for pos in range(0, len(data), window):
             piece = data[pos:pos + window]
-            offset = await self._v1_get("data_offset")
-            await self._v1_window_write(offset, piece)
-            await self._v1_set("data_size", len(piece))
+            offset = await self.v1_get("data_offset")
+            await self.v1_window_write(offset, piece)
+            await self.v1_set("data_size", len(piece))
 
     async def reset(self) -> None:
         await self.client.reset()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .errors import QemuGone, VmError
 from .qemu import MigrationInfo, Qemu, VmState
+from .device.process import DeviceProcess
 from .vm import Vm
 
 #: Migration statuses after which QEMU does nothing more by itself.
@@ -120,25 +121,45 @@ class Pair:
 
 class Rig(Pair):
     """Two QEMUs running the test guest, started here: ``src`` (booted) and
-    ``dst`` (``-incoming defer -S``)."""
+    ``dst`` (``-incoming defer -S``); and ``devices`` pairs of
+    ``qmpmig-device`` processes, source and destination, started with
+    ``device_options``."""
 
-    def __init__(self, *, memory_mib: int = 256, accel: str | None = None):
+    def __init__(self, *, memory_mib: int = 256, accel: str | None = None,
+                 devices: int = 0, device_options: tuple[str, ...] = ()):
         self.workdir = Path(tempfile.mkdtemp(prefix="qmpmig-rig-"))
         self.src = Vm("src", "source", memory_mib=memory_mib, accel=accel, workdir=self.workdir)
         self.dst = Vm("dst", "destination", memory_mib=memory_mib, accel=accel, workdir=self.workdir)
         super().__init__(str(self.src.qmp_path), str(self.dst.qmp_path),
                          f"unix:{self.workdir / 'migration.sock'}")
+        self.devices = [
+            tuple(DeviceProcess(self.workdir / f"{side}-dev{i}.sock", *device_options,
+                                "--device-id", str(i + 1)) for side in ("src", "dst"))
+            for i in range(devices)]
+
+    def ring(self, index: int) -> tuple[int, int]:
+        """The slice of the guest's DMA window that device ``index`` owns."""
+        base, size = self.src.dma_window
+        share = size // max(1, len(self.devices))
+        return base + index * share, share
 
     async def start(self, boot_timeout: float = 90.0) -> "Rig":
-        """Start both QEMUs, attach, and boot the source to its first heartbeat."""
+        """Start both QEMUs and the device processes, attach, and boot the
+        source to its first heartbeat."""
         self.src.start()
         self.dst.start()
+        for pair in self.devices:
+            for proc in pair:
+                proc.start()
         await self.attach()
         await asyncio.to_thread(self.src.wait_heartbeat, 0, boot_timeout)
         return self
 
     async def close(self) -> None:
         await self.detach()
+        for pair in self.devices:
+            for proc in pair:
+                proc.close()
         self.src.close()
         self.dst.close()
         shutil.rmtree(self.workdir, ignore_errors=True)

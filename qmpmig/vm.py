@@ -29,6 +29,9 @@ IMAGE_DIR = Path(os.environ.get("QMPMIG_IMAGE_DIR", ROOT / "vm-images" / "build"
 QEMU = os.environ.get("QMPMIG_QEMU", "qemu-system-x86_64")
 #: The kernel command line of the test guest (vm-images/README.md).
 GUEST_APPEND = "console=ttyS0 quiet panic=-1"
+#: Guest RAM at the top kept from the guest kernel (memmap=...$...): the
+#: window where device processes DMA, as a driver's buffers would be.
+DMA_WINDOW = 16 << 20
 HEARTBEAT = re.compile(rb"^qmpmig-heartbeat (\d+)\r?$", re.M)
 
 Role = Literal["source", "destination"]
@@ -114,6 +117,11 @@ class Vm:
         self.proc: subprocess.Popen | None = None
 
     @property
+    def dma_window(self) -> tuple[int, int]:
+        """(guest physical base, size) of the RAM reserved for device DMA."""
+        return (self.memory_mib << 20) - DMA_WINDOW, DMA_WINDOW
+
+    @property
     def accel(self) -> str:
         if self._accel is None:
             self._accel = accel()
@@ -128,7 +136,8 @@ class Vm:
             "-cpu", cpu, "-m", f"{self.memory_mib}M", "-smp", "1",
             "-object", f"memory-backend-file,id=ram0,size={self.memory_mib}M,"
                        f"mem-path={self.ram_path},share=on",
-            "-kernel", str(kernel), "-initrd", str(initrd), "-append", GUEST_APPEND,
+            "-kernel", str(kernel), "-initrd", str(initrd),
+            "-append", f"{GUEST_APPEND} memmap={DMA_WINDOW >> 20}M${self.dma_window[0]:#x}",
             "-display", "none", "-no-reboot",
             "-chardev", f"file,id=serial0,path={self.serial_path}",
             "-serial", "chardev:serial0",

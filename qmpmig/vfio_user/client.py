@@ -55,11 +55,11 @@ class Client(Endpoint):
 
     async def _negotiate(self) -> None:
         caps = {"max_msg_fds": 8, "max_data_xfer_size": self.conn.max_data_xfer_size}
-        reply = await self.request(Command.VERSION, wire.Version(MAJOR, MINOR, {"capabilities": caps}))
+        reply = await self.request(Command.VERSION, wire.Version(MAJOR, MINOR, caps))
         version = reply.payload
         if version.major != MAJOR or version.minor > MINOR:
             raise wire.RemoteProtocolError(f"server answered version {version.major}.{version.minor}")
-        self.capabilities = version.capabilities.get("capabilities", {})
+        self.capabilities = version.capabilities
         peer_max = self.capabilities.get("max_data_xfer_size", 1 << 20)
         self.max_transfer = min(peer_max, self.conn.max_data_xfer_size)
 

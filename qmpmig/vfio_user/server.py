@@ -56,11 +56,13 @@ class ServerEndpoint(Endpoint):
         if proposal.major != MAJOR:
             self.hangup_after_reply = True
             raise OSError(errno.EINVAL, f"version {proposal.major}.{proposal.minor} is not {MAJOR}.x")
-        theirs = proposal.capabilities.get("capabilities", {})
-        if "max_data_xfer_size" in theirs:
-            self.peer_max_data_xfer_size = theirs["max_data_xfer_size"]
+        # Data the client sends us is bounded by what we offered; data we
+        # send (REGION_READ, MIG_DATA_READ replies) by what it can take.
+        theirs = proposal.capabilities
+        self.conn.max_data_xfer_size = min(self.conn.max_data_xfer_size,
+                                           theirs.get("max_data_xfer_size", 1 << 20))
         self.negotiated = True
-        return wire.Version(MAJOR, min(proposal.minor, MINOR), {"capabilities": self.capabilities})
+        return wire.Version(MAJOR, min(proposal.minor, MINOR), self.capabilities)
 
 
 async def serve_unix(path: str, handler: Any, capabilities: dict | None = None,

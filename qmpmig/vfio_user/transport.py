@@ -14,6 +14,7 @@ import array
 import asyncio
 import collections
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -23,6 +24,11 @@ from . import wire
 from .wire import BadMessage, Message
 
 log = logging.getLogger("qmpmig.vfio_user")
+
+
+def _wake(ready: asyncio.Future) -> None:
+    if not ready.done():
+        ready.set_result(None)
 
 
 class VfioUserError(OSError):
@@ -69,7 +75,7 @@ class Endpoint:
                 break
             except (BlockingIOError, InterruptedError):
                 ready = loop.create_future()
-                loop.add_reader(self.sock.fileno(), ready.set_result, None)
+                loop.add_reader(self.sock.fileno(), _wake, ready)
                 try:
                     await ready
                 finally:
@@ -91,7 +97,7 @@ class Endpoint:
                     break
                 except (BlockingIOError, InterruptedError):
                     ready = loop.create_future()
-                    loop.add_writer(self.sock.fileno(), ready.set_result, None)
+                    loop.add_writer(self.sock.fileno(), _wake, ready)
                     try:
                         await ready
                     finally:
@@ -175,12 +181,15 @@ class Endpoint:
         try:
             payload, fds = await self.handle_command(msg)
             reply = wire.reply_to(msg, payload, fds=fds)
-        except OSError as err:
+        except Exception as err:
             for fd in msg.fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            log.info("%s refused: %s", getattr(msg.cmd, "name", msg.cmd), err)
-            reply = wire.error_reply(msg, err.errno or 22)
+            if isinstance(err, OSError):
+                log.info("%s refused: %s", getattr(msg.cmd, "name", msg.cmd), err)
+            else:
+                log.exception("%s: handler failed", getattr(msg.cmd, "name", msg.cmd))
+            reply = wire.error_reply(msg, getattr(err, "errno", None) or errno.EIO)
         if not msg.no_reply or reply.error_no:
             try:
                 await self.send(reply)

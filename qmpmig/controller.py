@@ -1,0 +1,491 @@
+"""The controller: a live migration of a QEMU guest with its vfio-user
+devices, in the order seed 000's reference flows demand.
+
+Save (source), one attempt::
+
+    RUNNING + DMA logging           DIRTY_TRACKING on every device
+    PRE_COPY                        QEMU's RAM pre-copy and ours, side by side;
+                                    DMA logs read and cleared as we go
+    PRE_COPY_P2P, vCPUs running     grace: every device, then every IO page
+                                    request completed (barrier)
+    QMP stop                        vCPUs stop only now
+    pre-switchover: STOP_COPY       final data to end of stream, final DMA log
+    migrate-continue                QEMU serialises the rest and completes
+
+Resume (destination)::
+
+    reset, STOP, RESUMING           before the stream arrives
+    (QEMU RAM load completes)       copy every DMA-dirty page src -> dst RAM
+    STOP                            each device validates its state
+    RUNNING_P2P (barrier), RUNNING  then QMP cont
+
+Every step goes through :func:`qmpmig.fsm.plan` one arc at a time, and into
+the trace.  A failure anywhere cancels: the source guest and its devices
+run on, the destination devices are reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from . import fsm, lifecycle
+from .devices import Device
+from .errors import QemuCommandError, QemuGone, QmpmigError
+from .guestmem import PAGE, GuestRam
+from .qemu import Qemu, VmState
+from .states import MigFlags, MigState
+from .trace import Trace
+from .vfio_user import wire
+
+log = logging.getLogger("qmpmig.controller")
+
+#: Debug options that break one rule on purpose, for negative controls.
+DEBUG = {
+    "no-dirty-copy": "skip copying DMA-dirty pages to the destination",
+    "stop-before-ndma": "stop the source vCPUs before the grace state",
+    "early-barrier": "let one destination device run before the others reached RUNNING_P2P",
+}
+
+
+class MigrationFailed(QmpmigError):
+    """The migration did not complete; the message says what happened."""
+
+
+@dataclass
+class Pair:
+    """A device on the source and its counterpart on the destination."""
+
+    name: str
+    src: Device
+    dst: Device
+    dirty: set[int] = field(default_factory=set)
+    sent: int = 0
+    outstanding: int = 0
+    #: QMPMIG_STATE_HASH of the source at the end of its stream and of the
+    #: destination once it left RESUMING (None where the device has none).
+    src_hash: bytes | None = None
+    dst_hash: bytes | None = None
+
+
+@dataclass
+class Options:
+    #: Go to the grace state once every device has at most this much pending.
+    threshold: int = 1 << 20
+    #: ... and QEMU has at most this much RAM left.
+    ram_threshold: int = 16 << 20
+    min_precopy: float = 0.5
+    max_precopy: float = 60.0
+    #: downtime-limit (ms) QEMU gets once the vCPUs are stopped.
+    downtime_limit: int = 300
+    page_request_timeout: float = 10.0
+    timeout: float = 300.0
+    debug: frozenset[str] = frozenset()
+
+
+@dataclass
+class Summary:
+    ok: bool
+    message: str
+    total_time: float = 0.0
+    downtime: float | None = None
+    qemu_downtime_ms: int | None = None
+    device_bytes: int = 0
+    dma_pages_copied: int = 0
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+class Controller:
+    """Drives one migration between two attached QEMUs and their devices."""
+
+    def __init__(self, src: Qemu, dst: Qemu, pairs: list[Pair], uri: str,
+                 src_ram: GuestRam, dst_ram: GuestRam, trace: Trace, options: Options | None = None):
+        self.qemu = {"src": src, "dst": dst}
+        self.pairs = pairs
+        self.uri = uri
+        self.ram = {"src": src_ram, "dst": dst_ram}
+        self.trace = trace
+        self.options = options or Options()
+        self.vm: dict[str, VmState | None] = {"src": None, "dst": None}
+        self.gone: dict[str, str | None] = {"src": None, "dst": None}
+        self.known: dict[tuple[str, str], MigState] = {}
+        self._changed = asyncio.Condition()
+        self._vcpus = {"src": asyncio.Event(), "dst": asyncio.Event()}
+        self._tasks: list[asyncio.Task] = []
+        self.phase = "attach"
+        self._phase_t = time.monotonic()
+        self.phases: dict[str, float] = {}
+        self.we_stopped = False
+        self._stopped_at = 0.0
+        self.downtime: float | None = None
+        self.copied = 0
+        #: Called with the controller on each pre-copy round (progress line).
+        self.progress = None
+
+    # -- attach and follow --------------------------------------------------
+
+    async def attach(self) -> None:
+        """Follow both QEMUs, map guest RAM into every device, answer page requests."""
+        for side in ("src", "dst"):
+            self._tasks.append(asyncio.create_task(self._follow(side)))
+            self._tasks.append(asyncio.create_task(self._record_events(side)))
+        for pair in self.pairs:
+            for side, dev in (("src", pair.src), ("dst", pair.dst)):
+                dev.client.on_page_request = self._page_request_handler(side, pair)
+                self.known[side, pair.name] = await dev.state()
+            await pair.dst.client.dma_map(0, self.ram["dst"].size, self.ram["dst"].dup_fd())
+            await pair.src.client.dma_map(0, self.ram["src"].size, self.ram["src"].dup_fd())
+        self.trace.emit("start", devices=[
+            {"name": p.name, "side": side, "protocol": dev.protocol, "flags": int(dev.flags)}
+            for p in self.pairs for side, dev in (("src", p.src), ("dst", p.dst))])
+        async with self._changed:
+            await self._changed.wait_for(lambda: all(self.vm.values()) or any(self.gone.values()))
+
+    async def detach(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _follow(self, side: str) -> None:
+        try:
+            async for state in self.qemu[side].states():
+                self.trace.emit("vm_state", side=side, runstate=state.runstate, status=state.status)
+                if state.runstate == "running":
+                    self._vcpus[side].set()
+                else:
+                    self._vcpus[side].clear()
+                async with self._changed:
+                    self.vm[side] = state
+                    self._changed.notify_all()
+        except QemuGone as err:
+            async with self._changed:
+                self.gone[side] = str(err)
+                self._changed.notify_all()
+
+    async def _record_events(self, side: str) -> None:
+        with self.qemu[side].listener(()) as events:
+            async for event in events:
+                self.trace.emit("qmp_event", side=side, event=event["event"], data=event.get("data", {}))
+
+    def _page_request_handler(self, side: str, pair: Pair):
+        async def complete(request: wire.PageRequest) -> None:
+            """Seed 000: only running vCPUs can complete an IO page fault."""
+            pair.outstanding += 1
+            self.trace.emit("page_request", side=side, device=pair.name, iova=request.iova)
+            try:
+                await self._vcpus[side].wait()
+            finally:
+                pair.outstanding -= 1
+            self.trace.emit("page_complete", side=side, device=pair.name, iova=request.iova)
+        return complete
+
+    async def wait_vm(self, side: str, pred, what: str, timeout: float | None = None) -> VmState:
+        """Wait until ``side``'s (runstate, status) satisfies ``pred``."""
+        def ready():
+            return self.gone[side] or (self.vm[side] and pred(self.vm[side]))
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(ready), timeout or self.options.timeout)
+        except asyncio.TimeoutError:
+            raise MigrationFailed(f"{side} QEMU: no {what} within {timeout or self.options.timeout:.0f} s "
+                                  f"(at {self.vm[side]})") from None
+        if self.gone[side]:
+            raise MigrationFailed(f"{side} QEMU died ({self.gone[side]}) waiting for {what}")
+        return self.vm[side]
+
+    async def _status(self, side: str, *statuses: str, what: str | None = None) -> VmState:
+        state = await self.wait_vm(side, lambda s: s.status in statuses + ("failed", "cancelled"),
+                                   what or f"status {'/'.join(statuses)}")
+        if state.status not in statuses:
+            info = await self.qemu[side].query_migrate()
+            raise MigrationFailed(f"{side} migration {state.status}: {info.error_desc or 'no reason given'}")
+        return state
+
+    # -- QMP and devices, traced ----------------------------------------------
+
+    async def qmp(self, side: str, command: str, arguments: dict | None = None):
+        self.trace.emit("qmp_command", side=side, command=command, arguments=arguments or {})
+        try:
+            return await self.qemu[side].execute(command, arguments)
+        except QemuGone as err:
+            raise MigrationFailed(f"{side} QEMU died during {command}: {err}") from err
+
+    def enter(self, phase: str) -> None:
+        now = time.monotonic()
+        self.phases[self.phase] = self.phases.get(self.phase, 0.0) + now - self._phase_t
+        self.phase, self._phase_t = phase, now
+        self.trace.emit("phase", name=phase)
+
+    async def walk(self, side: str, pair: Pair, target: MigState) -> None:
+        """Drive one device to ``target``, one FSM arc per SET, each traced."""
+        dev = pair.src if side == "src" else pair.dst
+        cur = self.known[side, pair.name]
+        for step in fsm.plan(cur, target, dev.flags):
+            try:
+                await dev.set_state(step)
+            except OSError as err:
+                self.trace.emit("device_error", side=side, device=pair.name, target=step,
+                                errno=err.errno or 0, message=str(err))
+                with contextlib.suppress(OSError):
+                    self.known[side, pair.name] = await dev.state()
+                raise MigrationFailed(f"{side} device {pair.name}: {cur.name} -> {step.name} failed: {err}") from err
+            self.trace.emit("device_state", side=side, device=pair.name, **{"from": cur, "to": step})
+            self.known[side, pair.name] = cur = step
+
+    async def reset(self, side: str, pair: Pair) -> None:
+        dev = pair.src if side == "src" else pair.dst
+        await dev.reset()
+        self.trace.emit("device_state", side=side, device=pair.name, via="reset",
+                        **{"from": self.known.get((side, pair.name), MigState.ERROR), "to": MigState.RUNNING})
+        self.known[side, pair.name] = MigState.RUNNING
+
+    async def walk_all(self, side: str, target_of, barrier: MigState | None = None) -> None:
+        """Every device of a side to its target, concurrently; a barrier
+        record when they all reached a grace state."""
+        await asyncio.gather(*(self.walk(side, p, target_of(p)) for p in self.pairs))
+        if barrier is not None:
+            self.trace.emit("barrier", side=side, state=barrier,
+                            devices=[p.name for p in self.pairs if self.known[side, p.name] is barrier])
+
+    def lifecycle_target(self, side: str, pair: Pair) -> MigState:
+        role = "source" if side == "src" else "destination"
+        dev = pair.src if side == "src" else pair.dst
+        state = self.vm[side]
+        return lifecycle.target(role, state.runstate, state.status, dev.flags)
+
+    @staticmethod
+    def grace(dev: Device, saving: bool) -> MigState:
+        """The P2P twin the device rests in during a grace state; without
+        P2P the grace state is pushed down to the next step (seed 000)."""
+        state = MigState.PRE_COPY_P2P if saving and dev.flags & MigFlags.PRE_COPY else MigState.RUNNING_P2P
+        return state if fsm.supports(dev.flags, state) else (MigState.PRE_COPY if saving and fsm.supports(
+            dev.flags, MigState.PRE_COPY) else MigState.RUNNING)
+
+    # -- data ---------------------------------------------------------------
+
+    async def move(self, pair: Pair) -> int:
+        """Source data to the destination device until none is available."""
+        if self.known["src", pair.name] not in fsm.SAVING_GROUP:
+            return 0
+        moved = 0
+        while data := await pair.src.read_data():
+            await pair.dst.write_data(data)
+            moved += len(data)
+        if moved:
+            pair.sent += moved
+            self.trace.emit("data", side="src", device=pair.name, bytes=moved)
+        return moved
+
+    async def dma_report(self, pair: Pair) -> None:
+        """Read and clear a source device's DMA dirty log."""
+        bitmap = await pair.src.client.dma_logging_report(0, self.ram["src"].size, PAGE)
+        pages = set(wire.bitmap_pages(bitmap))
+        pair.dirty |= pages
+        self.trace.emit("dma_dirty", side="src", device=pair.name, pages=len(pages))
+
+    # -- the flows ----------------------------------------------------------
+
+    async def migrate(self) -> Summary:
+        t0 = time.monotonic()
+        src_was_running = self.vm["src"].runstate == "running"
+        try:
+            qemu_downtime = await self._save_and_resume(src_was_running)
+        except (MigrationFailed, QemuCommandError, OSError, lifecycle.LifecycleRefused,
+                fsm.InvalidTransition, asyncio.CancelledError, KeyboardInterrupt) as err:
+            message = ("interrupted" if isinstance(err, (asyncio.CancelledError, KeyboardInterrupt))
+                       else str(err))
+            recovered = await self._recover(src_was_running)
+            message = f"migration failed in {self.phase}: {message}; {recovered}"
+            self.trace.emit("result", ok=False, message=message)
+            self.enter("failed")
+            if isinstance(err, (asyncio.CancelledError, KeyboardInterrupt)):
+                raise
+            return Summary(False, message, time.monotonic() - t0, phases=self.phases,
+                           device_bytes=sum(p.sent for p in self.pairs))
+        self.enter("done")
+        summary = Summary(True, "migration completed", time.monotonic() - t0, self.downtime, qemu_downtime,
+                          sum(p.sent for p in self.pairs), self.copied, dict(self.phases))
+        self.trace.emit("result", ok=True, message=summary.message)
+        return summary
+
+    async def _preflight(self) -> None:
+        src, dst = self.vm["src"], self.vm["dst"]
+        if (dst.runstate, dst.status) != ("inmigrate", "none"):
+            raise MigrationFailed(f"destination is {dst}, not waiting with -incoming defer")
+        if src.status not in ("none", "completed", "cancelled", "failed"):
+            raise MigrationFailed(f"source is already migrating: {src}")
+        caps = {c["capability"]: c["state"] for c in await self.qemu["src"].execute("query-migrate-capabilities")}
+        if caps.get("postcopy-ram"):
+            raise MigrationFailed("postcopy-ram is on: VFIO device migration has no postcopy (seed 002); "
+                                  "nothing was started")
+        for pair in self.pairs:
+            if pair.src.protocol != pair.dst.protocol or pair.src.flags != pair.dst.flags:
+                raise MigrationFailed(f"{pair.name}: source {pair.src.protocol} flags {pair.src.flags:#x} "
+                                      f"but destination {pair.dst.protocol} flags {pair.dst.flags:#x}")
+
+    async def _save_and_resume(self, src_was_running: bool) -> int | None:
+        opts = self.options
+        self.enter("setup")
+        await self._preflight()
+        self.trace.emit("phase", name="attempt", attempt=1)
+        await self.qmp("src", "migrate-set-capabilities", {"capabilities": [
+            {"capability": "events", "state": True}, {"capability": "pause-before-switchover", "state": True}]})
+        await self.qmp("dst", "migrate-set-capabilities", {"capabilities": [
+            {"capability": "events", "state": True}]})
+        await self.qmp("src", "migrate-set-parameters", {"downtime-limit": 0})
+        for pair in self.pairs:
+            await pair.src.client.dma_logging_start(PAGE, [(0, self.ram["src"].size)])
+        for pair in self.pairs:
+            await self.reset("dst", pair)
+        await self.walk_all("dst", lambda p: MigState.STOP)
+        await self.walk_all("dst", lambda p: MigState.RESUMING)
+
+        await self.qmp("dst", "migrate-incoming", {"uri": self.uri})
+        await self.qmp("src", "migrate", {"uri": self.uri})
+        await self._status("src", "setup", "active", "wait-unplug")
+        await self.walk_all("src", lambda p: self.lifecycle_target("src", p))
+
+        if src_was_running:
+            self.enter("precopy")
+            await self._precopy()
+            self.enter("grace")
+            await self._grace()
+        self.enter("stop-copy")
+        await self.qmp("src", "migrate-set-parameters", {"downtime-limit": opts.downtime_limit})
+        await self._status("src", "pre-switchover")
+        await self.walk_all("src", lambda p: self.lifecycle_target("src", p))
+        for pair in self.pairs:
+            await self._drain_page_requests()
+            await self.move(pair)
+            self.trace.emit("end_of_stream", side="src", device=pair.name, bytes=pair.sent)
+            pair.src_hash = await self._hash(pair.src)
+            await self.dma_report(pair)
+        await self.qmp("src", "migrate-continue", {"state": "pre-switchover"})
+
+        self.enter("switchover")
+        await self._status("src", "completed")
+        await self._status("dst", "completed")
+        info = await self.qemu["src"].query_migrate()
+
+        self.enter("resume")
+        self.copied = 0
+        if "no-dirty-copy" not in opts.debug:
+            pages = set().union(*(p.dirty for p in self.pairs))
+            self.copied = self.ram["src"].copy_pages_to(self.ram["dst"], pages)
+            self.trace.emit("dirty_copy", pages=self.copied, bytes=self.copied * PAGE)
+        await self.walk_all("dst", lambda p: MigState.STOP)
+        for pair in self.pairs:
+            pair.dst_hash = await self._hash(pair.dst)
+        if src_was_running:
+            if "early-barrier" in opts.debug and len(self.pairs) > 1:
+                await self.walk("dst", self.pairs[0], MigState.RUNNING)
+            grace = [self.grace(p.dst, saving=False) for p in self.pairs]
+            await self.walk_all("dst", lambda p: self.grace(p.dst, saving=False),
+                                barrier=MigState.RUNNING_P2P if MigState.RUNNING_P2P in grace else None)
+            await self.walk_all("dst", lambda p: MigState.RUNNING)
+            await self.qmp("dst", "cont")
+            await self.wait_vm("dst", lambda s: s.runstate == "running", "destination running")
+            self.downtime = time.monotonic() - self._stopped_at
+        await self.walk_all("src", lambda p: MigState.STOP)
+        for pair in self.pairs:
+            with contextlib.suppress(OSError):
+                await pair.src.client.dma_logging_stop()
+        return info.downtime
+
+    async def _grace(self) -> None:
+        """Every device to NDMA with the vCPUs running, every page request
+        completed, and only then the vCPU stop."""
+        if "stop-before-ndma" in self.options.debug:
+            await self._stop_vcpus()
+        all_p2p = all(fsm.supports(p.src.flags, MigState.PRE_COPY_P2P) for p in self.pairs)
+        await self.walk_all("src", lambda p: self.grace(p.src, saving=True),
+                            barrier=MigState.PRE_COPY_P2P if all_p2p else None)
+        await self._drain_page_requests()
+        if self.vm["src"].runstate != "running" and not self.we_stopped:
+            raise MigrationFailed("QEMU stopped the vCPUs by itself before the grace state "
+                                  "(it switched over early)")
+        if not self.we_stopped:
+            await self._stop_vcpus()
+
+    async def _precopy(self) -> None:
+        """Pre-copy until every device and QEMU's RAM have converged."""
+        opts = self.options
+        start = time.monotonic()
+        while True:
+            await asyncio.gather(*(self.move(p) for p in self.pairs))
+            for pair in self.pairs:
+                await self.dma_report(pair)
+            await self._status("src", "active", "wait-unplug")
+            pending = [await p.src.pending() for p in self.pairs]
+            ram = (await self.qemu["src"].query_migrate()).ram_remaining
+            elapsed = time.monotonic() - start
+            if self.progress:
+                self.progress(self, ram, pending)
+            if elapsed >= opts.min_precopy and max(pending, default=0) <= opts.threshold \
+                    and ram is not None and ram <= opts.ram_threshold:
+                return
+            if elapsed > opts.max_precopy:
+                log.warning("pre-copy did not converge in %.0f s (pending %s, RAM %s): going on",
+                            elapsed, pending, ram)
+                return
+            await asyncio.sleep(0.1)
+
+    async def _drain_page_requests(self) -> None:
+        """Seed 000: every IO page request completes while the vCPUs run."""
+        deadline = time.monotonic() + self.options.page_request_timeout
+        while any(p.outstanding for p in self.pairs):
+            if time.monotonic() > deadline:
+                stuck = {p.name: p.outstanding for p in self.pairs if p.outstanding}
+                raise MigrationFailed(f"IO page requests stuck with the vCPUs stopped: {stuck}")
+            await asyncio.sleep(0.01)
+
+    @staticmethod
+    async def _hash(dev: Device) -> bytes | None:
+        try:
+            return await dev.state_hash()
+        except OSError:
+            return None
+
+    async def _stop_vcpus(self) -> None:
+        self._stopped_at = time.monotonic()
+        self.we_stopped = True
+        await self.qmp("src", "stop")
+
+    # -- failure ------------------------------------------------------------
+
+    async def _recover(self, src_was_running: bool) -> str:
+        """Cancel; the source guest and its devices run on; the destination
+        devices are reset.  Returns what the source looks like now."""
+        self.enter("recover")
+        notes = []
+        if not self.gone["src"]:
+            with contextlib.suppress(QmpmigError):
+                await self.qmp("src", "migrate_cancel")
+                await self.wait_vm("src", lambda s: s.status in ("cancelled", "failed", "completed", "none"),
+                                   "the cancel to finish", timeout=30)
+            if src_was_running and self.vm["src"] and self.vm["src"].runstate != "running":
+                with contextlib.suppress(QmpmigError):
+                    await self.qmp("src", "cont")
+                    await self.wait_vm("src", lambda s: s.runstate == "running", "source running", timeout=10)
+            notes.append(f"source VM {self.vm['src'].runstate if self.vm['src'] else 'unknown'}")
+        else:
+            notes.append(f"source QEMU gone: {self.gone['src']}")
+        target = MigState.RUNNING if src_was_running else MigState.STOP
+        for pair in self.pairs:
+            try:
+                if self.known.get(("src", pair.name)) is MigState.ERROR:
+                    await self.reset("src", pair)
+                await self.walk("src", pair, target)
+                with contextlib.suppress(OSError):
+                    await pair.src.client.dma_logging_stop()
+                notes.append(f"{pair.name} {target.name}")
+            except (QmpmigError, OSError) as err:
+                notes.append(f"{pair.name} not recovered: {err}")
+            with contextlib.suppress(QmpmigError, OSError):
+                await self.reset("dst", pair)
+        return ", ".join(notes)
