@@ -48,11 +48,16 @@ DEBUG = {
     "no-dirty-copy": "skip copying DMA-dirty pages to the destination",
     "stop-before-ndma": "stop the source vCPUs before the grace state",
     "early-barrier": "let one destination device run before the others reached RUNNING_P2P",
+    "no-hold": "leave QEMU's downtime-limit alone during pre-copy, so QEMU may switch over by itself",
 }
 
 
 class MigrationFailed(QmpmigError):
     """The migration did not complete; the message says what happened."""
+
+
+class EarlySwitchover(MigrationFailed):
+    """QEMU stopped the vCPUs and switched over before the grace state."""
 
 
 @dataclass
@@ -83,6 +88,8 @@ class Options:
     downtime_limit: int = 300
     page_request_timeout: float = 10.0
     timeout: float = 300.0
+    #: Attempts when QEMU switches over early (each needs a fresh destination).
+    attempts: int = 3
     debug: frozenset[str] = frozenset()
 
 
@@ -111,10 +118,11 @@ class Controller:
         self.options = options or Options()
         self.vm: dict[str, VmState | None] = {"src": None, "dst": None}
         self.gone: dict[str, str | None] = {"src": None, "dst": None}
+        #: How many (runstate, status) changes each side has reported.
+        self.updates = {"src": 0, "dst": 0}
         self.known: dict[tuple[str, str], MigState] = {}
         self._changed = asyncio.Condition()
         self._vcpus = {"src": asyncio.Event(), "dst": asyncio.Event()}
-        self._tasks: list[asyncio.Task] = []
         self.phase = "attach"
         self._phase_t = time.monotonic()
         self.phases: dict[str, float] = {}
@@ -124,14 +132,16 @@ class Controller:
         self.copied = 0
         #: Called with the controller on each pre-copy round (progress line).
         self.progress = None
+        #: async () -> (Qemu, GuestRam): a fresh destination for a retry.
+        self.restart_destination = None
+        self._follows: dict[str, list[asyncio.Task]] = {"src": [], "dst": []}
 
     # -- attach and follow --------------------------------------------------
 
     async def attach(self) -> None:
         """Follow both QEMUs, map guest RAM into every device, answer page requests."""
         for side in ("src", "dst"):
-            self._tasks.append(asyncio.create_task(self._follow(side)))
-            self._tasks.append(asyncio.create_task(self._record_events(side)))
+            self._start_following(side)
         for pair in self.pairs:
             for side, dev in (("src", pair.src), ("dst", pair.dst)):
                 dev.client.on_page_request = self._page_request_handler(side, pair)
@@ -144,12 +154,20 @@ class Controller:
         async with self._changed:
             await self._changed.wait_for(lambda: all(self.vm.values()) or any(self.gone.values()))
 
-    async def detach(self) -> None:
-        for task in self._tasks:
+    def _start_following(self, side: str) -> None:
+        self._follows[side] = [asyncio.create_task(self._follow(side)),
+                               asyncio.create_task(self._record_events(side))]
+
+    async def _stop_following(self, side: str) -> None:
+        for task in self._follows[side]:
             task.cancel()
-        for task in self._tasks:
+        for task in self._follows[side]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+    async def detach(self) -> None:
+        for side in ("src", "dst"):
+            await self._stop_following(side)
 
     async def _follow(self, side: str) -> None:
         try:
@@ -161,6 +179,7 @@ class Controller:
                     self._vcpus[side].clear()
                 async with self._changed:
                     self.vm[side] = state
+                    self.updates[side] += 1
                     self._changed.notify_all()
         except QemuGone as err:
             async with self._changed:
@@ -198,9 +217,13 @@ class Controller:
             raise MigrationFailed(f"{side} QEMU died ({self.gone[side]}) waiting for {what}")
         return self.vm[side]
 
-    async def _status(self, side: str, *statuses: str, what: str | None = None) -> VmState:
-        state = await self.wait_vm(side, lambda s: s.status in statuses + ("failed", "cancelled"),
-                                   what or f"status {'/'.join(statuses)}")
+    async def _status(self, side: str, *statuses: str, since: int = -1) -> VmState:
+        """Wait for one of ``statuses``; a failure or cancel reported after
+        update ``since`` ends the wait too, as a MigrationFailed."""
+        def reached(state: VmState) -> bool:
+            return state.status in statuses or (
+                state.status in ("failed", "cancelled") and self.updates[side] > since)
+        state = await self.wait_vm(side, reached, f"status {'/'.join(statuses)}")
         if state.status not in statuses:
             info = await self.qemu[side].query_migrate()
             raise MigrationFailed(f"{side} migration {state.status}: {info.error_desc or 'no reason given'}")
@@ -293,25 +316,59 @@ class Controller:
     async def migrate(self) -> Summary:
         t0 = time.monotonic()
         src_was_running = self.vm["src"].runstate == "running"
-        try:
-            qemu_downtime = await self._save_and_resume(src_was_running)
-        except (MigrationFailed, QemuCommandError, OSError, lifecycle.LifecycleRefused,
-                fsm.InvalidTransition, asyncio.CancelledError, KeyboardInterrupt) as err:
-            message = ("interrupted" if isinstance(err, (asyncio.CancelledError, KeyboardInterrupt))
-                       else str(err))
-            recovered = await self._recover(src_was_running)
-            message = f"migration failed in {self.phase}: {message}; {recovered}"
-            self.trace.emit("result", ok=False, message=message)
-            self.enter("failed")
-            if isinstance(err, (asyncio.CancelledError, KeyboardInterrupt)):
-                raise
-            return Summary(False, message, time.monotonic() - t0, phases=self.phases,
-                           device_bytes=sum(p.sent for p in self.pairs))
+        attempt = 1
+        while True:
+            try:
+                qemu_downtime = await self._save_and_resume(src_was_running, attempt)
+                break
+            except EarlySwitchover as err:
+                recovered = await self._recover(src_was_running)
+                if attempt >= self.options.attempts or self.restart_destination is None:
+                    return self._failed(t0, f"{err}; {recovered}")
+                self.trace.emit("phase", name="retry", reason=str(err))
+                log.warning("%s: retrying with a fresh destination", err)
+                await self._replace_destination()
+                attempt += 1
+            except (MigrationFailed, QemuCommandError, OSError, lifecycle.LifecycleRefused,
+                    fsm.InvalidTransition, asyncio.CancelledError, KeyboardInterrupt) as err:
+                interrupted = isinstance(err, (asyncio.CancelledError, KeyboardInterrupt))
+                phase = self.phase
+                recovered = await self._recover(src_was_running)
+                summary = self._failed(t0, f"in {phase}: {'interrupted' if interrupted else err}; {recovered}")
+                if interrupted:
+                    raise
+                return summary
         self.enter("done")
-        summary = Summary(True, "migration completed", time.monotonic() - t0, self.downtime, qemu_downtime,
+        summary = Summary(True, "migration completed" + (f" (attempt {attempt})" if attempt > 1 else ""),
+                          time.monotonic() - t0, self.downtime, qemu_downtime,
                           sum(p.sent for p in self.pairs), self.copied, dict(self.phases))
         self.trace.emit("result", ok=True, message=summary.message)
         return summary
+
+    def _failed(self, t0: float, what: str) -> Summary:
+        message = f"migration failed {what}"
+        self.trace.emit("result", ok=False, message=message)
+        self.enter("failed")
+        return Summary(False, message, time.monotonic() - t0, phases=dict(self.phases),
+                       device_bytes=sum(p.sent for p in self.pairs))
+
+    async def _replace_destination(self) -> None:
+        """A fresh destination QEMU after an attempt QEMU cut short: the old
+        one exits when its incoming migration fails."""
+        await self._stop_following("dst")
+        old_size = self.ram["dst"].size
+        self.qemu["dst"], ram = await self.restart_destination()
+        self.ram["dst"].close()
+        self.ram["dst"] = ram
+        self.vm["dst"], self.gone["dst"] = None, None
+        self._start_following("dst")
+        for pair in self.pairs:
+            with contextlib.suppress(OSError):
+                await pair.dst.client.dma_unmap(0, old_size)
+            await pair.dst.client.dma_map(0, ram.size, ram.dup_fd())
+            pair.dirty.clear()
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.vm["dst"] or self.gone["dst"])
 
     async def _preflight(self) -> None:
         src, dst = self.vm["src"], self.vm["dst"]
@@ -328,16 +385,18 @@ class Controller:
                 raise MigrationFailed(f"{pair.name}: source {pair.src.protocol} flags {pair.src.flags:#x} "
                                       f"but destination {pair.dst.protocol} flags {pair.dst.flags:#x}")
 
-    async def _save_and_resume(self, src_was_running: bool) -> int | None:
+    async def _save_and_resume(self, src_was_running: bool, attempt: int) -> int | None:
         opts = self.options
         self.enter("setup")
         await self._preflight()
-        self.trace.emit("phase", name="attempt", attempt=1)
+        self.we_stopped = False
+        self.trace.emit("phase", name="attempt", attempt=attempt)
         await self.qmp("src", "migrate-set-capabilities", {"capabilities": [
             {"capability": "events", "state": True}, {"capability": "pause-before-switchover", "state": True}]})
         await self.qmp("dst", "migrate-set-capabilities", {"capabilities": [
             {"capability": "events", "state": True}]})
-        await self.qmp("src", "migrate-set-parameters", {"downtime-limit": 0})
+        if "no-hold" not in opts.debug:
+            await self.qmp("src", "migrate-set-parameters", {"downtime-limit": 0})
         for pair in self.pairs:
             await pair.src.client.dma_logging_start(PAGE, [(0, self.ram["src"].size)])
         for pair in self.pairs:
@@ -346,8 +405,9 @@ class Controller:
         await self.walk_all("dst", lambda p: MigState.RESUMING)
 
         await self.qmp("dst", "migrate-incoming", {"uri": self.uri})
+        started = self.updates["src"]
         await self.qmp("src", "migrate", {"uri": self.uri})
-        await self._status("src", "setup", "active", "wait-unplug")
+        await self._status("src", "setup", "active", "wait-unplug", since=started)
         await self.walk_all("src", lambda p: self.lifecycle_target("src", p))
 
         if src_was_running:
@@ -406,10 +466,8 @@ class Controller:
         await self.walk_all("src", lambda p: self.grace(p.src, saving=True),
                             barrier=MigState.PRE_COPY_P2P if all_p2p else None)
         await self._drain_page_requests()
-        if self.vm["src"].runstate != "running" and not self.we_stopped:
-            raise MigrationFailed("QEMU stopped the vCPUs by itself before the grace state "
-                                  "(it switched over early)")
         if not self.we_stopped:
+            self._check_still_precopy()
             await self._stop_vcpus()
 
     async def _precopy(self) -> None:
@@ -420,7 +478,7 @@ class Controller:
             await asyncio.gather(*(self.move(p) for p in self.pairs))
             for pair in self.pairs:
                 await self.dma_report(pair)
-            await self._status("src", "active", "wait-unplug")
+            self._check_still_precopy()
             pending = [await p.src.pending() for p in self.pairs]
             ram = (await self.qemu["src"].query_migrate()).ram_remaining
             elapsed = time.monotonic() - start
@@ -434,6 +492,20 @@ class Controller:
                             elapsed, pending, ram)
                 return
             await asyncio.sleep(0.1)
+
+    def _check_still_precopy(self) -> None:
+        """QEMU can switch over by itself when it finds nothing dirty (even
+        with downtime-limit 0): then its vCPUs stopped before our grace state."""
+        if self.gone["src"]:
+            raise MigrationFailed(f"source QEMU died: {self.gone['src']}")
+        if self.gone["dst"]:
+            raise MigrationFailed(f"destination QEMU died: {self.gone['dst']}")
+        state = self.vm["src"]
+        if state.status in ("failed", "cancelled", "cancelling"):
+            raise MigrationFailed(f"source migration {state.status}")
+        if state.runstate != "running" or state.status not in ("setup", "active", "wait-unplug"):
+            raise EarlySwitchover(f"QEMU stopped the vCPUs and switched over by itself before the grace "
+                                  f"state (source at {state})")
 
     async def _drain_page_requests(self) -> None:
         """Seed 000: every IO page request completes while the vCPUs run."""

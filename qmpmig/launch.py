@@ -61,13 +61,16 @@ class Report:
         return self.summary.ok and not self.violations and not any(self.checks.values())
 
 
-async def launch(opts: LaunchOptions, progress=None) -> Report:
-    """Start the rig, migrate it with the controller, check the result."""
+async def launch(opts: LaunchOptions, progress=None, during=None) -> Report:
+    """Start the rig, migrate it with the controller, check the result.
+    ``during(rig, controller)``, if given, runs alongside the migration
+    (tests use it to cancel, kill or misconfigure things)."""
     rig = Rig(memory_mib=opts.memory_mib, devices=opts.devices, device_options=opts.device_argv())
     trace = tracing.Trace(opts.trace_path)
     opened: list[Device] = []
     rams: list[GuestRam] = []
     controller = None
+    side_task = None
     try:
         await rig.start()
         pairs = []
@@ -80,26 +83,41 @@ async def launch(opts: LaunchOptions, progress=None) -> Report:
         rams = [GuestRam(rig.src.ram_path), GuestRam(rig.dst.ram_path)]
         controller = Controller(rig.src_qmp, rig.dst_qmp, pairs, rig.uri, *rams, trace, opts.controller)
         controller.progress = progress
+
+        async def restart_destination():
+            qemu = await rig.restart_destination()
+            ram = GuestRam(rig.dst.ram_path)
+            rams.append(ram)
+            return qemu, ram
+
+        controller.restart_destination = restart_destination
         await controller.attach()
         for i, pair in enumerate(pairs):
             await start_ring(pair.src.client, *rig.ring(i))
+        if during:
+            side_task = asyncio.create_task(during(rig, controller))
         await asyncio.sleep(opts.settle)
         last_src_beat = rig.src.last_heartbeat()
         summary = await controller.migrate()
+        if side_task:
+            await side_task
         report = Report(summary)
         if summary.ok:
-            await _verify(report, rig, pairs, rams[1], last_src_beat)
+            await _verify(report, rig, pairs, controller.ram["dst"], last_src_beat)
         report.records = trace.records
         report.violations = tracing.check(trace.records)
         return report
     finally:
+        if side_task and not side_task.done():
+            side_task.cancel()
         if controller:
             await controller.detach()
         for dev in opened:
             with contextlib.suppress(Exception):
                 await dev.close()
         for ram in rams:
-            ram.close()
+            with contextlib.suppress(ValueError, OSError):
+                ram.close()
         trace.close()
         await rig.close()
 

@@ -155,6 +155,19 @@ class Rig(Pair):
         await asyncio.to_thread(self.src.wait_heartbeat, 0, boot_timeout)
         return self
 
+    async def restart_destination(self) -> Qemu:
+        """A fresh destination QEMU in place of the old one (which exits
+        when its incoming migration fails); returns its QMP session."""
+        await self.dst_qmp.disconnect()
+        self.dst.close()
+        self.dst = Vm("dst", "destination", memory_mib=self.src.memory_mib, accel=self.src.accel,
+                      workdir=self.workdir)
+        self.dst.start()
+        self.dst_qmp = Qemu("dst")
+        await self.dst_qmp.connect(str(self.dst.qmp_path))
+        await self.dst_qmp.set_capabilities(events=True)
+        return self.dst_qmp
+
     async def close(self) -> None:
         await self.detach()
         for pair in self.devices:
