@@ -52,6 +52,18 @@ DEBUG = {
 }
 
 
+#: How the controller holds QEMU's switchover while devices pre-copy.  QEMU
+#: switches over whenever what it has left, after a dirty-bitmap sync, is
+#: under bandwidth x downtime-limit; no setting stops that once its first
+#: RAM pass is done and the guest happens to dirty little (with
+#: downtime-limit 0, QEMU 7.2 does not even sync again: it switches over right
+#: after the first pass).  So the hold keeps the first pass from ending:
+#: max-bandwidth is held low until every device has converged and reached
+#: the grace state; then QEMU gets its bandwidth back.
+HOLD_BANDWIDTH = 4 << 20
+HOLD_DOWNTIME_MS = 1
+
+
 class MigrationFailed(QmpmigError):
     """The migration did not complete; the message says what happened."""
 
@@ -127,6 +139,7 @@ class Controller:
         self._phase_t = time.monotonic()
         self.phases: dict[str, float] = {}
         self.we_stopped = False
+        self._release: dict = {}
         self._stopped_at = 0.0
         self.downtime: float | None = None
         self.copied = 0
@@ -395,8 +408,12 @@ class Controller:
             {"capability": "events", "state": True}, {"capability": "pause-before-switchover", "state": True}]})
         await self.qmp("dst", "migrate-set-capabilities", {"capabilities": [
             {"capability": "events", "state": True}]})
+        params = await self.qemu["src"].execute("query-migrate-parameters")
+        self._release = {"max-bandwidth": params.get("max-bandwidth", 128 << 20),
+                         "downtime-limit": opts.downtime_limit}
         if "no-hold" not in opts.debug:
-            await self.qmp("src", "migrate-set-parameters", {"downtime-limit": 0})
+            await self.qmp("src", "migrate-set-parameters", {"downtime-limit": HOLD_DOWNTIME_MS,
+                                                             "max-bandwidth": HOLD_BANDWIDTH})
         for pair in self.pairs:
             await pair.src.client.dma_logging_start(PAGE, [(0, self.ram["src"].size)])
         for pair in self.pairs:
@@ -416,7 +433,7 @@ class Controller:
             self.enter("grace")
             await self._grace()
         self.enter("stop-copy")
-        await self.qmp("src", "migrate-set-parameters", {"downtime-limit": opts.downtime_limit})
+        await self.qmp("src", "migrate-set-parameters", self._release)
         await self._status("src", "pre-switchover")
         await self.walk_all("src", lambda p: self.lifecycle_target("src", p))
         for pair in self.pairs:
@@ -484,8 +501,7 @@ class Controller:
             elapsed = time.monotonic() - start
             if self.progress:
                 self.progress(self, ram, pending)
-            if elapsed >= opts.min_precopy and max(pending, default=0) <= opts.threshold \
-                    and ram is not None and ram <= opts.ram_threshold:
+            if elapsed >= opts.min_precopy and max(pending, default=0) <= opts.threshold:
                 return
             if elapsed > opts.max_precopy:
                 log.warning("pre-copy did not converge in %.0f s (pending %s, RAM %s): going on",

@@ -81,6 +81,8 @@ async def launch(opts: LaunchOptions, progress=None, during=None) -> Report:
             opened.append(dst)
             pairs.append(Pair(f"dev{i}", src, dst))
         rams = [GuestRam(rig.src.ram_path), GuestRam(rig.dst.ram_path)]
+        base, size = rig.src.dma_window
+        rams[0].mem[base:base + size] = bytes(size)  # the boot left the compressed kernel there
         controller = Controller(rig.src_qmp, rig.dst_qmp, pairs, rig.uri, *rams, trace, opts.controller)
         controller.progress = progress
 
@@ -104,6 +106,8 @@ async def launch(opts: LaunchOptions, progress=None, during=None) -> Report:
         report = Report(summary)
         if summary.ok:
             await _verify(report, rig, pairs, controller.ram["dst"], last_src_beat)
+        else:
+            await _verify_source_survived(report, rig, pairs, controller.ram["src"])
         report.records = trace.records
         report.violations = tracing.check(trace.records)
         return report
@@ -143,3 +147,28 @@ async def _verify(report: Report, rig: Rig, pairs: list[Pair], dst_ram: GuestRam
             f"first: {errors[0]}" if errors else None)
         if not seq:
             report.checks[f"{pair.name} DMA records"] = "the device wrote no record"
+
+
+async def _verify_source_survived(report: Report, rig: Rig, pairs: list[Pair], src_ram: GuestRam) -> None:
+    """After a failed migration: the source guest runs on, and each source
+    device runs with the state it had (not reset: its DMA goes on from where
+    it was, and every record it wrote is in the source's RAM)."""
+    try:
+        beat = rig.src.last_heartbeat()
+        await asyncio.to_thread(rig.src.wait_heartbeat, beat + 1, 20)
+        report.checks["source heartbeat"] = None
+    except Exception as err:
+        report.checks["source heartbeat"] = f"the source guest stopped: {err}"
+    for i, pair in enumerate(pairs):
+        key = f"source {pair.name}"
+        try:
+            state = await pair.src.state()
+            first = await read_register(pair.src.client, "dma_seq")
+            await asyncio.sleep(0.3)
+            second = await read_register(pair.src.client, "dma_seq")
+            iova, size = rig.ring(i)
+            errors = records.verify(src_ram.read(iova, size), i + 1, first)
+            report.checks[key] = (None if state.name == "RUNNING" and 0 < first < second and not errors
+                                  else f"state {state.name}, dma_seq {first} -> {second}, {len(errors)} bad records")
+        except Exception as err:
+            report.checks[key] = f"unreachable: {err}"

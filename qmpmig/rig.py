@@ -21,6 +21,10 @@ from .qemu import MigrationInfo, Qemu, VmState
 from .device.process import DeviceProcess
 from .vm import Vm
 
+#: Device processes yield the CPU to the guest: on a small machine a starved
+#: guest dirties nothing, and QEMU then switches over before it is asked.
+DEVICE_NICE = 10
+
 #: Migration statuses after which QEMU does nothing more by itself.
 FINAL = frozenset({"completed", "failed", "cancelled"})
 
@@ -134,7 +138,7 @@ class Rig(Pair):
                          f"unix:{self.workdir / 'migration.sock'}")
         self.devices = [
             tuple(DeviceProcess(self.workdir / f"{side}-dev{i}.sock", *device_options,
-                                "--device-id", str(i + 1)) for side in ("src", "dst"))
+                                "--device-id", str(i + 1), nice=DEVICE_NICE) for side in ("src", "dst"))
             for i in range(devices)]
 
     def ring(self, index: int) -> tuple[int, int]:

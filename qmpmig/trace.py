@@ -139,14 +139,8 @@ class _Checker:
         side, command = rec["side"], rec.get("command")
         if side == "src" and command == "stop":
             self.we_stopped = True
-            for name in self.side_devices("src", MigFlags.P2P):
-                state = self.state.get(("src", name))
-                if state not in NDMA_STATES:
-                    self.fail("vcpu-stop", rec, f"vCPUs stopped while {name} is in "
-                                                f"{state.name if state else 'an unknown state'}, not NDMA")
-                if self.outstanding.get(("src", name)):
-                    self.fail("vcpu-stop", rec, f"vCPUs stopped with {self.outstanding['src', name]} page "
-                                                f"request(s) of {name} outstanding")
+            for problem in self._not_quiesced():
+                self.fail("vcpu-stop", rec, f"vCPUs stopped while {problem}")
         elif side == "src" and command == "migrate-continue":
             for name in self.side_devices("src"):
                 if name not in self.eos:
@@ -154,9 +148,24 @@ class _Checker:
         elif side == "dst" and command == "cont" and not self.copied:
             self.fail("cont-after-copy", rec, "destination cont before the DMA-dirty copy")
 
+    def _not_quiesced(self) -> list[str]:
+        """Why the source vCPUs may not stop now (seed 000 grace)."""
+        problems = []
+        for name in self.side_devices("src", MigFlags.P2P):
+            state = self.state.get(("src", name))
+            if state not in NDMA_STATES:
+                problems.append(f"{name} is in {state.name if state else 'an unknown state'}, not NDMA")
+            if self.outstanding.get(("src", name)):
+                problems.append(f"{name} has {self.outstanding['src', name]} page request(s) outstanding")
+        return problems
+
     def on_qmp_event(self, rec: dict) -> None:
+        """QEMU may stop the vCPUs by itself; after the grace state that is
+        the vCPU stop of the reference flow, before it the attempt must not
+        go on to STOP_COPY."""
         if rec["side"] == "src" and rec.get("event") == "STOP" and not self.we_stopped:
-            self.qemu_stopped = True
+            self.qemu_stopped = bool(self._not_quiesced())
+            self.we_stopped = not self.qemu_stopped
 
     def on_end_of_stream(self, rec: dict) -> None:
         self.eos.add(rec["device"])

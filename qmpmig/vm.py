@@ -28,10 +28,13 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGE_DIR = Path(os.environ.get("QMPMIG_IMAGE_DIR", ROOT / "vm-images" / "build"))
 QEMU = os.environ.get("QMPMIG_QEMU", "qemu-system-x86_64")
 #: The kernel command line of the test guest (vm-images/README.md).
-GUEST_APPEND = "console=ttyS0 quiet panic=-1"
-#: Guest RAM at the top kept from the guest kernel (memmap=...$...): the
-#: window where device processes DMA, as a driver's buffers would be.
-DMA_WINDOW = 16 << 20
+GUEST_APPEND = "console=ttyS0 quiet panic=-1 nokaslr"
+#: Guest RAM kept from the guest kernel (memmap=size$base): the window where
+#: device processes DMA, as a driver's buffers would be.  Low in RAM, where
+#: QEMU's first RAM pass comes early, so that device writes after QEMU sent a
+#: page are certain (the DMA-dirty copy must be seen to matter).  2 MiB up
+#: only held the compressed kernel during boot.
+DMA_WINDOW = (2 << 20, 12 << 20)
 HEARTBEAT = re.compile(rb"^qmpmig-heartbeat (\d+)\r?$", re.M)
 
 Role = Literal["source", "destination"]
@@ -119,7 +122,7 @@ class Vm:
     @property
     def dma_window(self) -> tuple[int, int]:
         """(guest physical base, size) of the RAM reserved for device DMA."""
-        return (self.memory_mib << 20) - DMA_WINDOW, DMA_WINDOW
+        return DMA_WINDOW
 
     @property
     def accel(self) -> str:
@@ -137,7 +140,7 @@ class Vm:
             "-object", f"memory-backend-file,id=ram0,size={self.memory_mib}M,"
                        f"mem-path={self.ram_path},share=on",
             "-kernel", str(kernel), "-initrd", str(initrd),
-            "-append", f"{GUEST_APPEND} memmap={DMA_WINDOW >> 20}M${self.dma_window[0]:#x}",
+            "-append", f"{GUEST_APPEND} memmap={DMA_WINDOW[1] >> 20}M${DMA_WINDOW[0]:#x}",
             "-display", "none", "-no-reboot",
             "-chardev", f"file,id=serial0,path={self.serial_path}",
             "-serial", "chardev:serial0",

@@ -16,10 +16,11 @@ from ..vm import _die_with_parent
 class DeviceProcess:
     """``qmpmig-device --socket PATH [options]`` in its own process."""
 
-    def __init__(self, socket: str | Path, *options: str, log: Path | None = None):
+    def __init__(self, socket: str | Path, *options: str, log: Path | None = None, nice: int = 0):
         self.socket = Path(socket)
         self.options = options
         self.log_path = log or self.socket.with_suffix(".log")
+        self.nice = nice
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 10.0) -> "DeviceProcess":
@@ -27,7 +28,7 @@ class DeviceProcess:
         argv = [sys.executable, "-m", "qmpmig.device.cli", "--socket", str(self.socket), *self.options]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=self._child_setup)
         deadline = time.monotonic() + timeout
         while not self.socket.exists():
             if self.proc.poll() is not None:
@@ -36,6 +37,11 @@ class DeviceProcess:
                 raise QmpmigError(f"qmpmig-device: no socket at {self.socket} after {timeout} s")
             time.sleep(0.01)
         return self
+
+    def _child_setup(self) -> None:
+        _die_with_parent()
+        if self.nice:
+            os.nice(self.nice)
 
     @property
     def pid(self) -> int:

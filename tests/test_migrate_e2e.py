@@ -1,0 +1,153 @@
+"""qmpmig migrate on real QEMU with reference devices doing DMA into guest
+RAM: the reference flows end to end, the negative controls that must make
+each check fail, and the failures the source must survive."""
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from qmpmig.controller import Options
+from qmpmig.launch import LaunchOptions, launch
+
+pytestmark = pytest.mark.qemu
+
+
+def options(**kw) -> LaunchOptions:
+    ctl = kw.pop("controller", {})
+    return LaunchOptions(state_size=kw.pop("state_size", "4M"), controller=Options(**ctl), **kw)
+
+
+def rules(report) -> set[str]:
+    return {v.rule for v in report.violations}
+
+
+def kinds(report) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for rec in report.records:
+        out[rec["kind"]] = out.get(rec["kind"], 0) + 1
+    return out
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+@pytest.mark.parametrize("protocol", ["v2", "v1"])
+async def test_live_migration_with_devices(guest_image, protocol, devices):
+    report = await launch(options(devices=devices, protocol=protocol))
+    assert report.summary.ok, report.summary.message
+    assert report.checks and not any(report.checks.values()), report.checks
+    assert report.violations == []
+    assert report.heartbeat[1] > report.heartbeat[0]
+    assert report.summary.device_bytes > devices * (4 << 20)
+    assert report.summary.dma_pages_copied > 0
+    states = [(r["side"], r["device"], r["to"]) for r in report.records if r["kind"] == "device_state"]
+    assert ("src", "dev0", "PRE_COPY_P2P") in states and ("dst", "dev0", "RUNNING_P2P") in states
+    assert kinds(report)["barrier"] >= 2
+
+
+async def test_page_requests_complete_before_the_vcpus_stop(guest_image):
+    report = await launch(options(devices=2, fault_stride=4, dma_rate=2000))
+    assert report.summary.ok, report.summary.message
+    assert not any(report.checks.values()), report.checks
+    assert report.violations == []
+    assert kinds(report).get("page_request", 0) > 0
+    assert kinds(report)["page_request"] == kinds(report)["page_complete"]
+
+
+async def test_without_pre_copy_flags(guest_image):
+    report = await launch(options(devices=2, mig_flags="STOP_COPY,P2P"))
+    assert report.summary.ok and not any(report.checks.values()) and report.violations == [], report.checks
+
+
+# -- negative controls: each must make its check fail ---------------------------
+
+
+async def test_negative_control_no_dirty_copy_leaves_stale_guest_memory(guest_image):
+    report = await launch(options(devices=1, dma_rate=2000, controller={"debug": frozenset({"no-dirty-copy"})}))
+    assert report.summary.ok
+    assert report.checks["dev0 DMA records"] and "wrong in destination RAM" in report.checks["dev0 DMA records"]
+    assert "cont-after-copy" in rules(report)
+
+
+async def test_negative_control_vcpu_stop_before_ndma(guest_image):
+    report = await launch(options(devices=2, fault_stride=2, dma_rate=2000,
+                                  controller={"debug": frozenset({"stop-before-ndma"}),
+                                              "page_request_timeout": 3.0}))
+    assert "vcpu-stop" in rules(report)
+    assert not report.summary.ok and "page requests stuck" in report.summary.message
+    # The source survives it: guest and devices run on with their state.
+    assert not any(report.checks.values()), report.checks
+
+
+async def test_negative_control_device_past_the_barrier_early(guest_image):
+    report = await launch(options(devices=2, controller={"debug": frozenset({"early-barrier"})}))
+    assert rules(report) == {"barrier"}, report.violations
+
+
+async def test_qemu_switching_over_early_is_cancelled_and_retried(guest_image):
+    report = await launch(options(devices=1, controller={"debug": frozenset({"no-hold"}), "attempts": 2}))
+    retries = [r for r in report.records if r["kind"] == "phase" and r["name"] == "retry"]
+    assert retries and "switched over by itself" in retries[0]["reason"]
+    assert not report.summary.ok and "switched over" in report.summary.message
+    assert report.violations == []
+    assert not any(report.checks.values()), report.checks
+
+
+# -- failures the source survives ------------------------------------------------
+
+
+async def in_phase(controller, phase: str, timeout: float = 60) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if controller.phase == phase:
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"never reached {phase}")
+
+
+LONG_PRECOPY = {"min_precopy": 30.0}
+
+
+async def test_cancel_during_precopy(guest_image):
+    async def cancel(rig, controller):
+        await in_phase(controller, "precopy")
+        await asyncio.sleep(0.5)
+        await rig.src_qmp.execute("migrate_cancel")
+
+    report = await launch(options(devices=2, controller=LONG_PRECOPY), during=cancel)
+    assert not report.summary.ok and "cancel" in report.summary.message
+    assert not any(report.checks.values()), report.checks
+    assert report.violations == []
+    assert report.records[-2]["kind"] == "result" or any(r["kind"] == "result" for r in report.records)
+
+
+async def test_destination_qemu_killed_during_precopy(guest_image):
+    async def kill(rig, controller):
+        await in_phase(controller, "precopy")
+        await asyncio.sleep(0.5)
+        rig.dst.kill()
+
+    report = await launch(options(devices=2, controller=LONG_PRECOPY), during=kill)
+    assert not report.summary.ok and "destination QEMU died" in report.summary.message
+    assert not any(report.checks.values()), report.checks
+    assert report.violations == []
+
+
+async def test_destination_device_process_killed_during_precopy(guest_image):
+    async def kill(rig, controller):
+        await in_phase(controller, "precopy")
+        await asyncio.sleep(0.5)
+        rig.devices[1][1].kill()
+
+    report = await launch(options(devices=2, controller=LONG_PRECOPY), during=kill)
+    assert not report.summary.ok and "dev1" in report.summary.message
+    assert not any(report.checks.values()), report.checks
+
+
+async def test_postcopy_is_refused_before_anything_starts(guest_image):
+    async def postcopy(rig, controller):
+        await rig.src_qmp.set_capabilities(postcopy_ram=True)
+
+    report = await launch(options(devices=1), during=postcopy)
+    assert not report.summary.ok and "postcopy" in report.summary.message
+    commands = [r["command"] for r in report.records if r["kind"] == "qmp_command"]
+    assert "migrate" not in commands and "migrate-incoming" not in commands
+    assert not any(report.checks.values()), report.checks
