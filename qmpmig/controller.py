@@ -479,13 +479,42 @@ class Controller:
         completed, and only then the vCPU stop."""
         if "stop-before-ndma" in self.options.debug:
             await self._stop_vcpus()
+            for _ in range(200):  # let the devices run into a page request
+                if any(p.outstanding for p in self.pairs):
+                    break
+                await asyncio.sleep(0.01)
         all_p2p = all(fsm.supports(p.src.flags, MigState.PRE_COPY_P2P) for p in self.pairs)
         await self.walk_all("src", lambda p: self.grace(p.src, saving=True),
                             barrier=MigState.PRE_COPY_P2P if all_p2p else None)
         await self._drain_page_requests()
         if not self.we_stopped:
-            self._check_still_precopy()
-            await self._stop_vcpus()
+            await self._check_still_precopy()
+            await self._ram_precopy()
+
+    async def _ram_precopy(self) -> None:
+        """Every device is in the grace state: release QEMU, let its RAM
+        pre-copy converge while the devices stream what still changes, and
+        stop the vCPUs once it has (unless QEMU stopped them itself, which
+        is the reference flow's vCPU stop too now that every device is in
+        NDMA)."""
+        opts = self.options
+        await self.qmp("src", "migrate-set-parameters", self._release)
+        deadline = time.monotonic() + opts.max_precopy
+        while True:
+            await asyncio.gather(*(self.move(p) for p in self.pairs))
+            state = self.vm["src"]
+            if state.status in ("failed", "cancelled", "cancelling") or self.gone["src"] or self.gone["dst"]:
+                await self._check_still_precopy()
+            if state.runstate != "running":
+                self._stopped_at = time.monotonic()
+                return
+            ram = (await self.qemu["src"].query_migrate()).ram_remaining
+            if self.progress:
+                self.progress(self, ram, [])
+            if ram is not None and ram <= opts.ram_threshold or time.monotonic() > deadline:
+                await self._stop_vcpus()
+                return
+            await asyncio.sleep(0.02)
 
     async def _precopy(self) -> None:
         """Pre-copy until every device and QEMU's RAM have converged."""
@@ -495,7 +524,7 @@ class Controller:
             await asyncio.gather(*(self.move(p) for p in self.pairs))
             for pair in self.pairs:
                 await self.dma_report(pair)
-            self._check_still_precopy()
+            await self._check_still_precopy()
             pending = [await p.src.pending() for p in self.pairs]
             ram = (await self.qemu["src"].query_migrate()).ram_remaining
             elapsed = time.monotonic() - start
@@ -509,16 +538,24 @@ class Controller:
                 return
             await asyncio.sleep(0.1)
 
-    def _check_still_precopy(self) -> None:
-        """QEMU can switch over by itself when it finds nothing dirty (even
-        with downtime-limit 0): then its vCPUs stopped before our grace state."""
+    async def _check_still_precopy(self) -> None:
+        """Pre-copy goes on only while nothing ended it.  QEMU can switch
+        over by itself when it finds nothing left to send: then its vCPUs
+        stopped before our grace state."""
+        state = self.vm["src"]
+        if not self.gone["src"] and (state.status in ("failed", "cancelled", "cancelling")
+                                     or self.gone["dst"]):
+            # A cancel on the source ends the destination too: say the cause.
+            info = await self.qemu["src"].query_migrate()
+            if info.status in ("cancelling", "cancelled"):
+                raise MigrationFailed("the migration was cancelled on the source (migrate_cancel)")
+            if info.status == "failed":
+                raise MigrationFailed(f"source migration failed: {info.error_desc or 'no reason given'}"
+                                      + (f"; destination QEMU died: {self.gone['dst']}" if self.gone["dst"] else ""))
         if self.gone["src"]:
             raise MigrationFailed(f"source QEMU died: {self.gone['src']}")
         if self.gone["dst"]:
             raise MigrationFailed(f"destination QEMU died: {self.gone['dst']}")
-        state = self.vm["src"]
-        if state.status in ("failed", "cancelled", "cancelling"):
-            raise MigrationFailed(f"source migration {state.status}")
         if state.runstate != "running" or state.status not in ("setup", "active", "wait-unplug"):
             raise EarlySwitchover(f"QEMU stopped the vCPUs and switched over by itself before the grace "
                                   f"state (source at {state})")

@@ -95,7 +95,6 @@ class _Checker:
         self._new_attempt()
 
     def _new_attempt(self) -> None:
-        self.reached = {side: {g: set() for g in GRACE[side]} for side in GRACE}
         self.we_stopped = self.qemu_stopped = False
         self.eos: set[str] = set()
         self.resumed: set[str] = set()
@@ -193,21 +192,25 @@ class _Checker:
                 self.fail("fsm", rec, f"{name}: {old.name} -> {new.name} is not an arc for flags {flags:#x}")
             self._ordering(rec, name, side, old, new)
         self.state[side, name] = new
-        if new in GRACE[side]:
-            self.reached[side][new].add(name)
         if new is MigState.STOP_COPY:
             self.eos.discard(name)
         if side == "dst" and (old, new) == (MigState.RESUMING, MigState.STOP):
             self.resumed.add(name)
 
+    @staticmethod
+    def _forward(side: str, state: MigState | None) -> bool:
+        """Past a grace state: the source stops (!RUNNING), the destination runs."""
+        if state is None:
+            return False
+        return not v2_to_v1(state) & V1.RUNNING if side == "src" else state is MigState.RUNNING
+
     def _ordering(self, rec: dict, name: str, side: str, old: MigState, new: MigState) -> None:
-        forward = not v2_to_v1(new) & V1.RUNNING if side == "src" else new is MigState.RUNNING
-        if old in GRACE[side] and forward:
-            peers = self.side_devices(side, MigFlags.P2P)
-            missing = [p for p in peers if p not in self.reached[side][old]]
-            if missing:
-                self.fail("barrier", rec, f"{name} left {old.name} for {new.name} before "
-                                          f"{', '.join(missing)} reached it")
+        if old in GRACE[side] and self._forward(side, new):
+            behind = [p for p in self.side_devices(side, MigFlags.P2P) if p != name
+                      and not (self.state.get((side, p)) in GRACE[side] or self._forward(side, self.state.get((side, p))))]
+            if behind:
+                self.fail("barrier", rec, f"{name} left {old.name} for {new.name} while "
+                                          + ", ".join(f"{p} was in {self.state[side, p].name}" for p in behind))
         if side == "src" and new is MigState.STOP_COPY and self.qemu_stopped:
             self.fail("vcpu-stop", rec, f"{name} to STOP_COPY after QEMU stopped the vCPUs before the grace state")
         if side == "dst" and old is MigState.STOP and new in (MigState.RUNNING_P2P, MigState.RUNNING):

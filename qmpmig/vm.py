@@ -37,6 +37,9 @@ GUEST_APPEND = "console=ttyS0 quiet panic=-1 nokaslr"
 DMA_WINDOW = (2 << 20, 12 << 20)
 HEARTBEAT = re.compile(rb"^qmpmig-heartbeat (\d+)\r?$", re.M)
 
+#: The TCG CPU model: a plain, well-trodden one for migration.
+TCG_CPU = os.environ.get("QMPMIG_TCG_CPU", "qemu64")
+
 Role = Literal["source", "destination"]
 
 
@@ -132,7 +135,7 @@ class Vm:
 
     def argv(self) -> list[str]:
         kernel, initrd = image()
-        cpu = "host" if self.accel == "kvm" else "max"
+        cpu = "host" if self.accel == "kvm" else TCG_CPU
         argv = [
             QEMU, "-name", self.name, "-nodefaults", "-no-user-config",
             "-machine", f"q35,accel={self.accel},memory-backend=ram0",
