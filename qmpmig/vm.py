@@ -49,6 +49,18 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def stop_process(proc: subprocess.Popen | None, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; reap it."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def sweep_stale() -> list[Path]:
     """Remove guest RAM files left in /dev/shm by qmpmig processes that are
     gone (killed before they could clean up); return what was removed."""
@@ -210,12 +222,7 @@ class Vm:
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop QEMU (SIGTERM, then SIGKILL) and remove every file it made."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc, timeout)
         self.ram_path.unlink(missing_ok=True)
         self.qmp_path.unlink(missing_ok=True)
         if self._own_workdir:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ..errors import QmpmigError
-from ..vm import _die_with_parent
+from ..vm import _die_with_parent, stop_process
 
 
 class DeviceProcess:
@@ -62,12 +62,7 @@ class DeviceProcess:
             self.proc.wait()
 
     def close(self, timeout: float = 5.0) -> None:
-        if self.alive():
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc, timeout)
         self.socket.unlink(missing_ok=True)
 
     def __enter__(self) -> "DeviceProcess":

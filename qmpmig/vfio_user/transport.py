@@ -74,17 +74,21 @@ class Endpoint:
                 data, ancdata, _, _ = self.sock.recvmsg(1 << 20, fd_room)
                 break
             except (BlockingIOError, InterruptedError):
-                ready = loop.create_future()
-                loop.add_reader(self.sock.fileno(), _wake, ready)
-                try:
-                    await ready
-                finally:
-                    loop.remove_reader(self.sock.fileno())
+                await self._ready(loop.add_reader, loop.remove_reader)
         fds = []
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.extend(array.array("i", payload[:len(payload) - len(payload) % 4]))
         return data, fds
+
+    async def _ready(self, add, remove) -> None:
+        """Wait until the socket is readable (add_reader) or writable (add_writer)."""
+        ready = asyncio.get_running_loop().create_future()
+        add(self.sock.fileno(), _wake, ready)
+        try:
+            await ready
+        finally:
+            remove(self.sock.fileno())
 
     async def send(self, msg: Message) -> None:
         data = self.conn.send(msg)
@@ -96,12 +100,7 @@ class Endpoint:
                     sent = self.sock.sendmsg([data], ancillary)
                     break
                 except (BlockingIOError, InterruptedError):
-                    ready = loop.create_future()
-                    loop.add_writer(self.sock.fileno(), _wake, ready)
-                    try:
-                        await ready
-                    finally:
-                        loop.remove_writer(self.sock.fileno())
+                    await self._ready(loop.add_writer, loop.remove_writer)
             if sent < len(data):
                 await loop.sock_sendall(self.sock, data[sent:])
 
