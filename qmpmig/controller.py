@@ -61,6 +61,8 @@ DEBUG = {
 #: max-bandwidth is held low until every device has converged and reached
 #: the grace state; then QEMU gets its bandwidth back.
 HOLD_BANDWIDTH = 4 << 20
+#: Seconds any one recovery step may take before it is given up.
+RECOVER_TIMEOUT = 15.0
 HOLD_DOWNTIME_MS = 1
 
 
@@ -583,6 +585,13 @@ class Controller:
 
     # -- failure ------------------------------------------------------------
 
+    async def _recover_source_device(self, pair: Pair, target: MigState) -> None:
+        if self.known.get(("src", pair.name)) is MigState.ERROR:
+            await self.reset("src", pair)
+        await self.walk("src", pair, target)
+        with contextlib.suppress(OSError):
+            await pair.src.client.dma_logging_stop()
+
     async def _recover(self, src_was_running: bool) -> str:
         """Cancel; the source guest and its devices run on; the destination
         devices are reset.  Returns what the source looks like now."""
@@ -603,14 +612,10 @@ class Controller:
         target = MigState.RUNNING if src_was_running else MigState.STOP
         for pair in self.pairs:
             try:
-                if self.known.get(("src", pair.name)) is MigState.ERROR:
-                    await self.reset("src", pair)
-                await self.walk("src", pair, target)
-                with contextlib.suppress(OSError):
-                    await pair.src.client.dma_logging_stop()
+                await asyncio.wait_for(self._recover_source_device(pair, target), RECOVER_TIMEOUT)
                 notes.append(f"{pair.name} {target.name}")
-            except (QmpmigError, OSError) as err:
-                notes.append(f"{pair.name} not recovered: {err}")
-            with contextlib.suppress(QmpmigError, OSError):
-                await self.reset("dst", pair)
+            except (QmpmigError, OSError, asyncio.TimeoutError) as err:
+                notes.append(f"{pair.name} not recovered: {err or 'no answer'}")
+            with contextlib.suppress(QmpmigError, OSError, asyncio.TimeoutError):
+                await asyncio.wait_for(self.reset("dst", pair), RECOVER_TIMEOUT)
         return ", ".join(notes)

@@ -91,10 +91,15 @@ class Endpoint:
             remove(self.sock.fileno())
 
     async def send(self, msg: Message) -> None:
+        """Send one message whole: a cancelled caller does not cut it short
+        (half a message would desynchronise the stream for good)."""
         data = self.conn.send(msg)
+        await asyncio.shield(self._send_whole(data, msg.fds))
+
+    async def _send_whole(self, data: bytes, fds: tuple[int, ...]) -> None:
         loop = asyncio.get_running_loop()
         async with self._send_lock:
-            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", msg.fds))] if msg.fds else []
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
             while True:
                 try:
                     sent = self.sock.sendmsg([data], ancillary)
