@@ -61,6 +61,10 @@ DEBUG = {
 #: max-bandwidth is held low until every device has converged and reached
 #: the grace state; then QEMU gets its bandwidth back.
 HOLD_BANDWIDTH = 4 << 20
+#: The grace state next to a device's state: save side from PRE_COPY (or
+#: RUNNING, without pre-copy), resume side from STOP on the way to RUNNING.
+GRACE_OF = {MigState.PRE_COPY: MigState.PRE_COPY_P2P, MigState.RUNNING: MigState.RUNNING_P2P,
+            MigState.STOP: MigState.RUNNING_P2P}
 #: Seconds any one recovery step may take before it is given up.
 RECOVER_TIMEOUT = 15.0
 HOLD_DOWNTIME_MS = 1
@@ -296,13 +300,13 @@ class Controller:
         state = self.vm[side]
         return lifecycle.target(role, state.runstate, state.status, dev.flags)
 
-    @staticmethod
-    def grace(dev: Device, saving: bool) -> MigState:
-        """The P2P twin the device rests in during a grace state; without
-        P2P the grace state is pushed down to the next step (seed 000)."""
-        state = MigState.PRE_COPY_P2P if saving and dev.flags & MigFlags.PRE_COPY else MigState.RUNNING_P2P
-        return state if fsm.supports(dev.flags, state) else (MigState.PRE_COPY if saving and fsm.supports(
-            dev.flags, MigState.PRE_COPY) else MigState.RUNNING)
+    def grace(self, side: str, pair: Pair) -> MigState:
+        """Where a device waits out a grace state: the P2P state next to
+        where it is; a device without P2P stays where it is (seed 000: the
+        NDMA states are pushed down to the next step)."""
+        cur = self.known[side, pair.name]
+        twin = GRACE_OF.get(cur, cur)
+        return twin if fsm.supports((pair.src if side == "src" else pair.dst).flags, twin) else cur
 
     # -- data ---------------------------------------------------------------
 
@@ -463,9 +467,9 @@ class Controller:
         if src_was_running:
             if "early-barrier" in opts.debug and len(self.pairs) > 1:
                 await self.walk("dst", self.pairs[0], MigState.RUNNING)
-            grace = [self.grace(p.dst, saving=False) for p in self.pairs]
-            await self.walk_all("dst", lambda p: self.grace(p.dst, saving=False),
-                                barrier=MigState.RUNNING_P2P if MigState.RUNNING_P2P in grace else None)
+            grace = {p.name: self.grace("dst", p) for p in self.pairs}
+            await self.walk_all("dst", lambda p: grace[p.name],
+                                barrier=MigState.RUNNING_P2P if MigState.RUNNING_P2P in grace.values() else None)
             await self.walk_all("dst", lambda p: MigState.RUNNING)
             await self.qmp("dst", "cont")
             await self.wait_vm("dst", lambda s: s.runstate == "running", "destination running")
@@ -486,7 +490,7 @@ class Controller:
                     break
                 await asyncio.sleep(0.01)
         all_p2p = all(fsm.supports(p.src.flags, MigState.PRE_COPY_P2P) for p in self.pairs)
-        await self.walk_all("src", lambda p: self.grace(p.src, saving=True),
+        await self.walk_all("src", lambda p: self.grace("src", p),
                             barrier=MigState.PRE_COPY_P2P if all_p2p else None)
         await self._drain_page_requests()
         if not self.we_stopped:
