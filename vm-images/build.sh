@@ -123,34 +123,33 @@ fi
 # ---------------------------------------------------------------- downloads
 mkdir -p "$DEB_CACHE"
 
-# Path of a verified .deb for pkg=version in $DEB_CACHE, downloading if needed.
-fetch_deb() {
-    local pkg=$1 ver=$2 want got f
-    want=$(apt-cache "${APT_OPTS[@]}" show --no-all-versions -- "$pkg=$ver" 2>/dev/null \
-           | awk '/^SHA256:/ { print $2; exit }')
-    [[ -n $want ]] || die "apt-cache has no SHA256 for $pkg=$ver"
-    for f in "$DEB_CACHE/${pkg}_"*.deb; do
+# The cached .deb of package $1 whose SHA256 is $2, if any; stale ones go.
+cached_deb() {
+    local f
+    for f in "$DEB_CACHE/${1}_"*.deb; do
         [[ -f $f ]] || continue
-        got=$(sha256sum -- "$f" | cut -d' ' -f1)
-        if [[ $got == "$want" ]]; then
-            printf '%s\n' "$f"
+        if [[ $(sha256sum -- "$f" | cut -d' ' -f1) == "$2" ]]; then
+            printf '%s
+' "$f"
             return 0
         fi
         rm -f -- "$f"   # stale version or corrupt
     done
+    return 1
+}
+
+# Path of a verified .deb for pkg=version in $DEB_CACHE, downloading if needed.
+fetch_deb() {
+    local pkg=$1 ver=$2 want
+    want=$(apt-cache "${APT_OPTS[@]}" show --no-all-versions -- "$pkg=$ver" 2>/dev/null \
+           | awk '/^SHA256:/ { print $2; exit }')
+    [[ -n $want ]] || die "apt-cache has no SHA256 for $pkg=$ver"
+    cached_deb "$pkg" "$want" && return 0
     log "downloading $pkg=$ver" >&2
     # APT::Sandbox::User=root: the scratch dir is not writable by _apt.
     (cd "$DEB_CACHE" && apt-get "${APT_OPTS[@]}" download -q -o APT::Sandbox::User=root -- "$pkg=$ver" >&2) \
         || die "apt-get download $pkg=$ver failed (stale apt lists? run 'apt-get update')"
-    for f in "$DEB_CACHE/${pkg}_"*.deb; do
-        [[ -f $f ]] || continue
-        got=$(sha256sum -- "$f" | cut -d' ' -f1)
-        if [[ $got == "$want" ]]; then
-            printf '%s\n' "$f"
-            return 0
-        fi
-    done
-    die "downloaded $pkg=$ver does not match the SHA256 from the apt index"
+    cached_deb "$pkg" "$want" || die "downloaded $pkg=$ver does not match the SHA256 from the apt index"
 }
 
 kernel_deb=$(fetch_deb "$kernel_pkg" "$kernel_version")
