@@ -65,6 +65,8 @@ HOLD_BANDWIDTH = 4 << 20
 #: RUNNING, without pre-copy), resume side from STOP on the way to RUNNING.
 GRACE_OF = {MigState.PRE_COPY: MigState.PRE_COPY_P2P, MigState.RUNNING: MigState.RUNNING_P2P,
             MigState.STOP: MigState.RUNNING_P2P}
+#: Bytes a device may move per pre-copy round before convergence is looked at again.
+PRECOPY_ROUND = 64 << 20
 #: Seconds any one recovery step may take before it is given up.
 RECOVER_TIMEOUT = 15.0
 HOLD_DOWNTIME_MS = 1
@@ -105,6 +107,8 @@ class Options:
     #: downtime-limit (ms) QEMU gets once the vCPUs are stopped.
     downtime_limit: int = 300
     page_request_timeout: float = 10.0
+    #: Seconds one device request may take in the flow.
+    device_timeout: float = 30.0
     timeout: float = 300.0
     #: Attempts when QEMU switches over early (each needs a fresh destination).
     attempts: int = 3
@@ -170,8 +174,8 @@ class Controller:
         self.trace.emit("start", devices=[
             {"name": p.name, "side": side, "protocol": dev.protocol, "flags": int(dev.flags)}
             for p in self.pairs for side, dev in (("src", p.src), ("dst", p.dst))])
-        async with self._changed:
-            await self._changed.wait_for(lambda: all(self.vm.values()) or any(self.gone.values()))
+        for side in ("src", "dst"):
+            await self.wait_vm(side, lambda s: True, "its first status", timeout=30)
 
     def _start_following(self, side: str) -> None:
         self._follows[side] = [asyncio.create_task(self._follow(side)),
@@ -263,13 +267,22 @@ class Controller:
         self.phase, self._phase_t = phase, now
         self.trace.emit("phase", name=phase)
 
+    async def device(self, side: str, pair: Pair, call, what: str):
+        """One request to a device, bounded: a device that stops answering
+        fails the migration instead of hanging it."""
+        try:
+            return await asyncio.wait_for(call, self.options.device_timeout)
+        except asyncio.TimeoutError:
+            raise MigrationFailed(f"{side} device {pair.name} did not answer {what} "
+                                  f"within {self.options.device_timeout:.0f} s") from None
+
     async def walk(self, side: str, pair: Pair, target: MigState) -> None:
         """Drive one device to ``target``, one FSM arc per SET, each traced."""
         dev = pair.src if side == "src" else pair.dst
         cur = self.known[side, pair.name]
         for step in fsm.plan(cur, target, dev.flags):
             try:
-                await dev.set_state(step)
+                await self.device(side, pair, dev.set_state(step), f"{cur.name} -> {step.name}")
             except OSError as err:
                 self.trace.emit("device_error", side=side, device=pair.name, target=step,
                                 errno=err.errno or 0, message=str(err))
@@ -310,13 +323,15 @@ class Controller:
 
     # -- data ---------------------------------------------------------------
 
-    async def move(self, pair: Pair) -> int:
-        """Source data to the destination device until none is available."""
+    async def move(self, pair: Pair, limit: int | None = None) -> int:
+        """Source data to the destination device until none is available
+        (or ``limit`` bytes moved: pre-copy comes back up for air)."""
         if self.known["src", pair.name] not in fsm.SAVING_GROUP:
             return 0
         moved = 0
-        while data := await pair.src.read_data():
-            await pair.dst.write_data(data)
+        while (limit is None or moved < limit) and (
+                data := await self.device("src", pair, pair.src.read_data(), "a data read")):
+            await self.device("dst", pair, pair.dst.write_data(data), "a data write")
             moved += len(data)
         if moved:
             pair.sent += moved
@@ -325,7 +340,8 @@ class Controller:
 
     async def dma_report(self, pair: Pair) -> None:
         """Read and clear a source device's DMA dirty log."""
-        bitmap = await pair.src.client.dma_logging_report(0, self.ram["src"].size, PAGE)
+        bitmap = await self.device("src", pair, pair.src.client.dma_logging_report(0, self.ram["src"].size, PAGE),
+                                   "DMA_LOGGING_REPORT")
         pages = set(wire.bitmap_pages(bitmap))
         pair.dirty |= pages
         self.trace.emit("dma_dirty", side="src", device=pair.name, pages=len(pages))
@@ -348,8 +364,7 @@ class Controller:
                 log.warning("%s: retrying with a fresh destination", err)
                 await self._replace_destination()
                 attempt += 1
-            except (MigrationFailed, QemuCommandError, OSError, lifecycle.LifecycleRefused,
-                    fsm.InvalidTransition, asyncio.CancelledError, KeyboardInterrupt) as err:
+            except (QmpmigError, OSError, ValueError, asyncio.CancelledError, KeyboardInterrupt) as err:
                 interrupted = isinstance(err, (asyncio.CancelledError, KeyboardInterrupt))
                 phase = self.phase
                 recovered = await self._recover(src_was_running)
@@ -386,8 +401,7 @@ class Controller:
                 await pair.dst.client.dma_unmap(0, old_size)
             await pair.dst.client.dma_map(0, ram.size, ram.dup_fd())
             pair.dirty.clear()
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.vm["dst"] or self.gone["dst"])
+        await self.wait_vm("dst", lambda s: True, "the new destination to report", timeout=30)
 
     async def _preflight(self) -> None:
         src, dst = self.vm["src"], self.vm["dst"]
@@ -409,6 +423,8 @@ class Controller:
         self.enter("setup")
         await self._preflight()
         self.we_stopped = False
+        for pair in self.pairs:
+            pair.sent = 0
         self.trace.emit("phase", name="attempt", attempt=attempt)
         await self.qmp("src", "migrate-set-capabilities", {"capabilities": [
             {"capability": "events", "state": True}, {"capability": "pause-before-switchover", "state": True}]})
@@ -507,7 +523,7 @@ class Controller:
         await self.qmp("src", "migrate-set-parameters", self._release)
         deadline = time.monotonic() + opts.max_precopy
         while True:
-            await asyncio.gather(*(self.move(p) for p in self.pairs))
+            await asyncio.gather(*(self.move(p, PRECOPY_ROUND) for p in self.pairs))
             state = self.vm["src"]
             if state.status in ("failed", "cancelled", "cancelling") or self.gone["src"] or self.gone["dst"]:
                 await self._check_still_precopy()
@@ -518,6 +534,7 @@ class Controller:
             if self.progress:
                 self.progress(self, ram, [])
             if ram is not None and ram <= opts.ram_threshold or time.monotonic() > deadline:
+                await self._drain_page_requests()
                 await self._stop_vcpus()
                 return
             await asyncio.sleep(0.02)
@@ -527,7 +544,7 @@ class Controller:
         opts = self.options
         start = time.monotonic()
         while True:
-            await asyncio.gather(*(self.move(p) for p in self.pairs))
+            await asyncio.gather(*(self.move(p, PRECOPY_ROUND) for p in self.pairs))
             for pair in self.pairs:
                 await self.dma_report(pair)
             await self._check_still_precopy()

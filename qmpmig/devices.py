@@ -11,6 +11,7 @@ region's mmap'd window when it offers one.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import struct
@@ -25,6 +26,9 @@ V1_REGION_TYPE = (3, 1)
 V1_FIELDS = {"device_state": (0, "<I"), "pending_bytes": (8, "<Q"),
              "data_offset": (16, "<Q"), "data_size": (24, "<Q")}
 SAVING = frozenset({MigState.PRE_COPY, MigState.PRE_COPY_P2P, MigState.STOP_COPY})
+#: Seed 001: only pending_bytes == 0 ends the data; an iteration may bring
+#: nothing while pending_bytes says more is coming.  Give it this many tries.
+V1_EMPTY_ITERATIONS = 100
 
 
 @dataclass
@@ -163,11 +167,14 @@ class Device:
         is nothing now (pre-copy) or nothing more (stop-copy)."""
         if self.protocol == "v2":
             return await self.client.mig_data_read(self.chunk_size)
-        if not await self.v1_get("pending_bytes"):
-            return b""
-        offset = await self.v1_get("data_offset")
-        size = await self.v1_get("data_size")
-        return await self.v1_window_read(offset, size)
+        for _ in range(V1_EMPTY_ITERATIONS):
+            if not await self.v1_get("pending_bytes"):
+                return b""
+            offset = await self.v1_get("data_offset")
+            size = await self.v1_get("data_size")
+            if size:
+                return await self.v1_window_read(offset, size)
+        return b""
 
     async def write_data(self, data: bytes) -> None:
         """load_state: one piece of the stream, in the order it was read."""
@@ -175,12 +182,16 @@ class Device:
             for pos in range(0, len(data), self.chunk_size):
                 await self.client.mig_data_write(data[pos:pos + self.chunk_size])
             return
-        window = self.v1.mmap_size or self.chunk_size
-        for pos in range(0, len(data), window):
-            piece = data[pos:pos + window]
+        pos = 0
+        while pos < len(data):
             offset = await self.v1_get("data_offset")
+            window = min(self.v1.mmap_size or self.chunk_size, self.v1.size - offset)
+            if window <= 0:
+                raise OSError(errno.EINVAL, f"data_offset {offset:#x} is outside the {self.v1.size:#x}-byte region")
+            piece = data[pos:pos + window]
             await self.v1_window_write(offset, piece)
             await self.v1_set("data_size", len(piece))
+            pos += len(piece)
 
     async def reset(self) -> None:
         await self.client.reset()

@@ -142,18 +142,22 @@ class _Checker:
                 self.fail("vcpu-stop", rec, f"vCPUs stopped while {problem}")
         elif side == "src" and command == "migrate-continue":
             for name in self.side_devices("src"):
-                if name not in self.eos:
+                if name not in self.eos or self.state.get(("src", name)) is not MigState.STOP_COPY:
                     self.fail("end-of-stream", rec, f"migrate-continue before {name}'s stream ended")
-        elif side == "dst" and command == "cont" and not self.copied:
-            self.fail("cont-after-copy", rec, "destination cont before the DMA-dirty copy")
+        elif side == "dst" and command == "cont":
+            if not self.copied:
+                self.fail("cont-after-copy", rec, "destination cont before the DMA-dirty copy")
+            for name in self.side_devices("dst"):
+                if self.state.get(("dst", name)) is not MigState.RUNNING:
+                    self.fail("resume-before-run", rec, f"destination cont while {name} is in "
+                                                        f"{self._name('dst', name)}")
 
     def _not_quiesced(self) -> list[str]:
         """Why the source vCPUs may not stop now (seed 000 grace)."""
-        problems = []
-        for name in self.side_devices("src", MigFlags.P2P):
-            state = self.state.get(("src", name))
-            if state not in NDMA_STATES:
-                problems.append(f"{name} is in {state.name if state else 'an unknown state'}, not NDMA")
+        problems = [f"{name} is in {self._name('src', name)}, not NDMA"
+                    for name in self.side_devices("src", MigFlags.P2P)
+                    if self.state.get(("src", name)) not in NDMA_STATES]
+        for name in self.side_devices("src"):
             if self.outstanding.get(("src", name)):
                 problems.append(f"{name} has {self.outstanding['src', name]} page request(s) outstanding")
         return problems
@@ -167,7 +171,14 @@ class _Checker:
             self.we_stopped = not self.qemu_stopped
 
     def on_end_of_stream(self, rec: dict) -> None:
-        self.eos.add(rec["device"])
+        if self.state.get(("src", rec["device"])) is MigState.STOP_COPY:
+            self.eos.add(rec["device"])
+        else:
+            self.fail("end-of-stream", rec, f"{rec['device']}: end of stream claimed in "
+                                            f"{self._name('src', rec['device'])}, not STOP_COPY")
+
+    def on_data(self, rec: dict) -> None:
+        self.eos.discard(rec["device"])
 
     def on_dirty_copy(self, rec: dict) -> None:
         self.copied = True
@@ -197,6 +208,10 @@ class _Checker:
         if side == "dst" and (old, new) == (MigState.RESUMING, MigState.STOP):
             self.resumed.add(name)
 
+    def _name(self, side: str, device: str) -> str:
+        state = self.state.get((side, device))
+        return state.name if state else "an unknown state"
+
     @staticmethod
     def _forward(side: str, state: MigState | None) -> bool:
         """Past a grace state: the source stops (!RUNNING), the destination runs."""
@@ -210,7 +225,7 @@ class _Checker:
                       and not (self.state.get((side, p)) in GRACE[side] or self._forward(side, self.state.get((side, p))))]
             if behind:
                 self.fail("barrier", rec, f"{name} left {old.name} for {new.name} while "
-                                          + ", ".join(f"{p} was in {self.state[side, p].name}" for p in behind))
+                                          + ", ".join(f"{p} was in {self._name(side, p)}" for p in behind))
         if side == "src" and new is MigState.STOP_COPY and self.qemu_stopped:
             self.fail("vcpu-stop", rec, f"{name} to STOP_COPY after QEMU stopped the vCPUs before the grace state")
         if side == "dst" and old is MigState.STOP and new in (MigState.RUNNING_P2P, MigState.RUNNING):
