@@ -38,7 +38,7 @@ from .errors import QemuCommandError, QemuGone, QmpmigError
 from .guestmem import PAGE, GuestRam
 from .qemu import Qemu, VmState
 from .states import MigFlags, MigState
-from .trace import Trace
+from .trace import GRACE, Trace, past_grace
 from .vfio_user import wire
 
 log = logging.getLogger("qmpmig.controller")
@@ -299,10 +299,28 @@ class Controller:
                         **{"from": self.known.get((side, pair.name), MigState.ERROR), "to": MigState.RUNNING})
         self.known[side, pair.name] = MigState.RUNNING
 
+    def _grace_on_the_way(self, side: str, pair: Pair, target: MigState) -> MigState | None:
+        """The grace state a device would pass on its way to ``target``."""
+        dev = pair.src if side == "src" else pair.dst
+        path = fsm.plan(self.known[side, pair.name], target, dev.flags)
+        for here, after in zip(path, path[1:]):
+            if here in GRACE[side] and past_grace(side, after):
+                return here
+        return None
+
     async def walk_all(self, side: str, target_of, barrier: MigState | None = None) -> None:
         """Every device of a side to its target, concurrently; a barrier
-        record when they all reached a grace state."""
-        await asyncio.gather(*(self.walk(side, p, target_of(p)) for p in self.pairs))
+        record when they all reached a grace state.  Where the way passes a
+        grace state, every device reaches it before any goes past it (seed
+        000; QEMU's vfio_vmstate_change_prepare does the same for a stop)."""
+        targets = {p.name: target_of(p) for p in self.pairs}
+        on_the_way = {p.name: g for p in self.pairs if (g := self._grace_on_the_way(side, p, targets[p.name]))}
+        if on_the_way:
+            await asyncio.gather(*(self.walk(side, p, on_the_way[p.name]) for p in self.pairs
+                                   if p.name in on_the_way))
+            self.trace.emit("barrier", side=side, state=next(iter(on_the_way.values())),
+                            devices=sorted(on_the_way))
+        await asyncio.gather(*(self.walk(side, p, targets[p.name]) for p in self.pairs))
         if barrier is not None:
             self.trace.emit("barrier", side=side, state=barrier,
                             devices=[p.name for p in self.pairs if self.known[side, p.name] is barrier])

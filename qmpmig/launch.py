@@ -104,7 +104,9 @@ async def launch(opts: LaunchOptions, progress=None, during=None) -> Report:
         if side_task:
             await side_task
         report = Report(summary)
-        if summary.ok:
+        if summary.ok and controller.vm["dst"].runstate != "running":
+            await _verify_paused(report, rig, pairs)
+        elif summary.ok:
             await _verify(report, rig, pairs, controller.ram["dst"], last_src_beat)
         else:
             await _verify_source_survived(report, rig, pairs, controller.ram["src"])
@@ -147,6 +149,20 @@ async def _verify(report: Report, rig: Rig, pairs: list[Pair], dst_ram: GuestRam
             f"first: {errors[0]}" if errors else None)
         if not seq:
             report.checks[f"{pair.name} DMA records"] = "the device wrote no record"
+
+
+async def _verify_paused(report: Report, rig: Rig, pairs: list[Pair]) -> None:
+    """A guest paused before the migration stays paused at the destination,
+    its devices in STOP with the source's state."""
+    beat = rig.dst.last_heartbeat()
+    await asyncio.sleep(1.0)
+    report.checks["destination paused"] = (None if rig.dst.last_heartbeat() == beat
+                                           else "the destination guest runs, the source's was paused")
+    for pair in pairs:
+        state = await pair.dst.state()
+        same = pair.src_hash is not None and pair.src_hash == pair.dst_hash
+        report.checks[f"{pair.name} state"] = (None if same and state.name == "STOP"
+                                               else f"destination {state.name}, hashes {'equal' if same else 'differ'}")
 
 
 async def _verify_source_survived(report: Report, rig: Rig, pairs: list[Pair], src_ram: GuestRam) -> None:

@@ -43,6 +43,13 @@ GRACE = {"src": {MigState.PRE_COPY_P2P, MigState.RUNNING_P2P}, "dst": {MigState.
 NDMA_STATES = {MigState.PRE_COPY_P2P, MigState.RUNNING_P2P}
 
 
+def past_grace(side: str, state: MigState | None) -> bool:
+    """Past a grace state: the source stops (!RUNNING), the destination runs."""
+    if state is None:
+        return False
+    return not v2_to_v1(state) & V1.RUNNING if side == "src" else state is MigState.RUNNING
+
+
 class Trace:
     """Writes records as JSON lines (to ``path``, if given) and keeps them."""
 
@@ -212,12 +219,7 @@ class _Checker:
         state = self.state.get((side, device))
         return state.name if state else "an unknown state"
 
-    @staticmethod
-    def _forward(side: str, state: MigState | None) -> bool:
-        """Past a grace state: the source stops (!RUNNING), the destination runs."""
-        if state is None:
-            return False
-        return not v2_to_v1(state) & V1.RUNNING if side == "src" else state is MigState.RUNNING
+    _forward = staticmethod(lambda side, state: past_grace(side, state))
 
     def _ordering(self, rec: dict, name: str, side: str, old: MigState, new: MigState) -> None:
         if old in GRACE[side] and self._forward(side, new):

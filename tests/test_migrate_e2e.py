@@ -154,3 +154,17 @@ async def test_postcopy_is_refused_before_anything_starts(guest_image):
     commands = [r["command"] for r in report.records if r["kind"] == "qmp_command"]
     assert "migrate" not in commands and "migrate-incoming" not in commands
     assert not any(report.checks.values()), report.checks
+
+
+async def test_paused_guest_migrates_paused_with_devices_stopped(guest_image):
+    async def pause(rig, controller):
+        await rig.src_qmp.execute("stop")
+
+    report = await launch(options(devices=2), during=pause)
+    assert report.summary.ok, report.summary.message
+    assert report.checks and not any(report.checks.values()), report.checks
+    assert report.violations == []
+    commands = [r["command"] for r in report.records if r["kind"] == "qmp_command"]
+    assert "cont" not in commands and "stop" not in commands
+    src_states = [r["to"] for r in report.records if r["kind"] == "device_state" and r["side"] == "src"]
+    assert "PRE_COPY" not in src_states and src_states[-1] == "STOP"
