@@ -591,6 +591,11 @@ class Controller:
             if info.status in ("cancelling", "cancelled"):
                 raise MigrationFailed("the migration was cancelled on the source (migrate_cancel)")
             if info.status == "failed":
+                # The usual cause is the other end going away: give its
+                # monitor's EOF a moment to arrive, to say so.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    async with self._changed:
+                        await asyncio.wait_for(self._changed.wait_for(lambda: self.gone["dst"]), 1.0)
                 raise MigrationFailed(f"source migration failed: {info.error_desc or 'no reason given'}"
                                       + (f"; destination QEMU died: {self.gone['dst']}" if self.gone["dst"] else ""))
         if self.gone["src"]:
