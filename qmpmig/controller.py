@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 
 from . import fsm, lifecycle
 from .devices import Device
-from .errors import QemuCommandError, QemuGone, QmpmigError
+from .errors import QemuGone, QmpmigError
 from .guestmem import PAGE, GuestRam
 from .qemu import Qemu, VmState
-from .states import MigFlags, MigState
+from .states import MigState
 from .trace import GRACE, Trace, past_grace
 from .vfio_user import wire
 

@@ -25,7 +25,6 @@ V1_REGION_TYPE = (3, 1)
 #: struct vfio_device_migration_info: name -> (offset, format).
 V1_FIELDS = {"device_state": (0, "<I"), "pending_bytes": (8, "<Q"),
              "data_offset": (16, "<Q"), "data_size": (24, "<Q")}
-SAVING = frozenset({MigState.PRE_COPY, MigState.PRE_COPY_P2P, MigState.STOP_COPY})
 #: Seed 001: only pending_bytes == 0 ends the data; an iteration may bring
 #: nothing while pending_bytes says more is coming.  Give it this many tries.
 V1_EMPTY_ITERATIONS = 100

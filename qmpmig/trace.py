@@ -219,12 +219,10 @@ class _Checker:
         state = self.state.get((side, device))
         return state.name if state else "an unknown state"
 
-    _forward = staticmethod(lambda side, state: past_grace(side, state))
-
     def _ordering(self, rec: dict, name: str, side: str, old: MigState, new: MigState) -> None:
-        if old in GRACE[side] and self._forward(side, new):
+        if old in GRACE[side] and past_grace(side, new):
             behind = [p for p in self.side_devices(side, MigFlags.P2P) if p != name
-                      and not (self.state.get((side, p)) in GRACE[side] or self._forward(side, self.state.get((side, p))))]
+                      and not (self.state.get((side, p)) in GRACE[side] or past_grace(side, self.state.get((side, p))))]
             if behind:
                 self.fail("barrier", rec, f"{name} left {old.name} for {new.name} while "
                                           + ", ".join(f"{p} was in {self._name(side, p)}" for p in behind))

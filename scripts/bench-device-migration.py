@@ -21,7 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qmpmig.device.cli import size as parse_size  # noqa: E402
 from qmpmig.device.process import DeviceProcess  # noqa: E402
 from qmpmig.devices import Device, drain  # noqa: E402
 from qmpmig.states import MigState  # noqa: E402

@@ -3,7 +3,6 @@ RAM: the reference flows end to end, the negative controls that must make
 each check fail, and the failures the source must survive."""
 
 import asyncio
-import dataclasses
 
 import pytest
 

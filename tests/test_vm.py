@@ -1,6 +1,5 @@
 """The harness never leaves a QEMU, a socket or a RAM file behind."""
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -43,7 +42,7 @@ def test_qemu_dies_with_the_process_that_started_it(guest_image, tmp_path):
     start sweeps its RAM file."""
     script = ("import sys, time\n"
               "from qmpmig.vm import Vm\n"
-              f"v = Vm('orphan', 'source', workdir=sys.argv[1]).start()\n"
+              "v = Vm('orphan', 'source', workdir=sys.argv[1]).start()\n"
               "print(v.proc.pid, v.ram_path, flush=True)\n"
               "time.sleep(600)\n")
     starter = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],

@@ -188,7 +188,7 @@ class ReferenceDevice:
         self.bits = new
         if self.error:
             raise DeviceError(errno.EIO, self.error)
-        log.info("device_state %s -> %s (%s)", old.__repr__(), new.__repr__(), ", ".join(actions))
+        log.info("device_state %r -> %r (%s)", old, new, ", ".join(actions))
 
     def _start_precopy(self) -> None:
         """SAVING|RUNNING: clear the window, stream pre-copy data."""

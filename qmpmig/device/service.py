@@ -15,6 +15,7 @@ import logging
 import os
 import struct
 
+from ..fsm import SAVING_GROUP
 from ..states import MigState
 from ..vfio_user import wire
 from ..vfio_user.server import serve_unix
@@ -44,7 +45,6 @@ FEATURE_OPS = {
     Feature.QMPMIG_STATE_HASH: FF.GET,
 }
 V2_ONLY = {Feature.MIGRATION, Feature.MIG_DEVICE_STATE, Feature.MIG_DATA_SIZE, Feature.QMPMIG_PRECOPY_INFO}
-SAVING = {MigState.PRE_COPY, MigState.PRE_COPY_P2P, MigState.STOP_COPY}
 PRECOPY = {MigState.PRE_COPY, MigState.PRE_COPY_P2P}
 
 
@@ -258,7 +258,7 @@ class DeviceService:
     # -- v2 migration data --------------------------------------------------
 
     def on_mig_data_read(self, msg):
-        if self.v1 or self.device.device_state not in SAVING:
+        if self.v1 or self.device.device_state not in SAVING_GROUP:
             raise DeviceError(errno.EINVAL, f"MIG_DATA_READ in {self.device.device_state.name}")
         data = self.device.saver.read(msg.payload.size)
         return wire.MigDataRead(8 + len(data), len(data), data)
