@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qmpmig.device.process import DeviceProcess  # noqa: E402
+from qmpmig.rig.processes import DeviceProcess  # noqa: E402
 from qmpmig.devices import Device, drain  # noqa: E402
-from qmpmig.states import MigState  # noqa: E402
+from qmpmig.migration.states import MigState  # noqa: E402
 
 
 def baseline(nbytes: int) -> float:
@@ -54,7 +54,7 @@ async def migrate(protocol: str, state_size: str, workdir: Path) -> tuple[float,
     opts = ("--migration", protocol, "--state-size", state_size, "--mutate-rate", "0")
     with DeviceProcess(workdir / f"{protocol}-src.sock", *opts) as a, \
             DeviceProcess(workdir / f"{protocol}-dst.sock", *opts) as b:
-        src, dst = await Device.open(str(a.socket)), await Device.open(str(b.socket))
+        src, dst = await RemoteDevice.open(str(a.socket)), await RemoteDevice.open(str(b.socket))
         try:
             await dst.set_state(MigState.RESUMING)
             t0 = time.perf_counter()

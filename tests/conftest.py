@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-from qmpmig import vm
-from qmpmig.rig import Rig
+from qmpmig.rig import vm
+from qmpmig.rig.pair import Rig
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ async def rig(guest_image):
 @pytest.fixture
 def spawn_device(tmp_path):
     """Start real ``qmpmig-device`` processes; all are stopped at teardown."""
-    from qmpmig.device.process import DeviceProcess
+    from qmpmig.rig.processes import DeviceProcess
 
     started = []
 

@@ -2,7 +2,7 @@
 
 import os
 
-from qmpmig.device.driver import read_register as reg_read, start_ring, write_register as reg_write
+from qmpmig.device.bar0 import read_register as reg_read, start_ring, write_register as reg_write
 
 __all__ = ["RING_IOVA", "guest_memory", "reg_read", "reg_write", "start_dma"]
 

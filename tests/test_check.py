@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from qmpmig import check
+from qmpmig.tools import check
 
 #: Small and quick: 1 MiB of state, a DMA engine fast enough to see in 0.3 s.
 FAST = ("--state-size", "1M", "--dma-rate", "2000")
@@ -76,7 +76,7 @@ async def test_each_defect_fails_its_rule(spawn_device, options, rule, named):
 
 
 def qmpmig(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qmpmig.cli", "check", *args],
+    return subprocess.run([sys.executable, "-m", "qmpmig", "check", *args],
                           capture_output=True, text=True, timeout=120)
 
 

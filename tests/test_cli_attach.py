@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from qmpmig.device.process import DeviceProcess
-from qmpmig.devices import Device
-from qmpmig.qemu import Qemu
-from qmpmig.states import MigState
-from qmpmig.vm import Vm
+from qmpmig.rig.processes import DeviceProcess
+from qmpmig.controller.devices import RemoteDevice
+from qmpmig.qemu.qmp import Qemu
+from qmpmig.migration.states import MigState
+from qmpmig.rig.vm import Vm
 
 pytestmark = pytest.mark.qemu
 
@@ -25,7 +25,7 @@ def setup(tmp_path, guest_image):
     dst = Vm("dst", "destination", workdir=tmp_path).start()
     devices = [DeviceProcess(tmp_path / f"{side}.sock", "--state-size", "64M").start() for side in ("s", "d")]
     src.wait_heartbeat(1, 60)
-    argv = [sys.executable, "-m", "qmpmig.cli", "migrate", "--src-qmp", str(src.qmp_path),
+    argv = [sys.executable, "-m", "qmpmig", "migrate", "--src-qmp", str(src.qmp_path),
             "--dst-qmp", str(dst.qmp_path), "--uri", f"unix:{tmp_path / 'mig.sock'}",
             "--src-ram", str(src.ram_path), "--dst-ram", str(dst.ram_path),
             "--device", f"{devices[0].socket},{devices[1].socket}", "--trace", str(tmp_path / "trace.jsonl")]
@@ -42,7 +42,7 @@ def test_attach_mode_migrates_and_writes_a_trace_that_checks(setup):
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(done.stdout)
     assert result["ok"] and result["trace_violations"] == [] and result["device_bytes"] > 64 << 20
-    check = subprocess.run([sys.executable, "-m", "qmpmig.cli", "trace", "check", str(tmp / "trace.jsonl")],
+    check = subprocess.run([sys.executable, "-m", "qmpmig", "trace", "check", str(tmp / "trace.jsonl")],
                            capture_output=True, text=True)
     assert check.returncode == 0 and "FAIL" not in check.stdout
     dst.wait_heartbeat(src.last_heartbeat(), 30)
@@ -53,7 +53,7 @@ async def source_state(src, device_socket):
     await qemu.connect(str(src.qmp_path))
     status = await qemu.query_status()
     await qemu.disconnect()
-    dev = await Device.open(str(device_socket))
+    dev = await RemoteDevice.open(str(device_socket))
     state = await dev.state()
     await dev.close()
     return status, state

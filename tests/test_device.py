@@ -14,9 +14,9 @@ import time
 import pytest
 
 from qmpmig.device import records
-from qmpmig.devices import Device, drain
-from qmpmig.states import V1, MigState as S
-from qmpmig.vfio_user import wire
+from qmpmig.controller.devices import RemoteDevice, drain
+from qmpmig.migration.states import V1, MigState as S
+from qmpmig.vfio_user import codec, uapi
 from qmpmig.vfio_user.client import Client
 
 from devtools import RING_IOVA, guest_memory, reg_read, reg_write, start_dma
@@ -42,8 +42,8 @@ async def test_every_message_type_v2(spawn_device):
         with pytest.raises(OSError):
             await c.irq_info(5)
         efd = os.eventfd(0)
-        await c.set_irqs(1, wire.IrqSetFlags.DATA_EVENTFD | wire.IrqSetFlags.ACTION_TRIGGER, 0, 1, fds=(efd,))
-        await c.set_irqs(1, wire.IrqSetFlags.DATA_NONE | wire.IrqSetFlags.ACTION_TRIGGER, 0, 0)
+        await c.set_irqs(1, uapi.IrqSetFlags.DATA_EVENTFD | uapi.IrqSetFlags.ACTION_TRIGGER, 0, 1, fds=(efd,))
+        await c.set_irqs(1, uapi.IrqSetFlags.DATA_NONE | uapi.IrqSetFlags.ACTION_TRIGGER, 0, 0)
         os.close(efd)
         assert struct.unpack("<HH", await c.region_read(7, 0, 4)) == (0x1B36, 0x7F01)
         assert await reg_read(c, "magic") == 0x47504D51
@@ -57,8 +57,8 @@ async def test_every_message_type_v2(spawn_device):
         with pytest.raises(OSError):
             await c.dma_unmap(RING_IOVA, 4096)
         await c.dma_unmap(RING_IOVA, MiB)
-        assert await c.probe(wire.Feature.MIGRATION)
-        assert not await c.probe(wire.Feature.MIGRATION, wire.FeatureFlags.SET)
+        assert await c.probe(uapi.Feature.MIGRATION)
+        assert not await c.probe(uapi.Feature.MIGRATION, uapi.FeatureFlags.SET)
         assert await c.migration_flags() == 7
         assert await c.device_state() == S.RUNNING
         assert await c.mig_data_size() > MiB
@@ -97,9 +97,9 @@ async def test_v1_device_offers_the_migration_region(spawn_device):
         assert (await c.device_info()).num_regions == 10
         region, fd = await c.region_info(9)
         caps = {type(cap): cap for cap in region.caps}
-        assert (caps[wire.TypeCap].type, caps[wire.TypeCap].subtype) == (3, 1)
-        assert caps[wire.SparseMmapCap].areas == ((4096, MiB),)
-        assert region.flags & wire.RegionInfoFlags.MMAP and fd is not None
+        assert (caps[codec.TypeCap].type, caps[codec.TypeCap].subtype) == (3, 1)
+        assert caps[codec.SparseMmapCap].areas == ((4096, MiB),)
+        assert region.flags & uapi.RegionInfoFlags.MMAP and fd is not None
         window = mmap.mmap(fd, MiB, offset=region.offset + 4096)
         os.close(fd)
         with pytest.raises(OSError) as err:
@@ -137,28 +137,28 @@ class Raw:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(5)
         self.sock.connect(str(path))
-        self.conn = wire.Connection(wire.Role.CLIENT)
+        self.conn = codec.Connection(codec.Party.CLIENT)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
     def version(self) -> None:
-        self.send(self.conn.send(wire.Message(0, wire.Command.VERSION, wire.Version(0, 1, {"capabilities": {}}))))
+        self.send(self.conn.send(codec.Message(0, codec.Command.VERSION, codec.Version(0, 1, {"capabilities": {}}))))
         assert self.next().payload.major == 0
 
     def frame(self):
         """The next frame as raw header fields and payload; None at EOF."""
         data = b""
-        while len(data) < 16 or len(data) < wire.HEADER.unpack_from(data)[2]:
+        while len(data) < 16 or len(data) < codec.HEADER.unpack_from(data)[2]:
             more = self.sock.recv(1 << 16)
             if not more:
                 return None
             data += more
-        msg_id, cmd, size, flags, error_no = wire.HEADER.unpack_from(data)
+        msg_id, cmd, size, flags, error_no = codec.HEADER.unpack_from(data)
         return msg_id, cmd, flags, error_no, data[16:size]
 
     def next(self):
-        while (event := self.conn.next_event()) is wire.NEED_DATA:
+        while (event := self.conn.next_event()) is codec.NEED_DATA:
             data = self.sock.recv(1 << 16)
             if not data:
                 return None
@@ -170,16 +170,16 @@ class Raw:
 
 
 def header(msg_id, cmd, size, flags=0):
-    return wire.HEADER.pack(msg_id, cmd, size, flags, 0)
+    return codec.HEADER.pack(msg_id, cmd, size, flags, 0)
 
 
 @pytest.mark.parametrize("frame,what", [
     (header(7, 99, 16), "unknown command"),
-    (header(7, wire.Command.DMA_MAP, 24) + bytes(8), "truncated DMA_MAP"),
-    (header(7, wire.Command.REGION_READ, 32) + struct.pack("<QII", 0, 0, 2 * MiB), "count beyond max"),
-    (header(7, wire.Command.DEVICE_GET_INFO, 32) + struct.pack("<IIII", 16, 0xFF, 0, 0), "reserved bits"),
-    (header(7, wire.Command.DEVICE_FEATURE, 32) + struct.pack("<IIQ", 16, 1 << 31, 0), "feature flags"),
-    (header(7, wire.Command.VERSION, 20) + struct.pack("<HH", 0, 1), "second VERSION"),
+    (header(7, codec.Command.DMA_MAP, 24) + bytes(8), "truncated DMA_MAP"),
+    (header(7, codec.Command.REGION_READ, 32) + struct.pack("<QII", 0, 0, 2 * MiB), "count beyond max"),
+    (header(7, codec.Command.DEVICE_GET_INFO, 32) + struct.pack("<IIII", 16, 0xFF, 0, 0), "reserved bits"),
+    (header(7, codec.Command.DEVICE_FEATURE, 32) + struct.pack("<IIQ", 16, 1 << 31, 0), "feature flags"),
+    (header(7, codec.Command.VERSION, 20) + struct.pack("<HH", 0, 1), "second VERSION"),
 ])
 def test_malformed_message_gets_an_error_reply(spawn_device, frame, what):
     dev = spawn_device("--state-size", "1M")
@@ -188,10 +188,10 @@ def test_malformed_message_gets_an_error_reply(spawn_device, frame, what):
     raw.send(frame)
     msg_id, cmd, flags, error_no, payload = raw.frame()
     assert (msg_id, cmd) == (7, int.from_bytes(frame[2:4], "little")), what
-    assert flags & wire.HeaderFlags.ERROR and flags & 0xF == 1 and error_no == errno.EINVAL, what
+    assert flags & codec.HeaderFlags.ERROR and flags & 0xF == 1 and error_no == errno.EINVAL, what
     assert payload == b"", what
     # The connection goes on.
-    raw.send(raw.conn.send(wire.Message(8, wire.Command.DEVICE_GET_INFO, wire.DeviceInfo(16, 0, 0, 0))))
+    raw.send(raw.conn.send(codec.Message(8, codec.Command.DEVICE_GET_INFO, codec.DeviceInfo(16, 0, 0, 0))))
     event = raw.next()
     assert event.payload.num_regions == 9, event
     raw.close()
@@ -199,8 +199,8 @@ def test_malformed_message_gets_an_error_reply(spawn_device, frame, what):
 
 
 @pytest.mark.parametrize("frame,what", [
-    (header(3, wire.Command.DEVICE_GET_INFO, 8), "msg_size below the header"),
-    (header(3, wire.Command.MIG_DATA_WRITE, 64 * MiB), "msg_size beyond the maximum"),
+    (header(3, codec.Command.DEVICE_GET_INFO, 8), "msg_size below the header"),
+    (header(3, codec.Command.MIG_DATA_WRITE, 64 * MiB), "msg_size beyond the maximum"),
 ])
 def test_unframeable_message_closes_that_connection_only(spawn_device, frame, what):
     dev = spawn_device("--state-size", "1M")
@@ -209,7 +209,7 @@ def test_unframeable_message_closes_that_connection_only(spawn_device, frame, wh
     raw.send(frame)
     reply = raw.frame()
     if reply is not None:
-        assert reply[0] == 3 and reply[2] & wire.HeaderFlags.ERROR
+        assert reply[0] == 3 and reply[2] & codec.HeaderFlags.ERROR
         assert raw.frame() is None, what
     raw.close()
     again = Raw(dev.socket)
@@ -221,7 +221,7 @@ def test_unframeable_message_closes_that_connection_only(spawn_device, frame, wh
 def test_first_command_must_be_version(spawn_device):
     dev = spawn_device("--state-size", "1M")
     raw = Raw(dev.socket)
-    raw.send(raw.conn.send(wire.Message(1, wire.Command.DEVICE_GET_INFO, wire.DeviceInfo(16, 0, 0, 0))))
+    raw.send(raw.conn.send(codec.Message(1, codec.Command.DEVICE_GET_INFO, codec.DeviceInfo(16, 0, 0, 0))))
     reply = raw.next()
     assert reply.payload is None and reply.error_no == errno.EINVAL
     assert raw.next() is None
@@ -233,7 +233,7 @@ def test_client_vanishing_mid_message_does_not_hang_the_device(spawn_device):
     dev = spawn_device("--state-size", "1M")
     raw = Raw(dev.socket)
     raw.version()
-    raw.send(header(4, wire.Command.MIG_DATA_WRITE, 16 + 8 + 4096)[:10])
+    raw.send(header(4, codec.Command.MIG_DATA_WRITE, 16 + 8 + 4096)[:10])
     raw.close()
     again = Raw(dev.socket)
     again.version()
@@ -243,7 +243,7 @@ def test_client_vanishing_mid_message_does_not_hang_the_device(spawn_device):
 # -- migration ------------------------------------------------------------------
 
 
-async def migrate(src: Device, dst: Device, precopy: bool, src_client_mem=None) -> dict:
+async def migrate(src: RemoteDevice, dst: RemoteDevice, precopy: bool, src_client_mem=None) -> dict:
     """The reference save and resume flows of seed 000, through the client."""
     await dst.reset()
     await dst.set_state(S.STOP)
@@ -277,7 +277,7 @@ async def test_device_to_device_migration(spawn_device, protocol, precopy, size)
     flags = ("--mig-flags", "STOP_COPY,P2P,PRE_COPY" if precopy else "STOP_COPY,P2P")
     opts = ("--migration", protocol, "--state-size", size, "--dma-rate", "2000", *flags)
     a, b = spawn_device(*opts), spawn_device(*opts)
-    src, dst = await Device.open(str(a.socket)), await Device.open(str(b.socket))
+    src, dst = await RemoteDevice.open(str(a.socket)), await RemoteDevice.open(str(b.socket))
     mem = guest_memory(MiB)
     try:
         assert (src.protocol, dst.protocol) == (protocol, protocol)
@@ -302,7 +302,7 @@ async def test_device_to_device_migration(spawn_device, protocol, precopy, size)
 async def test_one_gib_of_state_migrates(spawn_device):
     opts = ("--state-size", "1G", "--mutate-rate", "2000")
     a, b = spawn_device(*opts), spawn_device(*opts)
-    src, dst = await Device.open(str(a.socket)), await Device.open(str(b.socket))
+    src, dst = await RemoteDevice.open(str(a.socket)), await RemoteDevice.open(str(b.socket))
     try:
         t0 = time.monotonic()
         result = await migrate(src, dst, precopy=True)
@@ -332,7 +332,7 @@ async def test_dma_dirty_log_misses_no_page(spawn_device):
             seq = await reg_read(c, "dma_seq")
             bitmap = await c.dma_logging_report(RING_IOVA, MiB)
             await c.set_device_state(S.RUNNING)
-            reported = set(wire.bitmap_pages(bitmap))
+            reported = set(uapi.bitmap_pages(bitmap))
             written = {((s % slots) * records.SIZE) // 4096 for s in range(done, seq)}
             assert written <= reported, f"pages written but not reported: {sorted(written - reported)}"
             assert reported <= written, f"pages reported but not written: {sorted(reported - written)}"
@@ -427,7 +427,7 @@ async def test_disconnect_leaves_a_fresh_device(spawn_device):
 # -- bad streams ----------------------------------------------------------------
 
 
-async def saved_stream(src: Device) -> bytes:
+async def saved_stream(src: RemoteDevice) -> bytes:
     await src.set_state(S.STOP_COPY)
     data = bytearray()
     while piece := await src.read_data():
@@ -440,7 +440,7 @@ async def saved_stream(src: Device) -> bytes:
 async def test_bad_stream_puts_destination_in_error_and_spares_the_source(spawn_device, damage, protocol):
     a = spawn_device("--migration", protocol, "--state-size", "1M")
     b = spawn_device("--migration", protocol, "--state-size", "2M" if damage == "wrong-config" else "1M")
-    src, dst = await Device.open(str(a.socket)), await Device.open(str(b.socket))
+    src, dst = await RemoteDevice.open(str(a.socket)), await RemoteDevice.open(str(b.socket))
     try:
         stream = await saved_stream(src)
         src_hash = await src.state_hash()

@@ -6,9 +6,10 @@ import re
 import pytest
 from hypothesis import given, strategies as st
 
-from qmpmig import fsm
-from qmpmig.fsm import InvalidTransition, arcs, plan
-from qmpmig.states import DEFINED_FLAG_SETS, MigFlags, MigState
+from qmpmig.migration import fsm
+from qmpmig.errors import InvalidTransition
+from qmpmig.migration.fsm import arcs, plan
+from qmpmig.migration.states import DEFINED_FLAG_SETS, MigFlags, MigState
 
 S = MigState
 F = MigFlags

@@ -2,15 +2,16 @@
 consistent with the FSM along the paths QEMU really takes."""
 
 import copy
-import json
 
 import jsonschema
 import pytest
 
-from qmpmig import lifecycle
-from qmpmig.fsm import plan, supports
-from qmpmig.lifecycle import LifecycleRefused, target
-from qmpmig.states import DEFINED_FLAG_SETS, MigFlags, MigState
+from qmpmig.migration import lifecycle
+from qmpmig.resources import load_json
+from qmpmig.migration.fsm import plan, supports
+from qmpmig.errors import LifecycleRefused
+from qmpmig.migration.lifecycle import target
+from qmpmig.migration.states import DEFINED_FLAG_SETS, MigFlags, MigState
 
 S = MigState
 ALL = MigFlags.STOP_COPY | MigFlags.P2P | MigFlags.PRE_COPY
@@ -38,7 +39,7 @@ def test_completeness_check_catches_a_missing_rule():
 def test_schema_rejects_error_as_a_target():
     data = copy.deepcopy(lifecycle.table())
     data["roles"]["source"]["statuses"]["none"]["running"] = "ERROR"
-    schema = json.loads((lifecycle.SCHEMAS / "lifecycle.schema.json").read_text())
+    schema = load_json("lifecycle.schema.json")
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(data, schema)
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from qmpmig.controller import Options
-from qmpmig.launch import LaunchOptions, launch
+from qmpmig.rig.launch import LaunchOptions, launch
 
 pytestmark = pytest.mark.qemu
 

@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from qmpmig import lifecycle
+from qmpmig.migration import lifecycle
 from qmpmig.errors import QemuGone
-from qmpmig.qemu import VmState
-from qmpmig.rig import FINAL
-from qmpmig.states import MigFlags
+from qmpmig.qemu.qmp import VmState
+from qmpmig.rig.pair import FINAL
+from qmpmig.migration.states import MigFlags
 
 pytestmark = pytest.mark.qemu
 ALL = MigFlags.STOP_COPY | MigFlags.P2P | MigFlags.PRE_COPY

@@ -2,8 +2,9 @@
 
 import pytest
 
-from qmpmig.fsm import InvalidTransition, V1_ACTIONS, v1_actions, v1_requestable
-from qmpmig.states import (V1, MigFlags, MigState, v1_is_error, v1_to_v2, v1_valid,
+from qmpmig.errors import InvalidTransition
+from qmpmig.migration.fsm import V1_ACTIONS, v1_actions, v1_requestable
+from qmpmig.migration.states import (V1, MigFlags, MigState, v1_is_error, v1_to_v2, v1_valid,
                            v2_to_v1)
 
 R, S, RES, N = V1.RUNNING, V1.SAVING, V1.RESUMING, V1.NDMA

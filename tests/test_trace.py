@@ -4,7 +4,7 @@ crashes on a bad trace)."""
 
 import pytest
 
-from qmpmig.trace import check
+from qmpmig.tools.tracecheck import check
 
 
 def trace(*records):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from qmpmig import vm
-from qmpmig.rig import Rig
+from qmpmig.rig import vm
+from qmpmig.rig.pair import Rig
 
 pytestmark = pytest.mark.qemu
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ def test_qemu_dies_with_the_process_that_started_it(guest_image, tmp_path):
     """SIGKILL the starter (no teardown runs): QEMU follows it, and the next
     start sweeps its RAM file."""
     script = ("import sys, time\n"
-              "from qmpmig.vm import Vm\n"
+              "from qmpmig.rig.vm import Vm\n"
               "v = Vm('orphan', 'source', workdir=sys.argv[1]).start()\n"
               "print(v.proc.pid, v.ram_path, flush=True)\n"
               "time.sleep(600)\n")

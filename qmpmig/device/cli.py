@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from ..states import MigFlags
+from ..migration.states import MigFlags
 from .model import DEFECTS, DeviceConfig, ReferenceDevice
 from .service import run
 

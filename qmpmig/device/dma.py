@@ -14,12 +14,8 @@ import mmap
 import os
 from dataclasses import dataclass
 
-LOG_PAGE = 4096
-
-
-class DmaError(OSError):
-    def __init__(self, err: int, msg: str):
-        super().__init__(err, msg)
+from ..errors import DeviceError
+from ..vfio_user.uapi import PAGE_SIZE, DmaFlags, bitmap_set, dirty_bitmap_size
 
 
 @dataclass
@@ -37,13 +33,13 @@ class Mapping:
 
 
 class DmaLog:
-    """Dirty pages of device writes, tracked at LOG_PAGE granularity."""
+    """Dirty pages of device writes, tracked at PAGE_SIZE granularity."""
 
     MAX_RANGES = 4096 // 16
 
     def __init__(self):
         self.ranges: list[tuple[int, int]] | None = None
-        self.page_size = LOG_PAGE
+        self.page_size = PAGE_SIZE
         self._dirty: set[int] = set()
 
     @property
@@ -53,22 +49,22 @@ class DmaLog:
     def start(self, page_size: int, ranges: list[tuple[int, int]]) -> int:
         """Start logging; return the page size chosen (uAPI: a hint)."""
         if self.running:
-            raise DmaError(errno.EBUSY, "DMA logging already started")
+            raise DeviceError(errno.EBUSY, "DMA logging already started")
         if not ranges:
-            raise DmaError(errno.EINVAL, "no ranges")
+            raise DeviceError(errno.EINVAL, "no ranges")
         if len(ranges) > self.MAX_RANGES:
-            raise DmaError(errno.E2BIG, f"more than {self.MAX_RANGES} ranges")
-        if page_size < LOG_PAGE or page_size & (page_size - 1):
-            page_size = LOG_PAGE
+            raise DeviceError(errno.E2BIG, f"more than {self.MAX_RANGES} ranges")
+        if page_size < PAGE_SIZE or page_size & (page_size - 1):
+            page_size = PAGE_SIZE
         spans = sorted(ranges)
         for iova, length in spans:
             if iova % page_size or length % page_size or not length:
-                raise DmaError(errno.EINVAL, f"range {iova:#x}+{length:#x} not {page_size}-aligned")
+                raise DeviceError(errno.EINVAL, f"range {iova:#x}+{length:#x} not {page_size}-aligned")
             if iova + length > 1 << 64:
-                raise DmaError(errno.EOVERFLOW, f"range {iova:#x}+{length:#x} overflows")
+                raise DeviceError(errno.EOVERFLOW, f"range {iova:#x}+{length:#x} overflows")
         for (a, la), (b, _) in zip(spans, spans[1:]):
             if a + la > b:
-                raise DmaError(errno.EINVAL, "ranges overlap")
+                raise DeviceError(errno.EINVAL, "ranges overlap")
         self.ranges, self.page_size, self._dirty = spans, page_size, set()
         return page_size
 
@@ -79,8 +75,8 @@ class DmaLog:
     def mark(self, iova: int, length: int) -> None:
         if not self.running or not length:
             return
-        for page in range(iova // LOG_PAGE, (iova + length - 1) // LOG_PAGE + 1):
-            addr = page * LOG_PAGE
+        for page in range(iova // PAGE_SIZE, (iova + length - 1) // PAGE_SIZE + 1):
+            addr = page * PAGE_SIZE
             if any(a <= addr < a + n for a, n in self.ranges):
                 self._dirty.add(page)
 
@@ -89,18 +85,17 @@ class DmaLog:
         n // 64, bit n % 64) for the page at iova + n * page_size.  Clears
         what it reports."""
         if not self.running:
-            raise DmaError(errno.EINVAL, "DMA logging is not started")
-        if page_size < LOG_PAGE or page_size & (page_size - 1):
-            raise DmaError(errno.EINVAL, f"page size {page_size} is not a power of two >= 4096")
+            raise DeviceError(errno.EINVAL, "DMA logging is not started")
+        if page_size < PAGE_SIZE or page_size & (page_size - 1):
+            raise DeviceError(errno.EINVAL, f"page size {page_size} is not a power of two >= 4096")
         if iova + length > 1 << 64:
-            raise DmaError(errno.EOVERFLOW, "range overflows")
-        nbits = -(-length // page_size)
-        bitmap = bytearray(-(-nbits // 64) * 8)
-        first, last = iova // LOG_PAGE, (iova + length - 1) // LOG_PAGE
+            raise DeviceError(errno.EOVERFLOW, "range overflows")
+        bitmap = bytearray(dirty_bitmap_size(length, page_size))
+        first, last = iova // PAGE_SIZE, (iova + length - 1) // PAGE_SIZE
         hits = [p for p in self._dirty if first <= p <= last]
         for page in hits:
-            n = (page * LOG_PAGE - iova) // page_size if page * LOG_PAGE >= iova else 0
-            bitmap[n // 8] |= 1 << (n % 8)
+            n = (page * PAGE_SIZE - iova) // page_size if page * PAGE_SIZE >= iova else 0
+            bitmap_set(bitmap, n)
             self._dirty.discard(page)
         return bytes(bitmap)
 
@@ -114,18 +109,18 @@ class DmaSpace:
 
     def map(self, address: int, size: int, flags: int, fd: int | None, offset: int) -> None:
         if not size:
-            raise DmaError(errno.EINVAL, "zero-sized mapping")
+            raise DeviceError(errno.EINVAL, "zero-sized mapping")
         for m in self.maps:
             if address < m.end and m.address < address + size:
-                raise DmaError(errno.EEXIST, f"{address:#x}+{size:#x} overlaps {m.address:#x}+{m.size:#x}")
+                raise DeviceError(errno.EEXIST, f"{address:#x}+{size:#x} overlaps {m.address:#x}+{m.size:#x}")
         mem = None
         if fd is not None:
-            prot = (mmap.PROT_READ if flags & 1 else 0) | (mmap.PROT_WRITE if flags & 2 else 0)
+            prot = (mmap.PROT_READ if flags & DmaFlags.READ else 0) | (mmap.PROT_WRITE if flags & DmaFlags.WRITE else 0)
             try:
                 mem = mmap.mmap(fd, size, mmap.MAP_SHARED, prot or mmap.PROT_READ, offset=offset)
             except (OSError, ValueError) as err:
                 os.close(fd)
-                raise DmaError(errno.EINVAL, f"cannot map the fd: {err}") from None
+                raise DeviceError(errno.EINVAL, f"cannot map the fd: {err}") from None
         self.maps.append(Mapping(address, size, flags, -1 if fd is None else fd, offset, mem))
 
     def unmap(self, address: int, size: int) -> None:
@@ -134,7 +129,7 @@ class DmaSpace:
                 self._release(m)
                 self.maps.remove(m)
                 return
-        raise DmaError(errno.EINVAL, f"no mapping is exactly {address:#x}+{size:#x}")
+        raise DeviceError(errno.EINVAL, f"no mapping is exactly {address:#x}+{size:#x}")
 
     def clear(self) -> None:
         for m in self.maps:
@@ -152,15 +147,15 @@ class DmaSpace:
         for m in self.maps:
             if m.address <= iova and iova + length <= m.end:
                 if m.mem is None or not m.flags & flag:
-                    raise DmaError(errno.EPERM, f"{iova:#x}+{length:#x} is not mapped for this access")
+                    raise DeviceError(errno.EPERM, f"{iova:#x}+{length:#x} is not mapped for this access")
                 return m, iova - m.address
-        raise DmaError(errno.EFAULT, f"{iova:#x}+{length:#x} is not mapped")
+        raise DeviceError(errno.EFAULT, f"{iova:#x}+{length:#x} is not mapped")
 
     def write(self, iova: int, data: bytes) -> None:
-        m, off = self._find(iova, len(data), 2)
+        m, off = self._find(iova, len(data), DmaFlags.WRITE)
         m.mem[off:off + len(data)] = data
         self.log.mark(iova, len(data))
 
     def read(self, iova: int, length: int) -> bytes:
-        m, off = self._find(iova, length, 1)
+        m, off = self._find(iova, length, DmaFlags.READ)
         return bytes(m.mem[off:off + length])

@@ -14,11 +14,15 @@ from __future__ import annotations
 import json
 from typing import Callable
 
+from ..errors import StreamError
+from ..vfio_user.uapi import PAGE_SIZE
 from . import savestream
-from .savestream import CHUNK, StreamError
-from .state import PAGE, InternalState
+from .savestream import CHUNK
+from .state import InternalState
 
 RUN_PAGES = 16
+#: What the register and end chunks add to the stream, at most.
+REGS_ESTIMATE = 4096
 
 
 class Saver:
@@ -45,19 +49,21 @@ class Saver:
     def initial_bytes(self) -> int:
         """Pre-copy: bytes left of the first pass (PRECOPY_INFO initial_bytes)."""
         left = self.state.pages - self._next
-        return len(self._pending) + left * PAGE + -(-left // RUN_PAGES) * CHUNK.size
+        return len(self._pending) + left * PAGE_SIZE + -(-left // RUN_PAGES) * CHUNK.size
 
     @property
     def dirty_bytes(self) -> int:
-        """Pre-copy: bytes the internal dirty log holds (PRECOPY_INFO dirty_bytes)."""
-        return self.state.dirty_pages * (PAGE + CHUNK.size)
+        """Pre-copy: bytes of the pages dirtied after the first pass sent them
+        (PRECOPY_INFO dirty_bytes); a page the first pass has yet to send is
+        in initial_bytes only."""
+        return self.state.dirty_below(self._next) * (PAGE_SIZE + CHUNK.size)
 
     @property
     def pending_bytes(self) -> int:
         """What is left to read: in stop-copy, to the end of the stream."""
         if self.ended:
             return len(self._pending)
-        tail = 4096 if self._final else 0
+        tail = REGS_ESTIMATE if self._final else 0
         return self.initial_bytes + self.dirty_bytes + tail
 
     def _produce(self) -> bool:
@@ -66,7 +72,7 @@ class Saver:
             n = min(RUN_PAGES, state.pages - self._next)
             for page in range(self._next, self._next + n):
                 state.clear_dirty(page)
-            data = state.data[self._next * PAGE:(self._next + n) * PAGE]
+            data = state.data[self._next * PAGE_SIZE:(self._next + n) * PAGE_SIZE]
             self._pending += savestream.encode(b"PAGE", self._next, bytes(data))
             self._next += n
         elif state.dirty_pages:
@@ -114,11 +120,11 @@ class Loader:
         self.bytes_written += len(data)
         for chunk in self.reader.feed(data):
             if chunk.tag == b"PAGE":
-                n, rem = divmod(len(chunk.payload), PAGE)
+                n, rem = divmod(len(chunk.payload), PAGE_SIZE)
                 if rem or not n or chunk.arg + n > self.state.pages:
                     self.reader.error = f"page chunk {chunk.arg}+{n} outside the state"
                     raise StreamError(self.reader.error)
-                self.state.data[chunk.arg * PAGE:(chunk.arg + n) * PAGE] = chunk.payload
+                self.state.data[chunk.arg * PAGE_SIZE:(chunk.arg + n) * PAGE_SIZE] = chunk.payload
             elif chunk.tag == b"REGS":
                 try:
                     self.registers = json.loads(chunk.payload)

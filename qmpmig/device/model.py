@@ -2,11 +2,11 @@
 and VFIO migration, v1 or v2, over one core.
 
 The core keeps seed 000's control bits (RUNNING, SAVING, RESUMING, NDMA)
-and performs the event-triggered actions of :data:`qmpmig.fsm.V1_ACTIONS`
+and performs the event-triggered actions of :data:`qmpmig.migration.fsm.V1_ACTIONS`
 in their priority order.  The v1 migration region writes those bits
-directly; a v2 MIG_DEVICE_STATE set walks :func:`qmpmig.fsm.plan` and
-moves the bits one arc at a time (each v2 state has its v1 twin,
-:data:`qmpmig.states.V1_TO_V2`), so both protocols share one set of
+directly; a v2 MIG_DEVICE_STATE set walks :func:`qmpmig.migration.fsm.plan`
+and moves the bits one arc at a time (each v2 state has its v1 twin,
+:data:`qmpmig.migration.states.V1_TO_V2`), so both protocols share one set of
 actions, as the kernel's drivers share ``vfio_mig_get_next_state``.
 """
 
@@ -17,19 +17,19 @@ import errno
 import hashlib
 import json
 import logging
-import struct
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from .. import fsm
-from ..fsm import InvalidTransition
-from ..fsm import v1_requestable
-from ..states import V1, MigFlags, MigState, v1_to_v2, v2_to_v1
+from ..errors import DeviceError, InvalidTransition, StreamError
+from ..migration import fsm
+from ..migration.fsm import v1_requestable
+from ..migration.states import V1, MigFlags, MigState, v1_to_v2, v2_to_v1
+from ..vfio_user.uapi import PAGE_SIZE, field_at
 from . import records
+from .bar0 import CTRL_DMA_ENABLE, MAGIC, REGISTERS, WRITABLE
 from .dma import DmaLog, DmaSpace
 from .migration import Loader, Saver
-from .savestream import StreamError
-from .state import PAGE, InternalState
+from .state import InternalState
 
 log = logging.getLogger("qmpmig.device")
 
@@ -40,13 +40,6 @@ DEFECTS = {
     "data-size-changes": "v1: data_size changes on a re-read within one iteration",
     "dma-in-ndma": "DMA goes on in NDMA / P2P states",
 }
-
-
-class DeviceError(OSError):
-    """A request the device refuses; ``errno`` goes on the wire."""
-
-    def __init__(self, err: int, msg: str):
-        super().__init__(err, msg)
 
 
 @dataclass
@@ -63,24 +56,9 @@ class DeviceConfig:
 
     def stream_config(self) -> dict:
         """What a resume stream must agree on (savestream header)."""
-        return {"state_size": self.state_size, "page_size": PAGE, "device_id": self.device_id}
+        return {"state_size": self.state_size, "page_size": PAGE_SIZE, "device_id": self.device_id}
 
 
-#: BAR0 registers: name -> (offset, struct format, writable).
-REGISTERS = {
-    "magic": (0x00, "<I", False),
-    "device_id": (0x04, "<I", False),
-    "ctrl": (0x08, "<I", True),
-    "ring_iova": (0x10, "<Q", True),
-    "ring_size": (0x18, "<Q", True),
-    "dma_rate": (0x20, "<I", True),
-    "dma_seq": (0x28, "<Q", False),
-    "scratch": (0x30, "<Q", True),
-    "page_requests": (0x38, "<Q", False),
-}
-BAR0_SIZE = 4096
-MAGIC = 0x47504D51  # "QMPG"
-CTRL_DMA_ENABLE = 1
 #: What migrates with the device (the REGS chunk); the rest is fixed or
 #: belongs to the connection.
 MIGRATED = ("ctrl", "ring_iova", "ring_size", "dma_rate", "dma_seq", "scratch")
@@ -181,7 +159,7 @@ class ReferenceDevice:
         if "!RUNNING" in actions:
             self._check_can_stop()
         for name in actions:
-            getattr(self, _ACTION_METHODS[name])()
+            ACTIONS[name](self)
         if old & V1.SAVING and not new & V1.SAVING and self.saver:
             self.saver.close()
             self.saver = None
@@ -244,18 +222,16 @@ class ReferenceDevice:
         """!RUNNING: reads return all ones (seeds 003, 004)."""
         if not self.running:
             return b"\xff" * count
-        for name, (off, fmt, _) in REGISTERS.items():
-            if off == offset and struct.calcsize(fmt) == count:
-                return struct.pack(fmt, self.regs[name])
-        return bytes(count)
+        name = field_at(REGISTERS, offset, count)
+        return REGISTERS[name].pack(self.regs[name]) if name else bytes(count)
 
     def mmio_write(self, offset: int, data: bytes) -> None:
         """!RUNNING: writes are dropped and change nothing."""
         if not self.running:
             return
-        for name, (off, fmt, writable) in REGISTERS.items():
-            if off == offset and struct.calcsize(fmt) == len(data) and writable:
-                self.regs[name] = struct.unpack(fmt, data)[0]
+        name = field_at(REGISTERS, offset, len(data))
+        if name in WRITABLE:
+            self.regs[name] = REGISTERS[name].unpack(data)
 
     # -- the device at work -------------------------------------------------
 
@@ -285,7 +261,7 @@ class ReferenceDevice:
             return False
         seq = self.regs["dma_seq"]
         iova = self.regs["ring_iova"] + (seq % slots) * records.SIZE
-        page = iova // PAGE
+        page = iova // PAGE_SIZE
         stride = self.config.fault_stride
         if stride and page % stride == stride - 1 and page not in self.present_pages:
             if self.page_request is None:
@@ -311,13 +287,14 @@ class ReferenceDevice:
         return True
 
 
-_ACTION_METHODS = {
-    "SAVING|RUNNING": "_start_precopy",
-    "NDMA": "_ndma",
-    "!RUNNING": "_stop",
-    "SAVING|!RUNNING": "_stop_copy",
-    "RESUMING": "_resume",
-    "!RESUMING": "_load",
-    "RUNNING": "_run",
-    "!NDMA": "_allow_dma",
+#: Seed 000's event-triggered actions (fsm.V1_ACTIONS) -> what this device does.
+ACTIONS: dict[str, Callable[[ReferenceDevice], None]] = {
+    "SAVING|RUNNING": ReferenceDevice._start_precopy,
+    "NDMA": ReferenceDevice._ndma,
+    "!RUNNING": ReferenceDevice._stop,
+    "SAVING|!RUNNING": ReferenceDevice._stop_copy,
+    "RESUMING": ReferenceDevice._resume,
+    "!RESUMING": ReferenceDevice._load,
+    "RUNNING": ReferenceDevice._run,
+    "!NDMA": ReferenceDevice._allow_dma,
 }

@@ -26,15 +26,13 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from ..errors import StreamError
+
 CHUNK = struct.Struct("<4sIQI")
 VERSION = 1
 MODEL = "qmpmig-reference-dma"
 MAX_PAYLOAD = 1 << 20
 TAGS = (b"QHDR", b"PAGE", b"REGS", b"DONE")
-
-
-class StreamError(ValueError):
-    """The incoming stream is not one this device may load."""
 
 
 @dataclass(frozen=True)

@@ -12,17 +12,17 @@ from __future__ import annotations
 import hashlib
 import random
 
-PAGE = 4096
+from ..vfio_user.uapi import PAGE_SIZE
 
 
 class InternalState:
     """``size`` bytes of device-internal state, in pages, with a dirty log."""
 
     def __init__(self, size: int, seed: int = 0):
-        if size <= 0 or size % PAGE:
-            raise ValueError(f"state size must be a positive multiple of {PAGE}")
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"state size must be a positive multiple of {PAGE_SIZE}")
         self.size = size
-        self.pages = size // PAGE
+        self.pages = size // PAGE_SIZE
         self.data = bytearray(size)
         self.logging = False
         self._dirty = bytearray(self.pages)
@@ -35,7 +35,7 @@ class InternalState:
         for _ in range(npages):
             page = self._rng.randrange(self.pages)
             self.generation += 1
-            off = page * PAGE
+            off = page * PAGE_SIZE
             stamp = self.generation.to_bytes(8, "little") + page.to_bytes(8, "little")
             self.data[off:off + 16] = stamp
             self.data[off + 16:off + 48] = hashlib.blake2b(stamp, digest_size=32).digest()
@@ -59,6 +59,10 @@ class InternalState:
     def dirty_pages(self) -> int:
         return self._ndirty
 
+    def dirty_below(self, page: int) -> int:
+        """Dirty pages numbered below ``page``."""
+        return self._dirty.count(1, 0, page)
+
     def take_dirty(self, limit: int) -> list[int]:
         """Up to ``limit`` dirty pages, their flags cleared."""
         taken = []
@@ -76,10 +80,10 @@ class InternalState:
             self._ndirty -= 1
 
     def page(self, n: int) -> bytes:
-        return bytes(self.data[n * PAGE:(n + 1) * PAGE])
+        return bytes(self.data[n * PAGE_SIZE:(n + 1) * PAGE_SIZE])
 
     def load_page(self, n: int, data: bytes) -> None:
-        self.data[n * PAGE:(n + 1) * PAGE] = data
+        self.data[n * PAGE_SIZE:(n + 1) * PAGE_SIZE] = data
 
     def rng_state(self) -> list:
         return [self.generation, list(self._rng.getstate()[1]), self._rng.getstate()[2]]

@@ -15,24 +15,16 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import struct
 
-from ..states import V1, V1_ERROR
-from .model import DeviceError, ReferenceDevice
-from .savestream import StreamError
+from ..errors import DeviceError
+from ..migration.states import V1, V1_ERROR
+from ..vfio_user.uapi import MIGRATION_INFO, PAGE_SIZE, field_at
+from .model import ReferenceDevice
 
-#: name -> (offset, struct format)
-FIELDS = {
-    "device_state": (0, "<I"),
-    "reserved": (4, "<I"),
-    "pending_bytes": (8, "<Q"),
-    "data_offset": (16, "<Q"),
-    "data_size": (24, "<Q"),
-}
-DATA_OFFSET = 4096
+#: The data window: one page after struct vfio_device_migration_info.
+DATA_OFFSET = PAGE_SIZE
 WINDOW = 1 << 20
 REGION_SIZE = DATA_OFFSET + WINDOW
-REGION_TYPE, REGION_SUBTYPE = 3, 1
 
 
 class V1Region:
@@ -47,6 +39,13 @@ class V1Region:
         self.window = mmap.mmap(self.fd, WINDOW, offset=DATA_OFFSET)
         self.data_size: int | None = None
         self._reads = 0
+        #: struct vfio_device_migration_info: field -> read, and field -> write
+        #: (a field without a write is read-only).
+        self._read = {"device_state": self._read_device_state, "reserved": lambda: 0,
+                      "pending_bytes": self._read_pending_bytes, "data_offset": self._read_data_offset,
+                      "data_size": self._read_data_size}
+        self._write = {"device_state": self._write_device_state, "reserved": lambda value: None,
+                       "data_size": self._write_data_size}
 
     def close(self) -> None:
         self.window.close()
@@ -60,17 +59,18 @@ class V1Region:
     def resuming(self) -> bool:
         return bool(self.device.bits & V1.RESUMING) and self.device.loader is not None
 
-    def _field(self, offset: int, count: int) -> str:
-        for name, (off, fmt) in FIELDS.items():
-            if off == offset and struct.calcsize(fmt) == count:
-                return name
-        raise DeviceError(errno.EINVAL, f"migration region access {offset:#x}+{count} is not a field")
+    @staticmethod
+    def _field(offset: int, count: int) -> str:
+        name = field_at(MIGRATION_INFO, offset, count)
+        if name is None:
+            raise DeviceError(errno.EINVAL, f"migration region access {offset:#x}+{count} is not a field")
+        return name
 
     def read(self, offset: int, count: int) -> bytes:
         if offset >= DATA_OFFSET:
             return self._window_slice(offset, count, bytes)
         name = self._field(offset, count)
-        return struct.pack(FIELDS[name][1], getattr(self, "_read_" + name)())
+        return MIGRATION_INFO[name].pack(self._read[name]())
 
     def write(self, offset: int, data: bytes) -> None:
         if offset >= DATA_OFFSET:
@@ -78,11 +78,9 @@ class V1Region:
             self.window[start:start + len(data)] = data
             return
         name = self._field(offset, len(data))
-        value = struct.unpack(FIELDS[name][1], data)[0]
-        handler = getattr(self, "_write_" + name, None)
-        if handler is None:
+        if name not in self._write:
             raise DeviceError(errno.EINVAL, f"{name} is read-only")
-        handler(value)
+        self._write[name](MIGRATION_INFO[name].unpack(data))
 
     def _window_slice(self, offset: int, count: int, kind):
         start = offset - DATA_OFFSET
@@ -96,12 +94,6 @@ class V1Region:
     def _write_device_state(self, value: int) -> None:
         self.data_size = None
         self.device.set_v1(value)
-
-    def _read_reserved(self) -> int:
-        return 0
-
-    def _write_reserved(self, value: int) -> None:
-        pass
 
     def _read_pending_bytes(self) -> int:
         """Ends an iteration if one is open; otherwise a free poll."""
@@ -134,7 +126,4 @@ class V1Region:
             raise DeviceError(errno.EINVAL, "data_size is written only in RESUMING")
         if value > WINDOW:
             raise DeviceError(errno.EINVAL, f"data_size {value} exceeds the window")
-        try:
-            self.device.loader.write(bytes(self.window[:value]))
-        except StreamError as err:
-            raise DeviceError(errno.EINVAL, f"migration data refused: {err}") from None
+        self.device.loader.write(bytes(self.window[:value]))

@@ -1,7 +1,8 @@
 """An asyncio vfio-user server: a listening UNIX socket, one client at a
-time, VERSION first, then each command to ``on_<command>`` of a handler.
+time, VERSION first, then each command to the handler's entry for it in
+its :attr:`~Handler.commands` table.
 
-The handler answers with a reply payload (and fds), or raises OSError whose
+The entry answers with a reply payload (and fds), or raises OSError whose
 errno goes into the error reply.  Malformed messages never reach it: the
 transport answers them with EINVAL and the connection carries on.
 """
@@ -15,28 +16,43 @@ import inspect
 import logging
 import os
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from . import wire
+from . import codec
+from .codec import Command
 from .transport import Endpoint
-from .wire import Command
 
 log = logging.getLogger("qmpmig.vfio_user")
 MAJOR, MINOR = 0, 1
 
 
+class Handler(Protocol):
+    """What a device offers the server."""
+
+    #: Command -> its server: ``serve(msg)`` returns the reply payload, or
+    #: (payload, fds); it may be a coroutine function.
+    commands: dict[Command, Callable[[codec.Message], Any]]
+
+    def attach(self, endpoint: Endpoint) -> None:
+        """A client connected."""
+
+    def detach(self) -> None:
+        """The client left."""
+
+
 class ServerEndpoint(Endpoint):
     """The server end of one client connection."""
 
-    def __init__(self, sock: socket.socket, handler: Any, capabilities: dict,
+    def __init__(self, sock: socket.socket, handler: Handler, capabilities: dict,
                  max_data_xfer_size: int = 1 << 20):
-        super().__init__(sock, wire.Role.SERVER, max_data_xfer_size=max_data_xfer_size,
+        super().__init__(sock, codec.Party.SERVER, max_data_xfer_size=max_data_xfer_size,
                          max_msg_fds=capabilities.get("max_msg_fds", 1))
         self.handler = handler
         self.capabilities = capabilities
         self.negotiated = False
 
-    async def handle_command(self, msg: wire.Message):
+    async def handle_command(self, msg: codec.Message):
         if not self.negotiated:
             if msg.cmd != Command.VERSION:
                 self.hangup_after_reply = True
@@ -44,15 +60,15 @@ class ServerEndpoint(Endpoint):
             return self._version(msg.payload), ()
         if msg.cmd == Command.VERSION:
             raise OSError(errno.EINVAL, "VERSION after negotiation")
-        method = getattr(self.handler, "on_" + Command(msg.cmd).name.lower(), None)
-        if method is None:
+        serve = self.handler.commands.get(msg.cmd)
+        if serve is None:
             raise OSError(errno.EINVAL, f"{Command(msg.cmd).name} is not served")
-        result = method(msg)
+        result = serve(msg)
         if inspect.isawaitable(result):
             result = await result
         return result if isinstance(result, tuple) else (result, ())
 
-    def _version(self, proposal: wire.Version) -> wire.Version:
+    def _version(self, proposal: codec.Version) -> codec.Version:
         if proposal.major != MAJOR:
             self.hangup_after_reply = True
             raise OSError(errno.EINVAL, f"version {proposal.major}.{proposal.minor} is not {MAJOR}.x")
@@ -62,10 +78,10 @@ class ServerEndpoint(Endpoint):
         self.conn.max_data_xfer_size = min(self.conn.max_data_xfer_size,
                                            theirs.get("max_data_xfer_size", 1 << 20))
         self.negotiated = True
-        return wire.Version(MAJOR, min(proposal.minor, MINOR), self.capabilities)
+        return codec.Version(MAJOR, min(proposal.minor, MINOR), self.capabilities)
 
 
-async def serve_unix(path: str, handler: Any, capabilities: dict | None = None,
+async def serve_unix(path: str, handler: Handler, capabilities: dict | None = None,
                      ready: asyncio.Event | None = None) -> None:
     """Serve clients on ``path``, one at a time, until cancelled.  The
     handler's ``attach(endpoint)`` and ``detach()`` bracket each client."""

@@ -2,10 +2,11 @@
 under :mod:`.client` and :mod:`.server`.
 
 It moves bytes and SCM_RIGHTS fds between the socket and a sans-IO
-:class:`~.wire.Connection`, matches replies to requests by msg_id (FIFO
+:class:`~.codec.Connection`, matches replies to requests by msg_id (FIFO
 per id: ids may repeat), and hands commands from the peer to
 :meth:`Endpoint.handle_command`.  It takes no protocol decision of its own.
-When the socket closes, every waiter gets :class:`Disconnected`.
+When the socket closes, every waiter gets
+:class:`~qmpmig.errors.Disconnected`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import os
 import socket
 from typing import Any
 
-from . import wire
-from .wire import BadMessage, Message
+from ..errors import Disconnected, ErrorReply, LocalProtocolError, ProtocolError
+from . import codec
+from .codec import BadMessage, Message
 
 log = logging.getLogger("qmpmig.vfio_user")
 
@@ -31,19 +33,6 @@ def _wake(ready: asyncio.Future) -> None:
         ready.set_result(None)
 
 
-class VfioUserError(OSError):
-    """The peer answered with an error reply; ``errno`` is its error_no."""
-
-    def __init__(self, cmd: int, err: int, what: str = ""):
-        name = wire.Command(cmd).name if cmd in wire.Command._value2member_map_ else str(cmd)
-        super().__init__(err, f"{name}: {os.strerror(err) if err else 'error'}{': ' + what if what else ''}")
-        self.cmd = cmd
-
-
-class Disconnected(ConnectionError):
-    """The vfio-user socket closed."""
-
-
 class Endpoint:
     """One side of a vfio-user connection."""
 
@@ -51,10 +40,10 @@ class Endpoint:
     #: reading on (a server does: spec, "processes commands in order").
     inline_commands = True
 
-    def __init__(self, sock: socket.socket, role: wire.Role, **limits: int):
+    def __init__(self, sock: socket.socket, role: codec.Party, **limits: int):
         sock.setblocking(False)
         self.sock = sock
-        self.conn = wire.Connection(role, **limits)
+        self.conn = codec.Connection(role, **limits)
         self._waiters: dict[int, collections.deque[asyncio.Future]] = collections.defaultdict(collections.deque)
         self._next_id = 0
         self._tasks: set[asyncio.Task] = set()
@@ -114,8 +103,8 @@ class Endpoint:
     def start(self) -> None:
         self._reader = asyncio.create_task(self._read_loop(), name="vfio-user reader")
 
-    async def request(self, cmd: wire.Command, payload: Any, fds: tuple[int, ...] = ()) -> Message:
-        """Send a command and wait for its reply; raise VfioUserError for an
+    async def request(self, cmd: codec.Command, payload: Any, fds: tuple[int, ...] = ()) -> Message:
+        """Send a command and wait for its reply; raise ErrorReply for an
         error reply, Disconnected if the socket closes first."""
         if self.closed.is_set():
             raise Disconnected("vfio-user connection is closed")
@@ -130,14 +119,14 @@ class Endpoint:
             if waiter in self._waiters.get(msg_id, ()):
                 self._waiters[msg_id].remove(waiter)
         if reply.error_no or reply.payload is None:
-            raise VfioUserError(cmd, reply.error_no)
+            raise ErrorReply(cmd, codec.Command(cmd).name, reply.error_no)
         return reply
 
     async def _read_loop(self) -> None:
         try:
             while True:
                 event = self.conn.next_event()
-                if event is wire.NEED_DATA:
+                if event is codec.NEED_DATA:
                     data, fds = await self._recv()
                     if not data:
                         for fd in fds:
@@ -157,7 +146,7 @@ class Endpoint:
                     task = asyncio.create_task(self._serve(event))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
-        except (ConnectionError, OSError, wire.ProtocolError) as err:
+        except (ConnectionError, OSError, ProtocolError) as err:
             log.info("vfio-user connection ends: %s", err)
         finally:
             self._shutdown()
@@ -178,13 +167,13 @@ class Endpoint:
             os.close(fd)
         log.warning("malformed message %d (cmd %s): %s", bad.msg_id, bad.cmd, bad.reason)
         if not bad.reply:
-            with contextlib.suppress(OSError, wire.ProtocolError):
-                await self.send(wire.error_reply(bad, bad.errno))
+            with contextlib.suppress(OSError, ProtocolError):
+                await self.send(codec.error_reply(bad, bad.errno))
 
     async def _serve(self, msg: Message) -> None:
         try:
             payload, fds = await self.handle_command(msg)
-            reply = wire.reply_to(msg, payload, fds=fds)
+            reply = codec.reply_to(msg, payload, fds=fds)
         except Exception as err:
             for fd in msg.fds:
                 with contextlib.suppress(OSError):
@@ -193,12 +182,12 @@ class Endpoint:
                 log.info("%s refused: %s", getattr(msg.cmd, "name", msg.cmd), err)
             else:
                 log.exception("%s: handler failed", getattr(msg.cmd, "name", msg.cmd))
-            reply = wire.error_reply(msg, getattr(err, "errno", None) or errno.EIO)
+            reply = codec.error_reply(msg, getattr(err, "errno", None) or errno.EIO)
         if not msg.no_reply or reply.error_no:
             try:
                 await self.send(reply)
-            except wire.LocalProtocolError as err:
-                await self.send(wire.error_reply(msg, 22))
+            except LocalProtocolError as err:
+                await self.send(codec.error_reply(msg, errno.EINVAL))
                 log.warning("reply to %s not sendable: %s", msg.cmd, err)
         if self.hangup_after_reply:
             raise ConnectionAbortedError("closing after the reply, as the protocol demands")
@@ -206,7 +195,7 @@ class Endpoint:
     async def handle_command(self, msg: Message) -> tuple[Any, tuple[int, ...]]:
         """Answer a command from the peer: (reply payload, fds), or raise
         OSError(errno) for an error reply."""
-        raise OSError(22, "no commands accepted from this peer")
+        raise OSError(errno.EINVAL, "no commands accepted from this peer")
 
     def _shutdown(self) -> None:
         self.closed.set()

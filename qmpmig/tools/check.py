@@ -14,7 +14,7 @@ A check returns a short detail when the device keeps the rule and raises
 device_state values) try them all, then fail once naming each bad case
 (``STOP_COPY -> PRE_COPY: accepted, device_state now PRE_COPY``).
 
-Everything goes through :class:`qmpmig.devices.Device` (v1 or v2 behind
+Everything goes through :class:`qmpmig.controller.RemoteDevice` (v1 or v2 behind
 the v2 words) and its vfio-user client, except the malformed-message rule,
 which writes raw bytes.
 """
@@ -36,16 +36,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from . import fsm
-from .device import records
-from .device.model import CTRL_DMA_ENABLE, MAGIC, REGISTERS
-from .devices import Device
-from .errors import QmpmigError
-from .fsm import InvalidTransition, v1_requestable
-from .states import V1, MigFlags, MigState, v1_normalize
-from .vfio_user import wire
-from .vfio_user.transport import Disconnected
-from .vfio_user.wire import HEADER, Command, Feature, FeatureFlags, HeaderFlags
+from ..controller.devices import RemoteDevice
+from ..device import records
+from ..device.bar0 import CTRL_DMA_ENABLE, MAGIC, REGISTERS, read_register, write_register
+from ..errors import Disconnected, InvalidTransition, QmpmigError
+from ..migration import fsm
+from ..migration.fsm import v1_requestable
+from ..migration.states import V1, MigFlags, MigState, v1_normalize
+from ..vfio_user import codec
+from ..vfio_user.codec import HEADER, Command, HeaderFlags
+from ..vfio_user.uapi import PAGE_SIZE, Feature, PciRegion, FeatureFlags, bitmap_pages, dirty_bitmap_size
 
 ERROR, STOP, RUNNING, STOP_COPY, RESUMING, RUNNING_P2P, PRE_COPY, PRE_COPY_P2P = MigState
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
@@ -66,7 +66,7 @@ V1_ITERATIONS = 3
 #: The memory the checks DMA_MAP (a memfd) and the reference device's ring in it.
 RING_IOVA, RING_SIZE = 0x4000_0000, 64 << 10
 RING_SLOTS = RING_SIZE // records.SIZE
-LOG_PAGE = 4096
+LOG_PAGE = PAGE_SIZE
 DMA_RATE = 2000
 QUIET_SECONDS = 0.3
 SCRATCH = 0x5CA7C4EC0FFEE
@@ -88,7 +88,7 @@ class CheckError(QmpmigError):
     """No conformance run: the device (or peer) cannot be reached or does not migrate."""
 
 
-class Fail(Exception):
+class Fail(QmpmigError):
     """The device broke the rule; the message says how."""
 
 
@@ -142,11 +142,11 @@ class Context:
                 pass
         return ctx
 
-    def open(self, path: str | None = None) -> contextlib.AbstractAsyncContextManager[Device]:
+    def open(self, path: str | None = None) -> contextlib.AbstractAsyncContextManager[RemoteDevice]:
         """A connection of its own to the device (or ``path``, the peer)."""
         return _open(path or self.socket, self.protocol)
 
-    async def saved_stream(self, dev: Device) -> bytes:
+    async def saved_stream(self, dev: RemoteDevice) -> bytes:
         """A whole stop-copy stream of the device freshly reset, saved once:
         valid data for the checks that must leave RESUMING."""
         if self._stream is None:
@@ -157,11 +157,11 @@ class Context:
 
 
 @contextlib.asynccontextmanager
-async def _open(path: str, protocol: str | None, probing: bool = False) -> AsyncIterator[Device]:
-    """A Device on ``path``; when ``probing``, failing to open it is
+async def _open(path: str, protocol: str | None, probing: bool = False) -> AsyncIterator[RemoteDevice]:
+    """A RemoteDevice on ``path``; when ``probing``, failing to open it is
     CheckError (exit status 2), not a failed rule."""
     try:
-        dev = await asyncio.wait_for(Device.open(path, protocol), REPLY_TIMEOUT)
+        dev = await asyncio.wait_for(RemoteDevice.open(path, protocol), REPLY_TIMEOUT)
     except (OSError, ValueError, TimeoutError, QmpmigError) as err:
         if not probing:
             raise
@@ -181,7 +181,7 @@ async def _try(label: str, step: Awaitable[object]) -> list[str]:
         await step
     except Disconnected:
         raise Fail(f"{label}: the server closed the connection") from None
-    except (Fail, OSError, ValueError, QmpmigError) as err:
+    except (QmpmigError, OSError, ValueError) as err:
         return [f"{label}: {err}"]
     return []
 
@@ -211,7 +211,7 @@ async def _succeeds(step: Awaitable[object]) -> bool:
 
 # -- moving a device between states, saving and resuming -------------------------
 
-async def _walk(dev: Device, cur: MigState, target: MigState) -> None:
+async def _walk(dev: RemoteDevice, cur: MigState, target: MigState) -> None:
     """From ``cur`` to ``target`` by single arcs (fsm.plan), one SET each
     (v1: one device_state write of each state's twin)."""
     for step in fsm.plan(cur, target, dev.flags):
@@ -222,7 +222,7 @@ async def _walk(dev: Device, cur: MigState, target: MigState) -> None:
         cur = step
 
 
-async def _reach(dev: Device, *path: MigState, stream: bytes = b"") -> None:
+async def _reach(dev: RemoteDevice, *path: MigState, stream: bytes = b"") -> None:
     """Reset, then walk through ``path``; in RESUMING write ``stream``, so
     that leaving it loads valid data."""
     await dev.reset()
@@ -234,13 +234,13 @@ async def _reach(dev: Device, *path: MigState, stream: bytes = b"") -> None:
         await dev.write_data(stream)
 
 
-async def _expect_state(dev: Device, want: MigState, when: str) -> None:
+async def _expect_state(dev: RemoteDevice, want: MigState, when: str) -> None:
     got = await dev.state()
     if got is not want:
         raise Fail(f"{when}: device_state {got.name}, want {want.name}")
 
 
-async def _stream_limit(dev: Device) -> int:
+async def _stream_limit(dev: RemoteDevice) -> int:
     """The bytes after which the stream that starts now counts as endless."""
     try:
         estimate = await dev.pending()
@@ -249,7 +249,7 @@ async def _stream_limit(dev: Device) -> int:
     return 4 * estimate + STREAM_SLACK
 
 
-async def _read(dev: Device, reads: int, limit: int) -> tuple[bytes, bool]:
+async def _read(dev: RemoteDevice, reads: int, limit: int) -> tuple[bytes, bool]:
     """Migration data until an empty read (True), or ``reads`` reads or
     ``limit`` bytes (False)."""
     data = bytearray()
@@ -263,7 +263,7 @@ async def _read(dev: Device, reads: int, limit: int) -> tuple[bytes, bool]:
     return bytes(data), False
 
 
-async def _save(dev: Device, cur: MigState, precopy: bool = False) -> bytes:
+async def _save(dev: RemoteDevice, cur: MigState, precopy: bool = False) -> bytes:
     """From ``cur``: pre-copy while data comes (if asked), then STOP_COPY to
     the end of the stream, then STOP.  The whole stream."""
     data = b""
@@ -279,7 +279,7 @@ async def _save(dev: Device, cur: MigState, precopy: bool = False) -> bytes:
     return data + rest
 
 
-async def _resume(dev: Device, stream: bytes) -> None:
+async def _resume(dev: RemoteDevice, stream: bytes) -> None:
     """Reset, RESUMING, write ``stream``, RESUMING -> STOP."""
     try:
         await _reach(dev, RESUMING, stream=stream)
@@ -289,7 +289,7 @@ async def _resume(dev: Device, stream: bytes) -> None:
     await _expect_state(dev, STOP, "after RESUMING -> STOP")
 
 
-async def _resume_corrupt(dev: Device, stream: bytes) -> MigState:
+async def _resume_corrupt(dev: RemoteDevice, stream: bytes) -> MigState:
     """Resume ``stream`` with its middle byte flipped: leaving RESUMING must
     fail, leaving the device in ERROR or RESUMING, which is returned."""
     bad = bytearray(stream)
@@ -319,13 +319,13 @@ def _states(flags: int) -> list[MigState]:
 
 # -- v2: device_state --------------------------------------------------------------
 
-async def _lands(dev: Device, stream: bytes, cur: MigState, new: MigState) -> None:
+async def _lands(dev: RemoteDevice, stream: bytes, cur: MigState, new: MigState) -> None:
     await _reach(dev, cur, stream=stream)
     await dev.set_state(new)
     await _expect_state(dev, new, "after the SET")
 
 
-async def _refused(dev: Device, stream: bytes, cur: MigState, new: MigState) -> None:
+async def _refused(dev: RemoteDevice, stream: bytes, cur: MigState, new: MigState) -> None:
     await _reach(dev, cur, stream=stream)
     try:
         await dev.set_state(new)
@@ -380,7 +380,7 @@ async def v2_stream_end(ctx: Context) -> str:
     return f"{total} bytes, then a short read; 3 more reads empty"
 
 
-async def _read_refused(dev: Device, *path: MigState) -> None:
+async def _read_refused(dev: RemoteDevice, *path: MigState) -> None:
     await _reach(dev, *path)
     try:
         data = await dev.client.mig_data_read(4096)
@@ -400,28 +400,28 @@ async def v2_read_outside_saving(ctx: Context) -> str:
 
 # -- v1: device_state and the iteration of seed 001 -----------------------------------
 
-def _v1_takes(dev: Device) -> list[int]:
+def _v1_takes(dev: RemoteDevice) -> list[int]:
     """The low-4-bit values a write may request: NDMA ones only if the
-    device took NDMA|RUNNING when opened (Device.open asks)."""
+    device took NDMA|RUNNING when opened (RemoteDevice.open asks)."""
     ndma = bool(dev.flags & MigFlags.P2P)
     return [v for v in range(16) if v1_requestable(v) and (ndma or not v & V1.NDMA)]
 
 
-async def _v1_write(dev: Device, start: int, value: int, taken: bool) -> None:
+async def _v1_write(dev: RemoteDevice, start: int, value: int, taken: bool) -> None:
     await dev.reset()
     if start != V1.RUNNING:
-        await dev.v1_set("device_state", start)
-    before = await dev.v1_get("device_state")
+        await dev.set("device_state", start)
+    before = await dev.get("device_state")
     try:
-        await dev.v1_set("device_state", value)
+        await dev.set("device_state", value)
     except OSError as err:
-        after = await dev.v1_get("device_state")
+        after = await dev.get("device_state")
         if taken:
             raise Fail(f"refused: {err}") from None
         if after != before:
             raise Fail(f"refused, but device_state went {before:#x} -> {after:#x}") from None
         return
-    after = await dev.v1_get("device_state")
+    after = await dev.get("device_state")
     if not taken:
         raise Fail(f"accepted, device_state now {after:#x}")
     if v1_normalize(after) != v1_normalize(value):
@@ -441,22 +441,22 @@ async def v1_device_state(ctx: Context) -> str:
     return _verdict(problems, len(cases), f"device_state writes ({ndma})")
 
 
-async def _v1_stop_copy(dev: Device) -> None:
+async def _v1_stop_copy(dev: RemoteDevice) -> None:
     await dev.reset()
-    await dev.v1_set("device_state", V1.SAVING)
+    await dev.set("device_state", V1.SAVING)
 
 
-async def _v1_buffer(dev: Device) -> tuple[int, int]:
+async def _v1_buffer(dev: RemoteDevice) -> tuple[int, int]:
     """Start (or continue) an iteration: (data_offset, data_size)."""
-    return await dev.v1_get("data_offset"), await dev.v1_get("data_size")
+    return await dev.get("data_offset"), await dev.get("data_size")
 
 
-async def _v1_iterations(dev: Device) -> AsyncIterator[tuple[int, int]]:
+async def _v1_iterations(dev: RemoteDevice) -> AsyncIterator[tuple[int, int]]:
     """Stop-and-copy from a reset: (iteration, pending_bytes) for the first
     V1_ITERATIONS iterations, while pending_bytes > 0."""
     await _v1_stop_copy(dev)
     for k in range(V1_ITERATIONS):
-        pending = await dev.v1_get("pending_bytes")
+        pending = await dev.get("pending_bytes")
         if not pending:
             return
         yield k, pending
@@ -465,7 +465,7 @@ async def _v1_iterations(dev: Device) -> AsyncIterator[tuple[int, int]]:
 async def v1_pending_poll(ctx: Context) -> str:
     async with ctx.open() as dev:
         await _v1_stop_copy(dev)
-        polls = [await dev.v1_get("pending_bytes") for _ in range(5)]
+        polls = [await dev.get("pending_bytes") for _ in range(5)]
         offset, size = await _v1_buffer(dev)
     if not polls[0]:
         raise Fail("pending_bytes is 0 at the start of stop-and-copy")
@@ -481,11 +481,11 @@ async def v1_iteration_stable(ctx: Context) -> str:
     async with ctx.open() as dev:
         async for n, _ in _v1_iterations(dev):
             seen = [await _v1_buffer(dev), await _v1_buffer(dev)]
-            data = await dev.v1_window_read(*seen[0])
+            data = await dev.window_read(*seen[0])
             seen.append(await _v1_buffer(dev))
             if len(set(seen)) > 1:
                 problems.append(f"iteration {n}: (data_offset, data_size) read as {seen}")
-            if await dev.v1_window_read(*seen[0]) != data:
+            if await dev.window_read(*seen[0]) != data:
                 problems.append(f"iteration {n}: the data changed when read again")
     return _verdict(problems, n + 1, "iterations")
 
@@ -494,7 +494,7 @@ async def v1_pending_ends_iteration(ctx: Context) -> str:
     problems, n, last = [], 0, None
     async with ctx.open() as dev:
         async for n, pending in _v1_iterations(dev):
-            data = await dev.v1_window_read(*await _v1_buffer(dev))
+            data = await dev.window_read(*await _v1_buffer(dev))
             if last and data == last[1] and pending >= last[0]:
                 problems.append(f"iteration {n} offered iteration {n - 1}'s {len(data)} bytes again "
                                 f"and pending_bytes stayed {pending}")
@@ -505,18 +505,18 @@ async def v1_pending_ends_iteration(ctx: Context) -> str:
 async def v1_stop_copy_end(ctx: Context) -> str:
     async with ctx.open() as dev:
         await _v1_stop_copy(dev)
-        first = pending = await dev.v1_get("pending_bytes")
+        first = pending = await dev.get("pending_bytes")
         total = iterations = empty = 0
         while pending:
             iterations += 1
             offset, size = await _v1_buffer(dev)
-            await dev.v1_window_read(offset, size)
+            await dev.window_read(offset, size)
             total += size
             empty = 0 if size else empty + 1
             if empty > 100 or iterations > MAX_READS or total > 4 * first + STREAM_SLACK:
                 raise Fail(f"pending_bytes still {pending} after {iterations} iterations and {total} bytes")
-            pending = await dev.v1_get("pending_bytes")
-        after = [await dev.v1_get("pending_bytes") for _ in range(2)]
+            pending = await dev.get("pending_bytes")
+        after = [await dev.get("pending_bytes") for _ in range(2)]
     if any(after):
         raise Fail(f"pending_bytes went back to {after} after reaching 0")
     return f"pending_bytes {first} -> 0 in {iterations} iterations, {total} bytes"
@@ -552,7 +552,7 @@ async def peer_corrupt_resume(ctx: Context) -> str:
 # -- DMA: logging, and the reference device's ring ------------------------------------------
 
 @contextlib.asynccontextmanager
-async def _memory(dev: Device, iova: int, size: int) -> AsyncIterator[mmap.mmap]:
+async def _memory(dev: RemoteDevice, iova: int, size: int) -> AsyncIterator[mmap.mmap]:
     """A memfd of ``size`` bytes, DMA_MAPped read/write at ``iova``."""
     fd = os.memfd_create("qmpmig-check")
     try:
@@ -569,7 +569,7 @@ async def _memory(dev: Device, iova: int, size: int) -> AsyncIterator[mmap.mmap]
         os.close(fd)
 
 
-def _report(dev: Device) -> Awaitable[bytes]:
+def _report(dev: RemoteDevice) -> Awaitable[bytes]:
     return dev.client.dma_logging_report(RING_IOVA, RING_SIZE, LOG_PAGE)
 
 
@@ -580,7 +580,7 @@ async def dma_logging(ctx: Context) -> str:
             problems.append("REPORT before START succeeded")
         page_size = await dev.client.dma_logging_start(LOG_PAGE, [(RING_IOVA, RING_SIZE)])
         bitmap = await _report(dev)
-        want = wire.dirty_bitmap_size(RING_SIZE, LOG_PAGE)
+        want = dirty_bitmap_size(RING_SIZE, LOG_PAGE)
         if len(bitmap) != want:
             problems.append(f"REPORT bitmap of {len(bitmap)} bytes, want {want}")
         await dev.client.dma_logging_stop()
@@ -590,9 +590,9 @@ async def dma_logging(ctx: Context) -> str:
                             "REPORT refused outside")
 
 
-async def _is_reference(dev: Device) -> bool:
+async def _is_reference(dev: RemoteDevice) -> bool:
     try:
-        return struct.unpack("<I", await dev.client.region_read(0, REGISTERS["magic"][0], 4))[0] == MAGIC
+        return await read_register(dev.client, "magic") == MAGIC
     except (OSError, struct.error):
         return False
 
@@ -601,20 +601,18 @@ async def _is_reference(dev: Device) -> bool:
 class Ring:
     """The reference device's DMA ring, in memory the check mapped."""
 
-    dev: Device
+    dev: RemoteDevice
     mem: mmap.mmap
 
     async def reg(self, name: str) -> int:
-        offset, fmt, _ = REGISTERS[name]
-        return struct.unpack(fmt, await self.dev.client.region_read(0, offset, struct.calcsize(fmt)))[0]
+        return await read_register(self.dev.client, name)
 
     async def set_reg(self, name: str, value: int) -> None:
-        offset, fmt, _ = REGISTERS[name]
-        await self.dev.client.region_write(0, offset, struct.pack(fmt, value))
+        await write_register(self.dev.client, name, value)
 
     async def dirty(self) -> set[int]:
         """REPORT (and clear): the dirty pages, counted from RING_IOVA."""
-        return set(wire.bitmap_pages(await _report(self.dev)))
+        return set(bitmap_pages(await _report(self.dev)))
 
     @staticmethod
     def pages(first: int, end: int) -> set[int]:
@@ -687,8 +685,8 @@ async def ref_stop_mmio(ctx: Context) -> str:
         dev = ring.dev
         await ring.set_reg("scratch", SCRATCH)
         await _walk(dev, RUNNING, STOP)
-        for name, (offset, fmt, _) in REGISTERS.items():
-            raw = await dev.client.region_read(0, offset, struct.calcsize(fmt))
+        for name, reg in REGISTERS.items():
+            raw = await dev.client.region_read(PciRegion.BAR0, reg.offset, reg.size)
             if raw != b"\xff" * len(raw):
                 problems.append(f"{name} reads {raw.hex()} in STOP")
         for name in ("scratch", "ctrl", "ring_iova"):
@@ -726,16 +724,16 @@ async def ref_records(ctx: Context) -> str:
 
 # -- reset, and malformed messages ----------------------------------------------------------------
 
-async def _reset_from(dev: Device, enter: Callable[[], Awaitable[None]] | None) -> None:
+async def _reset_from(dev: RemoteDevice, enter: Callable[[], Awaitable[None]] | None) -> None:
     if enter:
         await enter()
     await dev.reset()
     await _expect_state(dev, RUNNING, "after DEVICE_RESET")
 
 
-async def _v1_enter(dev: Device, value: int) -> None:
+async def _v1_enter(dev: RemoteDevice, value: int) -> None:
     await dev.reset()
-    await dev.v1_set("device_state", value)
+    await dev.set("device_state", value)
 
 
 async def reset_everywhere(ctx: Context) -> str:
@@ -774,7 +772,7 @@ async def _recv(sock: socketlib.socket) -> tuple[tuple[int, ...], bytes]:
     while True:
         head = HEADER.unpack(await exactly(HEADER.size))
         body = await exactly(max(0, head[2] - HEADER.size))
-        if head[3] & wire.TYPE_MASK == HeaderFlags.REPLY:
+        if head[3] & codec.TYPE_MASK == HeaderFlags.REPLY:
             return head, body
 
 
@@ -786,13 +784,13 @@ async def _raw(path: str) -> AsyncIterator[tuple[socketlib.socket, dict]]:
     sock.setblocking(False)
     try:
         await loop.sock_connect(sock, path)
-        conn = wire.Connection(wire.Role.CLIENT)
+        conn = codec.Connection(codec.Party.CLIENT)
         caps = {"max_msg_fds": 1, "max_data_xfer_size": 1 << 20}
-        await loop.sock_sendall(sock, conn.send(wire.Message(1, Command.VERSION, wire.Version(0, 1, caps))))
+        await loop.sock_sendall(sock, conn.send(codec.Message(1, Command.VERSION, codec.Version(0, 1, caps))))
         head, body = await asyncio.wait_for(_recv(sock), REPLY_TIMEOUT)
         conn.receive_data(HEADER.pack(*head) + body)
         reply = conn.next_event()
-        if not isinstance(reply, wire.Message) or not isinstance(reply.payload, wire.Version):
+        if not isinstance(reply, codec.Message) or not isinstance(reply.payload, codec.Version):
             raise Fail(f"VERSION answered with {reply}")
         yield sock, reply.payload.capabilities
     finally:

@@ -1,7 +1,7 @@
 """A source and a destination QEMU, over QMP; and the rig of two test guests.
 
 The rig is what ``qmpmig migrate --launch`` and the end-to-end tests run:
-two :class:`~qmpmig.vm.Vm` processes, a QMP session to each, a UNIX socket
+two :class:`~qmpmig.rig.vm.Vm` processes, a QMP session to each, a UNIX socket
 for the migration stream, and observers that record every (run state,
 migration status) each side passes through.
 """
@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import QemuGone, VmError
-from .qemu import MigrationInfo, Qemu, VmState
-from .device.process import DeviceProcess
+from ..errors import QemuGone, VmError
+from ..qemu.qmp import MigrationInfo, Qemu, VmState
+from .processes import DeviceProcess
 from .vm import Vm
 
 #: Device processes yield the CPU to the guest: on a small machine a starved
@@ -66,7 +66,7 @@ async def wait_state(obs: Observation, pred, timeout: float, what: str) -> VmSta
         await asyncio.sleep(0.02)
 
 
-class Pair:
+class QemuPair:
     """A QMP session to a source and a destination QEMU, each observed from
     the moment :meth:`attach` returns."""
 
@@ -123,7 +123,7 @@ class Pair:
         return info
 
 
-class Rig(Pair):
+class Rig(QemuPair):
     """Two QEMUs running the test guest, started here: ``src`` (booted) and
     ``dst`` (``-incoming defer -S``); and ``devices`` pairs of
     ``qmpmig-device`` processes, source and destination, started with

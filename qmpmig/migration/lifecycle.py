@@ -10,16 +10,14 @@ notifier) anchors the v2 era.
 from __future__ import annotations
 
 import functools
-import json
-from pathlib import Path
 from typing import Literal
 
 import jsonschema
 
+from ..errors import LifecycleRefused
+from ..resources import load_json
 from .fsm import supports
 from .states import MigState
-
-SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 
 Role = Literal["source", "destination"]
 ROLES: tuple[Role, ...] = ("source", "destination")
@@ -39,14 +37,6 @@ STATUSES = (
     "postcopy-device", "completed", "failing", "failed", "colo",
     "pre-switchover", "device", "wait-unplug",
 )
-
-
-class LifecycleRefused(ValueError):
-    """The table refuses this tuple; ``reason`` says why."""
-
-    def __init__(self, role: str, runstate: str, status: str, reason: str):
-        super().__init__(f"{role} ({runstate}, {status}): {reason}")
-        self.reason = reason
 
 
 def _check_complete(table: dict) -> None:
@@ -71,9 +61,8 @@ def _check_complete(table: dict) -> None:
 @functools.cache
 def table() -> dict:
     """The lifecycle table, validated."""
-    data = json.loads((SCHEMAS / "lifecycle.json").read_text())
-    schema = json.loads((SCHEMAS / "lifecycle.schema.json").read_text())
-    jsonschema.validate(data, schema)
+    data = load_json("lifecycle.json")
+    jsonschema.validate(data, load_json("lifecycle.schema.json"))
     _check_complete(data)
     return data
 

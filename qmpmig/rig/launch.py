@@ -14,13 +14,12 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-from . import trace as tracing
-from .controller import Controller, Options, Pair, Summary
-from .device import records
-from .device.driver import read_register, start_ring
-from .devices import Device
-from .guestmem import GuestRam
-from .rig import Rig
+from ..controller import Controller, Options, Pair, RemoteDevice, Summary, Trace
+from ..device import records
+from ..device.bar0 import read_register, start_ring
+from ..qemu.guestmem import GuestRam
+from ..tools import tracecheck
+from .pair import Rig
 
 
 @dataclass
@@ -52,7 +51,7 @@ class LaunchOptions:
 class Report:
     summary: Summary
     checks: dict[str, str | None] = field(default_factory=dict)
-    violations: list[tracing.Violation] = field(default_factory=list)
+    violations: list[tracecheck.Violation] = field(default_factory=list)
     heartbeat: tuple[int, int] | None = None
     records: list = field(default_factory=list)
 
@@ -66,24 +65,24 @@ async def launch(opts: LaunchOptions, progress=None, during=None) -> Report:
     ``during(rig, controller)``, if given, runs alongside the migration
     (tests use it to cancel, kill or misconfigure things)."""
     rig = Rig(memory_mib=opts.memory_mib, devices=opts.devices, device_options=opts.device_argv())
-    trace = tracing.Trace(opts.trace_path)
-    opened: list[Device] = []
+    trace = Trace(opts.trace_path)
+    opened: list[RemoteDevice] = []
     rams: list[GuestRam] = []
     controller = None
     side_task = None
     try:
         await rig.start()
-        pairs = []
+        devices = []
         for i, (src_proc, dst_proc) in enumerate(rig.devices):
-            src = await Device.open(str(src_proc.socket), opts.protocol)
+            src = await RemoteDevice.open(str(src_proc.socket), opts.protocol)
             opened.append(src)
-            dst = await Device.open(str(dst_proc.socket), opts.protocol)
+            dst = await RemoteDevice.open(str(dst_proc.socket), opts.protocol)
             opened.append(dst)
-            pairs.append(Pair(f"dev{i}", src, dst))
+            devices.append((f"dev{i}", src, dst))
         rams = [GuestRam(rig.src.ram_path), GuestRam(rig.dst.ram_path)]
         base, size = rig.src.dma_window
         rams[0].mem[base:base + size] = bytes(size)  # the boot left the compressed kernel there
-        controller = Controller(rig.src_qmp, rig.dst_qmp, pairs, rig.uri, *rams, trace, opts.controller)
+        controller = Controller(rig.src_qmp, rig.dst_qmp, rig.uri, *rams, trace, opts.controller)
         controller.progress = progress
 
         async def restart_destination():
@@ -93,9 +92,10 @@ async def launch(opts: LaunchOptions, progress=None, during=None) -> Report:
             return qemu, ram
 
         controller.restart_destination = restart_destination
-        await controller.attach()
+        await controller.attach(devices)
+        pairs = controller.pairs
         for i, pair in enumerate(pairs):
-            await start_ring(pair.src.client, *rig.ring(i))
+            await start_ring(pair.src.device.client, *rig.ring(i))
         if during:
             side_task = asyncio.create_task(during(rig, controller))
         await asyncio.sleep(opts.settle)
@@ -104,14 +104,14 @@ async def launch(opts: LaunchOptions, progress=None, during=None) -> Report:
         if side_task:
             await side_task
         report = Report(summary)
-        if summary.ok and controller.vm["dst"].runstate != "running":
+        if summary.ok and controller.dst.vm.runstate != "running":
             await _verify_paused(report, rig, pairs)
         elif summary.ok:
-            await _verify(report, rig, pairs, controller.ram["dst"], last_src_beat)
+            await _verify(report, rig, pairs, controller.dst.ram, last_src_beat)
         else:
-            await _verify_source_survived(report, rig, pairs, controller.ram["src"])
+            await _verify_source_survived(report, rig, pairs, controller.src.ram)
         report.records = trace.records
-        report.violations = tracing.check(trace.records)
+        report.violations = tracecheck.check(trace.records)
         return report
     finally:
         if side_task and not side_task.done():
@@ -142,7 +142,7 @@ async def _verify(report: Report, rig: Rig, pairs: list[Pair], dst_ram: GuestRam
         else:
             report.checks[f"{pair.name} state"] = None
         iova, size = rig.ring(i)
-        seq = await read_register(pair.dst.client, "dma_seq")
+        seq = await read_register(pair.dst.device.client, "dma_seq")
         errors = records.verify(dst_ram.read(iova, size), i + 1, seq)
         report.checks[f"{pair.name} DMA records"] = (
             f"{len(errors)} of {min(seq, size // records.SIZE)} records wrong in destination RAM, "
@@ -159,7 +159,7 @@ async def _verify_paused(report: Report, rig: Rig, pairs: list[Pair]) -> None:
     report.checks["destination paused"] = (None if rig.dst.last_heartbeat() == beat
                                            else "the destination guest runs, the source's was paused")
     for pair in pairs:
-        state = await pair.dst.state()
+        state = await pair.dst.device.state()
         same = pair.src_hash is not None and pair.src_hash == pair.dst_hash
         report.checks[f"{pair.name} state"] = (None if same and state.name == "STOP"
                                                else f"destination {state.name}, hashes {'equal' if same else 'differ'}")
@@ -178,10 +178,11 @@ async def _verify_source_survived(report: Report, rig: Rig, pairs: list[Pair], s
     for i, pair in enumerate(pairs):
         key = f"source {pair.name}"
         try:
-            state = await pair.src.state()
-            first = await read_register(pair.src.client, "dma_seq")
+            src = pair.src.device
+            state = await src.state()
+            first = await read_register(src.client, "dma_seq")
             await asyncio.sleep(0.3)
-            second = await read_register(pair.src.client, "dma_seq")
+            second = await read_register(src.client, "dma_seq")
             iova, size = rig.ring(i)
             errors = records.verify(src_ram.read(iova, size), i + 1, first)
             report.checks[key] = (None if state.name == "RUNNING" and 0 < first < second and not errors

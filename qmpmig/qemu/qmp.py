@@ -2,7 +2,7 @@
 
 A :class:`Qemu` connects to a QMP socket, answers typed ``query-status`` and
 ``query-migrate``, and follows the VM as a stream of :class:`VmState`, the
-(run state, migration status) tuple that :mod:`qmpmig.lifecycle` maps to a
+(run state, migration status) tuple that :mod:`qmpmig.migration.lifecycle` maps to a
 device_state.  STOP, RESUME and MIGRATION events drive the stream; a poll
 catches what QEMU changes without an event (``postmigrate`` on the source,
 ``paused`` on a ``-S`` destination; qemu-migration-qmp.md section 1) and
@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient
 from qemu.qmp.protocol import StateError
 
-from .errors import QemuCommandError, QemuGone
+from ..errors import QemuCommandError, QemuGone
 
 #: Events after which the run state or migration status may have changed.
 STATE_EVENTS = ("STOP", "RESUME", "MIGRATION", "SHUTDOWN", "RESET", "SUSPEND", "WAKEUP")

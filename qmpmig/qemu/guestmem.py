@@ -1,8 +1,9 @@
 """Guest RAM as a file: the ``memory-backend-file ... share=on`` QEMU maps.
 
-The controller reads and writes it directly, to hand its fd to a device in
-DMA_MAP and to copy the pages a device wrote by DMA from the source guest
-to the destination guest (QEMU's RAM migration cannot see those writes).
+The controller hands its fd to each device in DMA_MAP (SCM_RIGHTS passes
+a copy: this one stays ours, closed once by :meth:`GuestRam.close`), and
+copies the pages a device wrote by DMA from the source guest to the
+destination guest (QEMU's RAM migration cannot see those writes).
 Guest physical address = file offset, which holds for RAM below the PCI
 hole (q35 puts up to 2 GiB of low memory at 0): qmpmig's test guests.
 """
@@ -13,7 +14,7 @@ import mmap
 import os
 from typing import Iterable
 
-PAGE = 4096
+from ..vfio_user.uapi import PAGE_SIZE
 
 
 class GuestRam:
@@ -26,19 +27,19 @@ class GuestRam:
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.mem[gpa:gpa + length])
 
-    def dup_fd(self) -> int:
-        """A descriptor to pass in DMA_MAP (the transport sends it, we keep ours)."""
-        return os.dup(self.fd)
-
     def copy_pages_to(self, other: "GuestRam", pages: Iterable[int]) -> int:
         """Copy each page (by page number) from this RAM into ``other``."""
         n = 0
         for page in sorted(set(pages)):
-            off = page * PAGE
-            other.mem[off:off + PAGE] = self.mem[off:off + PAGE]
+            off = page * PAGE_SIZE
+            other.mem[off:off + PAGE_SIZE] = self.mem[off:off + PAGE_SIZE]
             n += 1
         return n
 
     def close(self) -> None:
+        """Unmap and close; a second close does nothing."""
+        if self.fd < 0:
+            return
         self.mem.close()
         os.close(self.fd)
+        self.fd = -1

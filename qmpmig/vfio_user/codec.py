@@ -50,13 +50,15 @@ import json
 import struct
 import sys
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from errno import EINVAL
 from typing import Callable, ClassVar, Self
 
-from ..errors import QmpmigError
-from ..states import MigFlags, MigState
+from ..errors import LocalProtocolError, RemoteProtocolError
+from ..migration.states import MigFlags, MigState
+from .uapi import (IRQ_ACTION, IRQ_DATA, DeviceInfoFlags, FeatureFlags, IrqInfoFlags, IrqSetFlags,
+                   RegionInfoFlags, DmaFlags, dirty_bitmap_size)
 
 
 class Command(enum.IntEnum):
@@ -95,89 +97,8 @@ TYPE_MASK = 0xF
 _HEADER_FLAGS = int(TYPE_MASK | HeaderFlags.NO_REPLY | HeaderFlags.ERROR)
 
 
-class DmaFlags(enum.IntFlag):
-    READ = 1
-    WRITE = 2
-
-
-class DeviceInfoFlags(enum.IntFlag):
-    RESET = 1
-    PCI = 2
-
-
-class RegionInfoFlags(enum.IntFlag):
-    READ = 1
-    WRITE = 2
-    MMAP = 4
-    CAPS = 8
-
-
-class IrqInfoFlags(enum.IntFlag):
-    EVENTFD = 1
-    MASKABLE = 2
-    AUTOMASKED = 4
-    NORESIZE = 8
-
-
-class IrqSetFlags(enum.IntFlag):
-    """DEVICE_SET_IRQS flags: exactly one DATA_* and one ACTION_* bit."""
-
-    DATA_NONE = 1
-    DATA_BOOL = 2
-    DATA_EVENTFD = 4
-    ACTION_MASK = 8
-    ACTION_UNMASK = 0x10
-    ACTION_TRIGGER = 0x20
-
-
-_IRQ_DATA = IrqSetFlags.DATA_NONE | IrqSetFlags.DATA_BOOL | IrqSetFlags.DATA_EVENTFD
-_IRQ_ACTION = IrqSetFlags.ACTION_MASK | IrqSetFlags.ACTION_UNMASK | IrqSetFlags.ACTION_TRIGGER
-
-
-class FeatureFlags(enum.IntFlag):
-    """DEVICE_FEATURE flags: the feature index in bits 0-15, then the method."""
-
-    MASK = 0xFFFF
-    GET = 1 << 16
-    SET = 1 << 17
-    PROBE = 1 << 18
-
-
-class Feature(enum.IntEnum):
-    """Feature indices (Linux VFIO_DEVICE_FEATURE_*); 0x8000 and up are qmpmig's."""
-
-    MIGRATION = 1
-    MIG_DEVICE_STATE = 2
-    DMA_LOGGING_START = 6
-    DMA_LOGGING_STOP = 7
-    DMA_LOGGING_REPORT = 8
-    MIG_DATA_SIZE = 9
-    #: GET: PrecopyInfoData, the numbers of Linux VFIO_MIG_GET_PRECOPY_INFO.
-    QMPMIG_PRECOPY_INFO = 0x8001
-    #: GET: StateHashData, a digest of the device's internal state.
-    QMPMIG_STATE_HASH = 0x8002
-
-
 class PageRequestFlags(enum.IntFlag):
     WRITE = 1
-
-
-class ProtocolError(QmpmigError):
-    """A message that breaks vfio-user; ``errno`` is the one to answer with."""
-
-    errno: int = EINVAL
-
-    def __init__(self, msg: str, errno: int = EINVAL):
-        super().__init__(msg)
-        self.errno = errno
-
-
-class LocalProtocolError(ProtocolError):
-    """We tried to send something invalid."""
-
-
-class RemoteProtocolError(ProtocolError):
-    """The peer sent something invalid."""
 
 
 # Every fixed layout, once; named by its format.  The header first.
@@ -258,6 +179,13 @@ class _Struct:
             return cls(*head, tail)
         _no_tail(tail)
         return cls(*head)
+
+    @classmethod
+    def sized(cls, *values: object, room: int = 0) -> Self:
+        """The payload with ``argsz`` (its first field) computed, the uAPI's
+        way: its own size, plus ``room`` for what the reply may add."""
+        payload = cls(0, *values)
+        return replace(payload, argsz=len(payload._encode()) + room)
 
     def _check(self, data: bool, limit: int) -> None:
         """``data``: the message carries ``count``/``size`` bytes of data;
@@ -562,11 +490,11 @@ class SetIrqs(_Struct):
 
     LAYOUT = _IIIII
     TAIL = True
-    FLAGS = _IRQ_DATA | _IRQ_ACTION
+    FLAGS = IRQ_DATA | IRQ_ACTION
 
     def _check(self, data: bool, limit: int) -> None:
         super()._check(data, limit)
-        if (self.flags & _IRQ_DATA).bit_count() != 1 or (self.flags & _IRQ_ACTION).bit_count() != 1:
+        if (self.flags & IRQ_DATA).bit_count() != 1 or (self.flags & IRQ_ACTION).bit_count() != 1:
             raise ValueError(f"flags {self.flags:#x} need one DATA_* and one ACTION_* bit")
         if self.argsz != _IIIII.size + len(self.data):
             raise ValueError(f"argsz {self.argsz} for a {_IIIII.size + len(self.data)}-byte payload")
@@ -831,25 +759,6 @@ class StateHashData(_FeatureData):
             raise ValueError(f"digest of {len(self.digest)} bytes, not {_32s.size}")
 
 
-def dirty_bitmap_size(length: int, page_size: int) -> int:
-    """Bytes of a DMA_LOGGING_REPORT bitmap: whole u64 words, a bit a page."""
-    return -(-length // (page_size * 64)) * 8
-
-
-def bitmap_set(bitmap: bytearray, n: int) -> None:
-    """Mark page ``n``: word n // 64, bit n % 64 of little-endian u64 words,
-    which is byte n // 8, bit n % 8."""
-    bitmap[n // 8] |= 1 << (n % 8)
-
-
-def bitmap_pages(bitmap: bytes) -> Iterator[int]:
-    """The pages marked in ``bitmap``, ascending."""
-    for i, byte in enumerate(bitmap):
-        for bit in range(8):
-            if byte >> bit & 1:
-                yield i * 8 + bit
-
-
 # -- Messages -----------------------------------------------------------------
 
 _C = Command
@@ -899,18 +808,18 @@ MAX_FDS: dict[tuple[Command, bool], Callable[[_Struct], int]] = {
 MAX_FIXED_PART = _IIIIQQ.size
 
 
-class Role(enum.Enum):
+class Party(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
 
     @property
-    def peer(self) -> Role:
-        return Role.SERVER if self is Role.CLIENT else Role.CLIENT
+    def peer(self) -> Party:
+        return Party.SERVER if self is Party.CLIENT else Party.CLIENT
 
 
 _SERVER_COMMANDS = frozenset({_C.DMA_READ, _C.DMA_WRITE, _C.QMPMIG_PAGE_REQUEST})
 #: The commands each role sends; it replies to the other role's.
-COMMANDS = {Role.CLIENT: frozenset(Command) - _SERVER_COMMANDS, Role.SERVER: _SERVER_COMMANDS}
+COMMANDS = {Party.CLIENT: frozenset(Command) - _SERVER_COMMANDS, Party.SERVER: _SERVER_COMMANDS}
 
 
 @dataclass(frozen=True)
@@ -958,7 +867,7 @@ def _command(cmd: int) -> Command | int:
         return cmd
 
 
-def _payload_class(cmd: int, reply: bool, sender: Role) -> type[_Struct]:
+def _payload_class(cmd: int, reply: bool, sender: Party) -> type[_Struct]:
     """The payload class of a message ``sender`` may send, or ValueError."""
     commander = sender.peer if reply else sender
     named = _command(cmd)
@@ -986,7 +895,7 @@ def reply_to(msg: Message, payload: object, fds: Sequence[int] = ()) -> Message:
 class Connection:
     """One endpoint of a vfio-user connection, without I/O."""
 
-    def __init__(self, role: Role, max_data_xfer_size: int = 1 << 20, max_msg_fds: int = 1):
+    def __init__(self, role: Party, max_data_xfer_size: int = 1 << 20, max_msg_fds: int = 1):
         self.role = role
         #: The largest count/size of a data transfer, either way.
         self.max_data_xfer_size = max_data_xfer_size

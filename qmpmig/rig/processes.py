@@ -1,16 +1,36 @@
-"""A ``qmpmig-device`` process, started and stopped like the harness's QEMUs:
-it dies with its starter (PR_SET_PDEATHSIG) and leaves no socket behind."""
+"""Processes the rig starts: each dies with its starter (PR_SET_PDEATHSIG)
+and is stopped politely, then not; a ``qmpmig-device`` process leaves no
+socket behind."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from ..errors import QmpmigError
-from ..vm import _die_with_parent, stop_process
+
+
+def die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the starting thread exits."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; reap it."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class DeviceProcess:
@@ -39,7 +59,7 @@ class DeviceProcess:
         return self
 
     def _child_setup(self) -> None:
-        _die_with_parent()
+        die_with_parent()
         if self.nice:
             os.nice(self.nice)
 

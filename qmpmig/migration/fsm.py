@@ -48,18 +48,12 @@ which a driver performs the resulting actions (:data:`V1_ACTIONS`).
 
 from __future__ import annotations
 
-import errno
 from typing import NamedTuple
 
+from ..errors import InvalidTransition
 from .states import MigFlags, MigState, V1, v1_is_error, v1_valid
 
 ERROR, STOP, RUNNING, STOP_COPY, RESUMING, RUNNING_P2P, PRE_COPY, PRE_COPY_P2P = MigState
-
-
-class InvalidTransition(ValueError):
-    """A request the kernel answers with -EINVAL."""
-
-    errno = errno.EINVAL
 
 
 #: vfio_from_fsm_table: NEXT_STEP[cur][new] is the first arc from cur

@@ -8,16 +8,16 @@ import json
 import sys
 import time
 
-from . import check, lifecycle
-from .controller import DEBUG, Controller, Options, Pair as CtlPair
-from .devices import Device
-from .errors import QmpmigError
-from .fsm import InvalidTransition, plan
-from .guestmem import GuestRam
-from .launch import LaunchOptions, launch
-from .qemu import Qemu
-from .states import MigFlags, MigState
-from .trace import RULES, Trace, check as check_trace, load as load_trace
+from ..controller import DEBUG, Controller, Options, RemoteDevice, Trace
+from ..errors import InvalidTransition, LifecycleRefused, QmpmigError
+from ..migration import lifecycle
+from ..migration.fsm import plan
+from ..migration.states import MigFlags, MigState
+from ..qemu.guestmem import GuestRam
+from ..qemu.qmp import Qemu
+from ..rig.launch import LaunchOptions, launch
+from . import check
+from .tracecheck import RULES, check as check_trace, load as load_trace
 
 ALL_FLAGS = MigFlags.STOP_COPY | MigFlags.P2P | MigFlags.PRE_COPY
 
@@ -25,7 +25,7 @@ ALL_FLAGS = MigFlags.STOP_COPY | MigFlags.P2P | MigFlags.PRE_COPY
 def _device_target(role: str, state, flags: int) -> str:
     try:
         return lifecycle.target(role, state.runstate, state.status, flags).name
-    except lifecycle.LifecycleRefused as err:
+    except LifecycleRefused as err:
         return f"refused: {err.reason}"
 
 
@@ -112,18 +112,18 @@ async def _attach_and_migrate(args, progress) -> tuple[dict, bool]:
     try:
         await src.connect(args.src_qmp)
         await dst.connect(args.dst_qmp)
-        pairs = []
+        devices = []
         for i, spec in enumerate(args.device):
             src_sock, _, dst_sock = spec.partition(",")
-            a = await Device.open(src_sock, args.protocol)
+            a = await RemoteDevice.open(src_sock, args.protocol)
             opened.append(a)
-            b = await Device.open(dst_sock, args.protocol)
+            b = await RemoteDevice.open(dst_sock, args.protocol)
             opened.append(b)
-            pairs.append(CtlPair(f"dev{i}", a, b))
+            devices.append((f"dev{i}", a, b))
         rams = [GuestRam(args.src_ram), GuestRam(args.dst_ram)]
-        ctl = Controller(src, dst, pairs, args.uri, *rams, trace, _controller_options(args))
+        ctl = Controller(src, dst, args.uri, *rams, trace, _controller_options(args))
         ctl.progress = progress
-        await ctl.attach()
+        await ctl.attach(devices)
         summary = await ctl.migrate()
         violations = check_trace(trace.records)
         result = _summary_dict(summary)
@@ -244,7 +244,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["device"]:
-        from .device.cli import main as device_main
+        from ..device.cli import main as device_main
         return device_main(argv[1:])
     args = parser().parse_args(argv)
     if args.command == "migrate" and not args.launch and not all(

@@ -11,20 +11,19 @@ nothing behind.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Literal
 
-from .errors import VmError
+from ..errors import VmError
+from ..migration.lifecycle import Role
+from .processes import die_with_parent, stop_process
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 IMAGE_DIR = Path(os.environ.get("QMPMIG_IMAGE_DIR", ROOT / "vm-images" / "build"))
 QEMU = os.environ.get("QMPMIG_QEMU", "qemu-system-x86_64")
 #: The kernel command line of the test guest (vm-images/README.md).
@@ -39,26 +38,6 @@ HEARTBEAT = re.compile(rb"^qmpmig-heartbeat (\d+)\r?$", re.M)
 
 #: The TCG CPU model: a plain, well-trodden one for migration.
 TCG_CPU = os.environ.get("QMPMIG_TCG_CPU", "qemu64")
-
-Role = Literal["source", "destination"]
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGKILL this child when the starting thread exits."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def stop_process(proc: subprocess.Popen | None, timeout: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``; reap it."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def sweep_stale() -> list[Path]:
@@ -172,7 +151,7 @@ class Vm:
         sweep_stale()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                         stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         deadline = time.monotonic() + 10
         while not self.qmp_path.exists():
             self.check_alive()
