@@ -127,5 +127,69 @@ def test_cont_with_a_device_still_resuming():
     assert "resume-before-run" in rules
 
 
+@pytest.mark.parametrize("record", [
+    dict(kind="start"),
+    dict(kind="device_state", side="src", device="A", to="STOP"),
+    dict(kind="device_state", side="sideways", device="A", **{"from": "RUNNING", "to": "STOP"}),
+    dict(kind="device_state", side="src", device="A", **{"from": "RUNNING", "to": "BANANA"}),
+    dict(kind="page_request", side="src", device="A"),
+])
+def test_a_record_that_breaks_the_schema_is_reported_not_a_crash(record):
+    records = good_flow()
+    records.insert(5, record)
+    assert {v.rule for v in check(trace(*records))} == {"schema"}
+
+
 def test_schema_violation_is_reported():
     assert "schema" in {v.rule for v in check(trace(dict(kind="nonsense")))}
+
+
+# -- the checker's independence from the controller ---------------------------
+
+CONTROLLER_RULE_MODULES = ("fsm", "states", "trace", "controller", "migration")
+
+
+def test_checker_imports_no_controller_rule_code():
+    """The checker shares no rule code with the controller: a bug there must
+    not pass both."""
+    import ast
+    from pathlib import Path
+
+    import qmpmig.tools.tracecheck as tracecheck
+
+    tree = ast.parse(Path(tracecheck.__file__).read_text())
+    imported = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                base = node.module or ""
+            else:
+                # qmpmig/tools/tracecheck.py: "." is qmpmig.tools, ".." is qmpmig
+                package = ["qmpmig", "tools"][:max(0, 2 - (node.level - 1))]
+                base = ".".join(package + ([node.module] if node.module else []))
+            imported += [base] + [f"{base}.{alias.name}" for alias in node.names]
+    forbidden = [name for name in imported for mod in CONTROLLER_RULE_MODULES
+                 if name == f"qmpmig.{mod}" or name.startswith(f"qmpmig.{mod}.")]
+    assert imported and not forbidden
+
+
+@pytest.mark.parametrize("flags,count", [(1, 6), (3, 8), (5, 9), (7, 15), (0, 0), (2, 0), (4, 0), (6, 0)])
+def test_checker_arc_table_has_the_kernel_arc_counts(flags, count):
+    """vfio_main.c: the base arcs plus the P2P / no-P2P / PRE_COPY lists; no
+    arcs without the mandatory STOP_COPY."""
+    from qmpmig.tools.tracecheck import arcs
+
+    assert len(arcs(flags)) == count
+    assert len(arcs(flags | 8)) == count
+
+
+@pytest.mark.parametrize("flags,old,new", [
+    (7, "STOP_COPY", "PRE_COPY"),       # refused by the kernel for every device
+    (1, "RUNNING", "RUNNING_P2P"),      # a P2P arc on a device without P2P
+])
+def test_fsm_rule_catches_an_arc_outside_the_kernel_lists(flags, old, new):
+    violations = check(trace(start(("A", "src", flags)), ATTEMPT, arc("src", "A", old, new)))
+    assert [v.rule for v in violations] == ["fsm"]
+    assert f"{old} -> {new} is not an arc for flags {flags:#x}" in violations[0].message

@@ -2,9 +2,10 @@
 a controller trace (``schemas/trace.schema.json``, one record per line).
 
 It states every rule itself, from the documents, and shares no rule code
-with the controller (no ``qmpmig.fsm``, ``qmpmig.states``, ``qmpmig.trace``
-or controller import), so a bug in the controller's rules cannot also hide
-in its checker.  States are handled by their trace names ("STOP",
+with the controller (nothing from ``qmpmig.migration`` or
+``qmpmig.controller``), so a bug in the controller's rules cannot also hide
+in its checker.  A record that breaks the schema is reported as such and
+not looked at further.  States are handled by their trace names ("STOP",
 "PRE_COPY_P2P", ...).  Each rule is a row of :data:`RULES` and a few lines
 of :class:`_Checker`.
 """
@@ -185,10 +186,11 @@ class _Checker:
     def run(self) -> list[Violation]:
         validator = jsonschema.Draft202012Validator(load_json("trace.schema.json"))
         for rec in self.records:
-            for err in validator.iter_errors(rec):
-                self.fail("schema", rec, err.message)
+            errors = [err.message for err in validator.iter_errors(rec)]
+            for message in errors:
+                self.fail("schema", rec, message)
             handler = self.handlers.get(str(rec.get("kind")))
-            if handler:
+            if handler and not errors:
                 handler(rec)
         return self.out
 

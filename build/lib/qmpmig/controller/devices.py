@@ -1,0 +1,271 @@
+"""A migratable vfio-user device as the controller drives it, v1 or v2.
+
+Both protocols answer in the v2 words: ``set_state(MigState)``,
+``read_data()`` (one save_live_iterate step), ``write_data()`` (one load
+step), ``pending()`` (save_live_pending).  :class:`V2Device` uses
+MIG_DEVICE_STATE and MIG_DATA_READ/WRITE; :class:`V1Device` writes the v1
+twin of each state into the migration region's device_state and runs seed
+001's iteration over pending_bytes, data_offset and data_size, through the
+region's mmap'd window where it offers one.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..errors import DeviceError
+from ..migration.states import MigFlags, MigState, V1, v1_to_v2, v2_to_v1
+from ..vfio_user import codec
+from ..vfio_user.client import Client
+from ..vfio_user.uapi import MIGRATION_INFO, MIGRATION_REGION_TYPE, PCI_NUM_REGIONS, Feature
+
+#: Seed 001: only pending_bytes == 0 ends the data; an iteration may bring
+#: nothing while pending_bytes says more is coming.  Give it this many tries.
+V1_EMPTY_ITERATIONS = 100
+
+
+class RemoteDevice:
+    """One device behind a vfio-user client."""
+
+    protocol: ClassVar[str]
+
+    def __init__(self, client: Client, flags: int):
+        self.client = client
+        self.flags = flags
+        self.chunk_size = min(client.max_transfer, 1 << 20)
+
+    @staticmethod
+    async def open(path: str, protocol: str | None = None) -> RemoteDevice:
+        """Connect and find out how the device migrates (``protocol`` forces
+        v1 or v2); DeviceError ENOTTY if it does not."""
+        client = await Client.connect(path)
+        try:
+            for cls in (V2Device, V1Device):
+                if protocol in (None, cls.protocol) and (device := await cls.probe(client)):
+                    return device
+            raise DeviceError(errno.ENOTTY, f"{path}: the device offers no {protocol or 'v1 or v2'} migration")
+        except BaseException:
+            await client.close()
+            raise
+
+    @classmethod
+    async def probe(cls, client: Client) -> RemoteDevice | None:
+        """This protocol's device on ``client``, if the device speaks it."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def reset(self) -> None:
+        await self.client.reset()
+
+    async def state_hash(self) -> bytes:
+        return await self.client.state_hash()
+
+    async def state(self) -> MigState:
+        raise NotImplementedError
+
+    async def set_state(self, state: MigState) -> None:
+        """One arc: the device goes from its state to ``state``."""
+        raise NotImplementedError
+
+    async def pending(self) -> int:
+        """save_live_pending: bytes the device still has (an estimate in
+        pre-copy; to the end of the stream in stop-copy)."""
+        raise NotImplementedError
+
+    async def read_data(self) -> bytes:
+        """save_live_iterate: the next piece of the stream; empty when there
+        is nothing now (pre-copy) or nothing more (stop-copy)."""
+        raise NotImplementedError
+
+    async def write_data(self, data: bytes) -> None:
+        """load_state: one piece of the stream, in the order it was read."""
+        raise NotImplementedError
+
+
+class V2Device(RemoteDevice):
+    """DEVICE_FEATURE MIG_DEVICE_STATE and MIG_DATA_READ/WRITE (vfio-user's v2)."""
+
+    protocol = "v2"
+
+    @classmethod
+    async def probe(cls, client: Client) -> V2Device | None:
+        if not await client.probe(Feature.MIGRATION):
+            return None
+        return cls(client, await client.migration_flags())
+
+    async def state(self) -> MigState:
+        return MigState(await self.client.device_state())
+
+    async def set_state(self, state: MigState) -> None:
+        await self.client.set_device_state(state)
+
+    async def pending(self) -> int:
+        state = await self.state()
+        if state in (MigState.PRE_COPY, MigState.PRE_COPY_P2P):
+            info = await self.client.precopy_info()
+            return info.initial_bytes + info.dirty_bytes
+        return await self.client.mig_data_size() if state is MigState.STOP_COPY else 0
+
+    async def read_data(self) -> bytes:
+        return await self.client.mig_data_read(self.chunk_size)
+
+    async def write_data(self, data: bytes) -> None:
+        for pos in range(0, len(data), self.chunk_size):
+            await self.client.mig_data_write(data[pos:pos + self.chunk_size])
+
+
+@dataclass
+class MigrationRegion:
+    """Where a v1 device's migration region is, and its data window if the
+    device offers it for mmap (SPARSE_MMAP)."""
+
+    index: int
+    size: int
+    mem: mmap.mmap | None = None
+    mmap_start: int = 0
+    mmap_size: int = 0
+
+    def mapped(self, offset: int, size: int) -> int | None:
+        """The window offset of region bytes [offset, offset+size), if mapped."""
+        if self.mem is not None and self.mmap_start <= offset and offset + size <= self.mmap_start + self.mmap_size:
+            return offset - self.mmap_start
+        return None
+
+
+class V1Device(RemoteDevice):
+    """The v1 migration region (VFIO_REGION_TYPE_MIGRATION, kernels 5.8-5.17),
+    with seed 000's NDMA where the device takes it."""
+
+    protocol = "v1"
+
+    def __init__(self, client: Client, flags: int, region: MigrationRegion):
+        super().__init__(client, flags)
+        self.region = region
+
+    @classmethod
+    async def probe(cls, client: Client) -> V1Device | None:
+        region = await cls._find_region(client)
+        if region is None:
+            return None
+        device = cls(client, MigFlags.STOP_COPY | MigFlags.PRE_COPY, region)
+        if await device._takes_ndma():
+            device.flags |= MigFlags.P2P
+        return device
+
+    @staticmethod
+    async def _find_region(client: Client) -> MigrationRegion | None:
+        info = await client.device_info()
+        for index in range(PCI_NUM_REGIONS, info.num_regions):
+            region, fd = await client.region_info(index)
+            caps = {type(c): c for c in region.caps}
+            kind = caps.get(codec.TypeCap)
+            sparse = caps.get(codec.SparseMmapCap)
+            try:
+                if not kind or (kind.type, kind.subtype) != MIGRATION_REGION_TYPE:
+                    continue
+                found = MigrationRegion(index, region.size)
+                if fd is not None and sparse and sparse.areas:
+                    found.mmap_start, found.mmap_size = sparse.areas[0]
+                    found.mem = mmap.mmap(fd, found.mmap_size, offset=region.offset + found.mmap_start)
+                return found
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        return None
+
+    async def _takes_ndma(self) -> bool:
+        """NDMA is seed 000's proposal, not a flag a v1 device reports: ask
+        a RUNNING device to enter NDMA|RUNNING and go back."""
+        if await self.get("device_state") != V1.RUNNING:
+            return False
+        try:
+            await self.set("device_state", V1.NDMA | V1.RUNNING)
+        except OSError:
+            return False
+        await self.set("device_state", V1.RUNNING)
+        return True
+
+    async def close(self) -> None:
+        if self.region.mem:
+            self.region.mem.close()
+        await super().close()
+
+    # -- struct vfio_device_migration_info and the data window ------------
+
+    async def get(self, name: str) -> int:
+        field = MIGRATION_INFO[name]
+        return field.unpack(await self.client.region_read(self.region.index, field.offset, field.size))
+
+    async def set(self, name: str, value: int) -> None:
+        field = MIGRATION_INFO[name]
+        await self.client.region_write(self.region.index, field.offset, field.pack(value))
+
+    async def window_read(self, offset: int, size: int) -> bytes:
+        start = self.region.mapped(offset, size)
+        if start is not None:
+            return bytes(self.region.mem[start:start + size])
+        parts = []
+        for pos in range(offset, offset + size, self.chunk_size):
+            parts.append(await self.client.region_read(self.region.index, pos,
+                                                       min(self.chunk_size, offset + size - pos)))
+        return b"".join(parts)
+
+    async def window_write(self, offset: int, data: bytes) -> None:
+        start = self.region.mapped(offset, len(data))
+        if start is not None:
+            self.region.mem[start:start + len(data)] = data
+            return
+        for pos in range(0, len(data), self.chunk_size):
+            await self.client.region_write(self.region.index, offset + pos, data[pos:pos + self.chunk_size])
+
+    # -- the v2 words --------------------------------------------------------
+
+    async def state(self) -> MigState:
+        return v1_to_v2(await self.get("device_state"))
+
+    async def set_state(self, state: MigState) -> None:
+        """One device_state write of the state's v1 twin (NDMA for the P2P states)."""
+        await self.set("device_state", v2_to_v1(state))
+
+    async def pending(self) -> int:
+        return await self.get("pending_bytes")
+
+    async def read_data(self) -> bytes:
+        for _ in range(V1_EMPTY_ITERATIONS):
+            if not await self.get("pending_bytes"):
+                return b""
+            offset = await self.get("data_offset")
+            size = await self.get("data_size")
+            if size:
+                return await self.window_read(offset, size)
+        return b""
+
+    async def write_data(self, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            offset = await self.get("data_offset")
+            window = min(self.region.mmap_size or self.chunk_size, self.region.size - offset)
+            if window <= 0:
+                raise DeviceError(errno.EINVAL, f"data_offset {offset:#x} is outside the "
+                                                f"{self.region.size:#x}-byte region")
+            piece = data[pos:pos + window]
+            await self.window_write(offset, piece)
+            await self.set("data_size", len(piece))
+            pos += len(piece)
+
+
+async def drain(src: RemoteDevice, dst: RemoteDevice | None = None) -> int:
+    """Read the source's data until it has none (now, or ever), writing each
+    piece to ``dst``; return the bytes moved."""
+    moved = 0
+    while data := await src.read_data():
+        if dst is not None:
+            await dst.write_data(data)
+        moved += len(data)
+    return moved

@@ -1,0 +1,151 @@
+"""Seed 000's reference flows, each read top to bottom.
+
+Save (source)::
+
+    RUNNING + DMA logging           DIRTY_TRACKING on every device
+    PRE_COPY                        QEMU's RAM pre-copy and ours, side by side;
+                                    DMA logs read and cleared as we go
+    PRE_COPY_P2P, vCPUs running     grace: every device, then every IO page
+                                    request completed (barrier)
+    QMP stop                        vCPUs stop only now
+    pre-switchover: STOP_COPY       final data to end of stream, final DMA log
+    migrate-continue                QEMU serialises the rest and completes
+
+Resume (destination)::
+
+    reset, STOP, RESUMING           before the stream arrives
+    (QEMU RAM load completes)       copy every DMA-dirty page src -> dst RAM
+    STOP                            each device validates its state
+    RUNNING_P2P (barrier), RUNNING  then QMP cont
+
+Every step goes through :func:`qmpmig.migration.fsm.plan` one arc at a
+time (:class:`~.walk.Walker`), and into the trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+from ..errors import MigrationFailed
+from ..migration.states import MigState
+from ..vfio_user.uapi import PAGE_SIZE
+from . import precopy
+from .walk import grace
+
+if TYPE_CHECKING:
+    from .migration import Controller
+
+
+async def attempt(c: Controller, running: bool, number: int) -> int | None:
+    """One attempt of a migration; QEMU's own downtime (ms) when it completes."""
+    c.enter("setup")
+    await preflight(c)
+    c.we_stopped = False
+    for pair in c.pairs:
+        pair.sent = 0
+    c.trace.emit("phase", name="attempt", attempt=number)
+    await precopy.hold_switchover(c)
+    await prepare_resume(c)
+    qemu_downtime = await save(c, running)
+    await resume(c, running)
+    await finish_save(c)
+    return qemu_downtime
+
+
+async def preflight(c: Controller) -> None:
+    """Refuse, before anything starts, what cannot migrate."""
+    src, dst = c.src.vm, c.dst.vm
+    if (dst.runstate, dst.status) != ("inmigrate", "none"):
+        raise MigrationFailed(f"destination is {dst}, not waiting with -incoming defer")
+    if src.status not in ("none", "completed", "cancelled", "failed"):
+        raise MigrationFailed(f"source is already migrating: {src}")
+    caps = {cap["capability"]: cap["state"] for cap in await c.src.qemu.execute("query-migrate-capabilities")}
+    if caps.get("postcopy-ram"):
+        raise MigrationFailed("postcopy-ram is on: VFIO device migration has no postcopy (seed 002); "
+                              "nothing was started")
+    for pair in c.pairs:
+        s, d = pair.src.device, pair.dst.device
+        if s.protocol != d.protocol or s.flags != d.flags:
+            raise MigrationFailed(f"{pair.name}: source {s.protocol} flags {s.flags:#x} "
+                                  f"but destination {d.protocol} flags {d.flags:#x}")
+
+
+async def prepare_resume(c: Controller) -> None:
+    """Destination: every device reset, stopped and RESUMING before the
+    stream arrives; then QEMU waits for it."""
+    for end in c.dst.devices:
+        await c.walker.reset(end)
+    await c.walker.walk_all(c.dst, lambda end: MigState.STOP)
+    await c.walker.walk_all(c.dst, lambda end: MigState.RESUMING)
+    await c.dst.qmp("migrate-incoming", {"uri": c.uri})
+
+
+async def save(c: Controller, running: bool) -> int | None:
+    """Source: seed 000's save flow, to QEMU's ``completed``; returns QEMU's
+    downtime (ms)."""
+    src = c.src
+    for end in src.devices:
+        await end.device.client.dma_logging_start(PAGE_SIZE, [(0, src.ram.size)])
+    started = src.updates
+    await src.qmp("migrate", {"uri": c.uri})
+    await src.status("setup", "active", "wait-unplug", since=started)
+    await c.walker.walk_all(src, c.lifecycle_target)
+
+    if running:
+        c.enter("precopy")
+        await precopy.converge(c)
+        c.enter("grace")
+        await precopy.grace(c)
+
+    c.enter("stop-copy")
+    await src.qmp("migrate-set-parameters", c.release)
+    await src.status("pre-switchover")
+    await c.walker.walk_all(src, c.lifecycle_target)
+    for pair in c.pairs:
+        await precopy.drain_page_requests(c)
+        await c.pump.move(pair)
+        c.trace.emit("end_of_stream", side="src", device=pair.name, bytes=pair.sent)
+        pair.src_hash = await c.pump.state_hash(pair.src)
+        await c.pump.dma_report(pair)
+    await src.qmp("migrate-continue", {"state": "pre-switchover"})
+
+    c.enter("switchover")
+    await src.status("completed")
+    await c.dst.status("completed")
+    return (await src.qemu.query_migrate()).downtime
+
+
+async def resume(c: Controller, running: bool) -> None:
+    """Destination, after QEMU's RAM load: the DMA-dirty pages, then every
+    device out of RESUMING, through the grace state together, and ``cont``."""
+    dst = c.dst
+    c.enter("resume")
+    c.copied = 0
+    if "no-dirty-copy" not in c.options.debug:
+        pages = set().union(*(pair.dirty for pair in c.pairs))
+        c.copied = c.src.ram.copy_pages_to(dst.ram, pages)
+        c.trace.emit("dirty_copy", pages=c.copied, bytes=c.copied * PAGE_SIZE)
+    await c.walker.walk_all(dst, lambda end: MigState.STOP)
+    for pair in c.pairs:
+        pair.dst_hash = await c.pump.state_hash(pair.dst)
+    if not running:
+        return
+    if "early-barrier" in c.options.debug and len(dst.devices) > 1:
+        await c.walker.walk(dst.devices[0], MigState.RUNNING)
+    target = {end: grace(end) for end in dst.devices}
+    barrier = MigState.RUNNING_P2P if MigState.RUNNING_P2P in target.values() else None
+    await c.walker.walk_all(dst, lambda end: target[end], barrier=barrier)
+    await c.walker.walk_all(dst, lambda end: MigState.RUNNING)
+    await dst.qmp("cont")
+    await dst.wait(lambda s: s.runstate == "running", "destination running")
+    c.downtime = time.monotonic() - c.stopped_at
+
+
+async def finish_save(c: Controller) -> None:
+    """Source, once the destination has the guest: devices STOP, logging off."""
+    await c.walker.walk_all(c.src, lambda end: MigState.STOP)
+    for end in c.src.devices:
+        with contextlib.suppress(OSError):
+            await end.device.client.dma_logging_stop()

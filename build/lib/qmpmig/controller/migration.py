@@ -1,0 +1,184 @@
+"""The controller: two attached VMs, their device pairs, and migrations
+between them as requests.
+
+:class:`Controller` holds what lives as long as it is attached (each
+:class:`~.side.Side`, each :class:`~.pump.Pair`); :meth:`Controller.migrate`
+runs one migration, in attempts, with the flows of :mod:`.flows`, and
+answers with a :class:`Summary`.  A failure anywhere recovers the source
+(:mod:`.recovery`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import EarlySwitchover, MigrationFailed, QmpmigError
+from ..migration import lifecycle
+from ..migration.states import MigState
+from ..qemu.guestmem import GuestRam
+from ..qemu.qmp import Qemu
+from . import flows
+from .devices import RemoteDevice
+from .pump import Pair, Pump
+from .recovery import recover
+from .side import DeviceEnd, Side
+from .trace import Trace
+from .walk import Walker
+
+log = logging.getLogger("qmpmig.controller")
+
+#: Debug options that break one rule on purpose, for negative controls.
+DEBUG = {
+    "no-dirty-copy": "skip copying DMA-dirty pages to the destination",
+    "stop-before-ndma": "stop the source vCPUs before the grace state",
+    "early-barrier": "let one destination device run before the others reached RUNNING_P2P",
+    "no-hold": "leave QEMU's downtime-limit alone during pre-copy, so QEMU may switch over by itself",
+}
+
+
+@dataclass
+class Options:
+    #: Go to the grace state once every device has at most this much pending.
+    threshold: int = 1 << 20
+    #: ... and QEMU has at most this much RAM left.
+    ram_threshold: int = 16 << 20
+    min_precopy: float = 0.5
+    max_precopy: float = 60.0
+    #: downtime-limit (ms) QEMU gets once the vCPUs are stopped.
+    downtime_limit: int = 300
+    page_request_timeout: float = 10.0
+    #: Seconds one device request may take in the flow.
+    device_timeout: float = 30.0
+    timeout: float = 300.0
+    #: Attempts when QEMU switches over early (each needs a fresh destination).
+    attempts: int = 3
+    debug: frozenset[str] = frozenset()
+
+
+@dataclass
+class Summary:
+    ok: bool
+    message: str
+    total_time: float = 0.0
+    #: Seconds from the source vCPU stop to the destination running (the
+    #: guest's pause as the controller saw it).
+    downtime: float | None = None
+    #: QEMU's own downtime (query-migrate), in milliseconds.
+    qemu_downtime_ms: int | None = None
+    device_bytes: int = 0
+    dma_pages_copied: int = 0
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+class Controller:
+    """Drives migrations between two attached QEMUs and their devices."""
+
+    def __init__(self, src: Qemu, dst: Qemu, uri: str, src_ram: GuestRam, dst_ram: GuestRam,
+                 trace: Trace, options: Options | None = None):
+        self.options = options or Options()
+        self.trace = trace
+        self.uri = uri
+        self.src = Side("src", src, src_ram, trace, self.options.timeout)
+        self.dst = Side("dst", dst, dst_ram, trace, self.options.timeout)
+        self.pairs: list[Pair] = []
+        self.walker = Walker(self.options.device_timeout)
+        self.pump = Pump(self.walker)
+        #: Called with the controller on each pre-copy round (progress line).
+        self.progress: Callable | None = None
+        #: async () -> (Qemu, GuestRam): a fresh destination for a retry.
+        self.restart_destination: Callable | None = None
+        self.phase = "attach"
+        self.phases: dict[str, float] = {}
+        self._phase_t = time.monotonic()
+        # One migration's facts, set by the flows.
+        self.we_stopped = False
+        self.stopped_at = 0.0
+        self.downtime: float | None = None
+        self.copied = 0
+        #: migrate-set-parameters that give QEMU back its switchover.
+        self.release: dict = {}
+
+    # -- attach ---------------------------------------------------------------
+
+    async def attach(self, devices: list[tuple[str, RemoteDevice, RemoteDevice]]) -> None:
+        """Follow both QEMUs; take each (name, source device, destination
+        device) in: guest RAM mapped into it, its page requests answered."""
+        for side in (self.src, self.dst):
+            side.follow()
+        for name, src, dst in devices:
+            self.pairs.append(Pair(name, await self.src.add_device(name, src),
+                                   await self.dst.add_device(name, dst)))
+        self.trace.emit("start", devices=[
+            {"name": end.name, "side": end.side.name, "protocol": end.device.protocol, "flags": int(end.device.flags)}
+            for p in self.pairs for end in (p.src, p.dst)])
+        for side in (self.src, self.dst):
+            await side.wait(lambda s: True, "its first status", timeout=30)
+
+    async def detach(self) -> None:
+        for side in (self.src, self.dst):
+            await side.unfollow()
+
+    # -- helpers of the flows --------------------------------------------------
+
+    def enter(self, phase: str) -> None:
+        """A new phase of the flow: its time is counted, and traced."""
+        now = time.monotonic()
+        self.phases[self.phase] = self.phases.get(self.phase, 0.0) + now - self._phase_t
+        self.phase, self._phase_t = phase, now
+        self.trace.emit("phase", name=phase)
+
+    def lifecycle_target(self, end: DeviceEnd) -> MigState:
+        """The device_state the lifecycle table gives for its VM's state now."""
+        vm = end.side.vm
+        return lifecycle.target(end.side.role, vm.runstate, vm.status, end.device.flags)
+
+    # -- a migration ----------------------------------------------------------
+
+    async def migrate(self) -> Summary:
+        """One migration, retried with a fresh destination while QEMU cuts
+        it short by switching over early; the source survives any failure."""
+        t0 = time.monotonic()
+        running = self.src.vm.runstate == "running"
+        attempt = 1
+        while True:
+            try:
+                qemu_downtime = await flows.attempt(self, running, attempt)
+                break
+            except EarlySwitchover as err:
+                recovered = await recover(self, running)
+                if attempt >= self.options.attempts or self.restart_destination is None:
+                    return self._failed(t0, f"{err}; {recovered}")
+                self.trace.emit("phase", name="retry", reason=str(err))
+                log.warning("%s: retrying with a fresh destination", err)
+                await self.dst.replace_vm(*await self.restart_destination())
+                for pair in self.pairs:
+                    pair.dirty.clear()
+                attempt += 1
+            except (QmpmigError, OSError, ValueError, asyncio.CancelledError, KeyboardInterrupt) as err:
+                interrupted = isinstance(err, (asyncio.CancelledError, KeyboardInterrupt))
+                phase = self.phase
+                recovered = await recover(self, running)
+                summary = self._failed(t0, f"in {phase}: {'interrupted' if interrupted else err}; {recovered}")
+                if interrupted:
+                    raise
+                return summary
+        self.enter("done")
+        summary = Summary(True, "migration completed" + (f" (attempt {attempt})" if attempt > 1 else ""),
+                          time.monotonic() - t0, self.downtime, qemu_downtime,
+                          sum(p.sent for p in self.pairs), self.copied, dict(self.phases))
+        self.trace.emit("result", ok=True, message=summary.message)
+        return summary
+
+    def _failed(self, t0: float, what: str) -> Summary:
+        message = f"migration failed {what}"
+        self.trace.emit("result", ok=False, message=message)
+        self.enter("failed")
+        return Summary(False, message, time.monotonic() - t0, phases=dict(self.phases),
+                       device_bytes=sum(p.sent for p in self.pairs))
+
+
+__all__ = ["DEBUG", "Controller", "MigrationFailed", "Options", "Summary"]

@@ -1,0 +1,73 @@
+"""The data path between a source device and its destination twin: the
+device's migration stream, and the guest pages it dirtied by DMA.
+
+QEMU's RAM migration only sees pages the vCPUs dirtied.  A device writing
+guest RAM through its DMA_MAP fd is invisible to it, so the controller
+reads each source device's DMA dirty log (uAPI DMA_LOGGING_REPORT: read and
+clear) and, once QEMU's RAM load is done, copies those pages itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..migration import fsm
+from ..vfio_user.uapi import PAGE_SIZE, bitmap_pages
+from .side import DeviceEnd
+from .walk import Walker
+
+
+@dataclass(eq=False)
+class Pair:
+    """A device on the source and its counterpart on the destination."""
+
+    name: str
+    src: DeviceEnd
+    dst: DeviceEnd
+    #: Guest pages (by number) the source device wrote by DMA this migration.
+    dirty: set[int] = field(default_factory=set)
+    #: Stream bytes moved from source to destination this migration.
+    sent: int = 0
+    #: QMPMIG_STATE_HASH of the source at the end of its stream and of the
+    #: destination once it left RESUMING (None where the device has none).
+    src_hash: bytes | None = None
+    dst_hash: bytes | None = None
+
+
+class Pump:
+    """Moves stream data and reads DMA logs, every request bounded."""
+
+    def __init__(self, walker: Walker):
+        self.walker = walker
+
+    async def move(self, pair: Pair, limit: int | None = None) -> int:
+        """Source data to the destination device until none is available
+        (or ``limit`` bytes moved: pre-copy comes back up for air)."""
+        src, dst = pair.src, pair.dst
+        if src.state not in fsm.SAVING_GROUP:
+            return 0
+        moved = 0
+        while (limit is None or moved < limit) and (
+                data := await self.walker.call(src, src.device.read_data(), "a data read")):
+            await self.walker.call(dst, dst.device.write_data(data), "a data write")
+            moved += len(data)
+        if moved:
+            pair.sent += moved
+            src.side.trace.emit("data", side="src", device=pair.name, bytes=moved)
+        return moved
+
+    async def dma_report(self, pair: Pair) -> None:
+        """Read and clear a source device's DMA dirty log over all guest RAM."""
+        src = pair.src
+        report = src.device.client.dma_logging_report(0, src.side.ram.size, PAGE_SIZE)
+        pages = set(bitmap_pages(await self.walker.call(src, report, "DMA_LOGGING_REPORT")))
+        pair.dirty |= pages
+        src.side.trace.emit("dma_dirty", side="src", device=pair.name, pages=len(pages))
+
+    @staticmethod
+    async def state_hash(end: DeviceEnd) -> bytes | None:
+        """The device's QMPMIG_STATE_HASH, or None where it has none."""
+        try:
+            return await end.device.state_hash()
+        except OSError:
+            return None

@@ -1,0 +1,57 @@
+"""Recovery after a failed migration: the source guest runs on with its
+devices back where its vCPUs are (RUNNING, or STOP if it was paused), the
+destination devices are reset.  Each step is bounded; what could not be
+recovered is said, never hidden."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+from ..errors import QmpmigError
+from ..migration.states import MigState
+from .side import DeviceEnd
+
+if TYPE_CHECKING:
+    from .migration import Controller
+
+#: Seconds any one recovery step may take before it is given up.
+RECOVER_TIMEOUT = 15.0
+
+
+async def recover(c: Controller, running: bool) -> str:
+    """Cancel; returns what the source looks like now."""
+    c.enter("recover")
+    src = c.src
+    notes = []
+    if not src.gone:
+        with contextlib.suppress(QmpmigError):
+            await src.qmp("migrate_cancel")
+            await src.wait(lambda s: s.status in ("cancelled", "failed", "completed", "none"),
+                           "the cancel to finish", timeout=30)
+        if running and src.vm and src.vm.runstate != "running":
+            with contextlib.suppress(QmpmigError):
+                await src.qmp("cont")
+                await src.wait(lambda s: s.runstate == "running", "source running", timeout=10)
+        notes.append(f"source VM {src.vm.runstate if src.vm else 'unknown'}")
+    else:
+        notes.append(f"source QEMU gone: {src.gone}")
+    target = MigState.RUNNING if running else MigState.STOP
+    for pair in c.pairs:
+        try:
+            await asyncio.wait_for(_recover_source_device(c, pair.src, target), RECOVER_TIMEOUT)
+            notes.append(f"{pair.name} {target.name}")
+        except (QmpmigError, OSError, asyncio.TimeoutError) as err:
+            notes.append(f"{pair.name} not recovered: {err or 'no answer'}")
+        with contextlib.suppress(QmpmigError, OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(c.walker.reset(pair.dst), RECOVER_TIMEOUT)
+    return ", ".join(notes)
+
+
+async def _recover_source_device(c: Controller, end: DeviceEnd, target: MigState) -> None:
+    if end.state is MigState.ERROR:
+        await c.walker.reset(end)
+    await c.walker.walk(end, target)
+    with contextlib.suppress(OSError):
+        await end.device.client.dma_logging_stop()

@@ -1,0 +1,39 @@
+"""The controller's JSON-lines trace (``schemas/trace.schema.json``).
+
+Every QMP command and event, every (run state, migration status), every
+device_state arc, page request, barrier and data movement becomes one
+record, written as it happens.  :mod:`qmpmig.tools.tracecheck` proves the
+ordering rules over it, from its own statement of them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import IO
+
+from ..migration.states import MigState
+
+
+class Trace:
+    """Writes records as JSON lines (to ``path``, if given) and keeps them."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.records: list[dict] = []
+        self._t0 = time.monotonic()
+        self._file: IO[str] | None = open(path, "w", buffering=1) if path else None
+
+    def emit(self, kind: str, **fields) -> dict:
+        """One record; device states are written by name."""
+        record = {"seq": len(self.records), "t": round(time.monotonic() - self._t0, 6), "kind": kind}
+        record.update({k: (v.name if isinstance(v, MigState) else v) for k, v in fields.items()})
+        self.records.append(record)
+        if self._file:
+            self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        return record
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None

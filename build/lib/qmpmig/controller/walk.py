@@ -1,0 +1,113 @@
+"""Walking a VM's devices through the FSM: one arc per SET, each traced,
+and every device of a VM through a grace state before any goes past it.
+
+Seed 000 names the grace states: on the source NDMA|RUNNING and
+SAVING|NDMA|RUNNING (v2 RUNNING_P2P and PRE_COPY_P2P), where a device stops
+its DMA while the vCPUs still run; on the destination RUNNING_P2P, on the
+way from STOP to RUNNING.  They are cross-device synchronisation points:
+QEMU's vfio_vmstate_change_prepare does the same for a stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from ..errors import MigrationFailed
+from ..migration import fsm
+from ..migration.states import V1, MigState, v2_to_v1
+from .side import DeviceEnd, Side
+
+T = TypeVar("T")
+
+#: The grace states of each role.
+GRACE = {"source": frozenset({MigState.PRE_COPY_P2P, MigState.RUNNING_P2P}),
+         "destination": frozenset({MigState.RUNNING_P2P})}
+#: The grace state next to a device's state: save side from PRE_COPY (or
+#: RUNNING, without pre-copy), resume side from STOP on the way to RUNNING.
+GRACE_OF = {MigState.PRE_COPY: MigState.PRE_COPY_P2P, MigState.RUNNING: MigState.RUNNING_P2P,
+            MigState.STOP: MigState.RUNNING_P2P}
+
+
+def past_grace(role: str, state: MigState) -> bool:
+    """Past a grace state: the source's device stops (!RUNNING), the
+    destination's runs."""
+    if role == "source":
+        return not v2_to_v1(state) & V1.RUNNING
+    return state is MigState.RUNNING
+
+
+def grace(end: DeviceEnd) -> MigState:
+    """Where a device waits out a grace state: the P2P state next to where it
+    is; a device without P2P stays where it is (seed 000: the NDMA states are
+    pushed down to the next step)."""
+    twin = GRACE_OF.get(end.state, end.state)
+    return twin if fsm.supports(end.device.flags, twin) else end.state
+
+
+def grace_on_the_way(end: DeviceEnd, target: MigState) -> MigState | None:
+    """The grace state a device would pass on its way to ``target``."""
+    path = fsm.plan(end.state, target, end.device.flags)
+    role = end.side.role
+    for here, after in zip(path, path[1:]):
+        if here in GRACE[role] and past_grace(role, after):
+            return here
+    return None
+
+
+class Walker:
+    """Device requests of the migration flow: bounded in time and traced."""
+
+    def __init__(self, timeout: float):
+        #: Seconds one device request may take.
+        self.timeout = timeout
+
+    async def call(self, end: DeviceEnd, request: Awaitable[T], what: str) -> T:
+        """One request to a device, bounded: a device that stops answering
+        fails the migration instead of hanging it."""
+        try:
+            return await asyncio.wait_for(request, self.timeout)
+        except asyncio.TimeoutError:
+            raise MigrationFailed(f"{end.side.name} device {end.name} did not answer {what} "
+                                  f"within {self.timeout:.0f} s") from None
+
+    async def walk(self, end: DeviceEnd, target: MigState) -> None:
+        """Drive one device to ``target``, one FSM arc per SET, each traced."""
+        trace, side = end.side.trace, end.side.name
+        cur = end.state
+        for step in fsm.plan(cur, target, end.device.flags):
+            try:
+                await self.call(end, end.device.set_state(step), f"{cur.name} -> {step.name}")
+            except OSError as err:
+                trace.emit("device_error", side=side, device=end.name, target=step,
+                           errno=err.errno or 0, message=str(err))
+                with contextlib.suppress(OSError):
+                    end.state = await end.device.state()
+                raise MigrationFailed(f"{side} device {end.name}: {cur.name} -> {step.name} failed: {err}") from err
+            trace.emit("device_state", side=side, device=end.name, **{"from": cur, "to": step})
+            end.state = cur = step
+
+    async def reset(self, end: DeviceEnd) -> None:
+        """DEVICE_RESET: RUNNING from any state."""
+        await end.device.reset()
+        end.side.trace.emit("device_state", side=end.side.name, device=end.name, via="reset",
+                            **{"from": end.state, "to": MigState.RUNNING})
+        end.state = MigState.RUNNING
+
+    async def walk_all(self, side: Side, target_of: Callable[[DeviceEnd], MigState],
+                       barrier: MigState | None = None) -> None:
+        """Every device of a side to its target, concurrently.  Where the way
+        passes a grace state, every device reaches it before any goes past
+        it; ``barrier`` records that all reached it when it is the target."""
+        targets = {end: target_of(end) for end in side.devices}
+        on_the_way = {end: g for end in side.devices if (g := grace_on_the_way(end, targets[end]))}
+        if on_the_way:
+            await asyncio.gather(*(self.walk(end, g) for end, g in on_the_way.items()))
+            side.trace.emit("barrier", side=side.name, state=next(iter(on_the_way.values())),
+                            devices=sorted(end.name for end in on_the_way))
+        await asyncio.gather(*(self.walk(end, targets[end]) for end in side.devices))
+        if barrier is not None:
+            side.trace.emit("barrier", side=side.name, state=barrier,
+                            devices=[end.name for end in side.devices if end.state is barrier])

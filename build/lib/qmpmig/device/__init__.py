@@ -1,0 +1,1 @@
+"""qmpmig's reference vfio-user device (``qmpmig-device``)."""

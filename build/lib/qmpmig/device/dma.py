@@ -1,0 +1,161 @@
+"""Client memory as the device sees it: the DMA_MAP table, and the DMA
+dirty log of VFIO_DEVICE_FEATURE_DMA_LOGGING_{START,STOP,REPORT}.
+
+Mappings carry the client's memory fd (SCM_RIGHTS), mmap'd here, so a
+device write lands in the client's pages (for a VM: in guest RAM).  Every
+write through :meth:`DmaSpace.write` is logged while logging runs; REPORT
+reads and clears (uAPI: "read and clear", bits only ever set).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from dataclasses import dataclass
+
+from ..errors import DeviceError
+from ..vfio_user.uapi import PAGE_SIZE, DmaFlags, bitmap_set, dirty_bitmap_size
+
+
+@dataclass
+class Mapping:
+    address: int
+    size: int
+    flags: int
+    fd: int
+    offset: int
+    mem: mmap.mmap | None
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+
+class DmaLog:
+    """Dirty pages of device writes, tracked at PAGE_SIZE granularity."""
+
+    MAX_RANGES = 4096 // 16
+
+    def __init__(self):
+        self.ranges: list[tuple[int, int]] | None = None
+        self.page_size = PAGE_SIZE
+        self._dirty: set[int] = set()
+
+    @property
+    def running(self) -> bool:
+        return self.ranges is not None
+
+    def start(self, page_size: int, ranges: list[tuple[int, int]]) -> int:
+        """Start logging; return the page size chosen (uAPI: a hint)."""
+        if self.running:
+            raise DeviceError(errno.EBUSY, "DMA logging already started")
+        if not ranges:
+            raise DeviceError(errno.EINVAL, "no ranges")
+        if len(ranges) > self.MAX_RANGES:
+            raise DeviceError(errno.E2BIG, f"more than {self.MAX_RANGES} ranges")
+        if page_size < PAGE_SIZE or page_size & (page_size - 1):
+            page_size = PAGE_SIZE
+        spans = sorted(ranges)
+        for iova, length in spans:
+            if iova % page_size or length % page_size or not length:
+                raise DeviceError(errno.EINVAL, f"range {iova:#x}+{length:#x} not {page_size}-aligned")
+            if iova + length > 1 << 64:
+                raise DeviceError(errno.EOVERFLOW, f"range {iova:#x}+{length:#x} overflows")
+        for (a, la), (b, _) in zip(spans, spans[1:]):
+            if a + la > b:
+                raise DeviceError(errno.EINVAL, "ranges overlap")
+        self.ranges, self.page_size, self._dirty = spans, page_size, set()
+        return page_size
+
+    def stop(self) -> None:
+        self.ranges = None
+        self._dirty = set()
+
+    def mark(self, iova: int, length: int) -> None:
+        if not self.running or not length:
+            return
+        for page in range(iova // PAGE_SIZE, (iova + length - 1) // PAGE_SIZE + 1):
+            addr = page * PAGE_SIZE
+            if any(a <= addr < a + n for a, n in self.ranges):
+                self._dirty.add(page)
+
+    def report(self, iova: int, length: int, page_size: int) -> bytes:
+        """The bitmap of [iova, iova+length) at ``page_size``: bit n (word
+        n // 64, bit n % 64) for the page at iova + n * page_size.  Clears
+        what it reports."""
+        if not self.running:
+            raise DeviceError(errno.EINVAL, "DMA logging is not started")
+        if page_size < PAGE_SIZE or page_size & (page_size - 1):
+            raise DeviceError(errno.EINVAL, f"page size {page_size} is not a power of two >= 4096")
+        if iova + length > 1 << 64:
+            raise DeviceError(errno.EOVERFLOW, "range overflows")
+        bitmap = bytearray(dirty_bitmap_size(length, page_size))
+        first, last = iova // PAGE_SIZE, (iova + length - 1) // PAGE_SIZE
+        hits = [p for p in self._dirty if first <= p <= last]
+        for page in hits:
+            n = (page * PAGE_SIZE - iova) // page_size if page * PAGE_SIZE >= iova else 0
+            bitmap_set(bitmap, n)
+            self._dirty.discard(page)
+        return bytes(bitmap)
+
+
+class DmaSpace:
+    """The DMA_MAP table of one client connection."""
+
+    def __init__(self, log: DmaLog):
+        self.maps: list[Mapping] = []
+        self.log = log
+
+    def map(self, address: int, size: int, flags: int, fd: int | None, offset: int) -> None:
+        if not size:
+            raise DeviceError(errno.EINVAL, "zero-sized mapping")
+        for m in self.maps:
+            if address < m.end and m.address < address + size:
+                raise DeviceError(errno.EEXIST, f"{address:#x}+{size:#x} overlaps {m.address:#x}+{m.size:#x}")
+        mem = None
+        if fd is not None:
+            prot = (mmap.PROT_READ if flags & DmaFlags.READ else 0) | (mmap.PROT_WRITE if flags & DmaFlags.WRITE else 0)
+            try:
+                mem = mmap.mmap(fd, size, mmap.MAP_SHARED, prot or mmap.PROT_READ, offset=offset)
+            except (OSError, ValueError) as err:
+                os.close(fd)
+                raise DeviceError(errno.EINVAL, f"cannot map the fd: {err}") from None
+        self.maps.append(Mapping(address, size, flags, -1 if fd is None else fd, offset, mem))
+
+    def unmap(self, address: int, size: int) -> None:
+        for m in self.maps:
+            if (m.address, m.size) == (address, size):
+                self._release(m)
+                self.maps.remove(m)
+                return
+        raise DeviceError(errno.EINVAL, f"no mapping is exactly {address:#x}+{size:#x}")
+
+    def clear(self) -> None:
+        for m in self.maps:
+            self._release(m)
+        self.maps.clear()
+
+    @staticmethod
+    def _release(m: Mapping) -> None:
+        if m.mem is not None:
+            m.mem.close()
+        if m.fd >= 0:
+            os.close(m.fd)
+
+    def _find(self, iova: int, length: int, flag: int) -> tuple[Mapping, int]:
+        for m in self.maps:
+            if m.address <= iova and iova + length <= m.end:
+                if m.mem is None or not m.flags & flag:
+                    raise DeviceError(errno.EPERM, f"{iova:#x}+{length:#x} is not mapped for this access")
+                return m, iova - m.address
+        raise DeviceError(errno.EFAULT, f"{iova:#x}+{length:#x} is not mapped")
+
+    def write(self, iova: int, data: bytes) -> None:
+        m, off = self._find(iova, len(data), DmaFlags.WRITE)
+        m.mem[off:off + len(data)] = data
+        self.log.mark(iova, len(data))
+
+    def read(self, iova: int, length: int) -> bytes:
+        m, off = self._find(iova, length, DmaFlags.READ)
+        return bytes(m.mem[off:off + length])

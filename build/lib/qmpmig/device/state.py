@@ -1,0 +1,96 @@
+"""The reference device's internal state, and its dirty log.
+
+Seed 000: in SAVING|RUNNING (PRE_COPY) the device logs changes to its
+internal state so that pre-copy can send the state once and then only what
+changed.  The state here is a byte array of whole pages that the device's
+own activity rewrites while it RUNS, at a configurable rate, from a
+deterministic generator; the log is one flag per page.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+from ..vfio_user.uapi import PAGE_SIZE
+
+
+class InternalState:
+    """``size`` bytes of device-internal state, in pages, with a dirty log."""
+
+    def __init__(self, size: int, seed: int = 0):
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"state size must be a positive multiple of {PAGE_SIZE}")
+        self.size = size
+        self.pages = size // PAGE_SIZE
+        self.data = bytearray(size)
+        self.logging = False
+        self._dirty = bytearray(self.pages)
+        self._ndirty = 0
+        self._rng = random.Random(seed)
+        self.generation = 0
+
+    def mutate(self, npages: int) -> None:
+        """The device at work: rewrite ``npages`` pseudo-random pages."""
+        for _ in range(npages):
+            page = self._rng.randrange(self.pages)
+            self.generation += 1
+            off = page * PAGE_SIZE
+            stamp = self.generation.to_bytes(8, "little") + page.to_bytes(8, "little")
+            self.data[off:off + 16] = stamp
+            self.data[off + 16:off + 48] = hashlib.blake2b(stamp, digest_size=32).digest()
+            self.mark(page)
+
+    def mark(self, page: int) -> None:
+        if self.logging and not self._dirty[page]:
+            self._dirty[page] = 1
+            self._ndirty += 1
+
+    def start_logging(self) -> None:
+        """SAVING|RUNNING: clear the log and start it."""
+        self._dirty = bytearray(self.pages)
+        self._ndirty = 0
+        self.logging = True
+
+    def stop_logging(self) -> None:
+        self.logging = False
+
+    @property
+    def dirty_pages(self) -> int:
+        return self._ndirty
+
+    def dirty_below(self, page: int) -> int:
+        """Dirty pages numbered below ``page``."""
+        return self._dirty.count(1, 0, page)
+
+    def take_dirty(self, limit: int) -> list[int]:
+        """Up to ``limit`` dirty pages, their flags cleared."""
+        taken = []
+        page = self._dirty.find(1)
+        while page >= 0 and len(taken) < limit:
+            self._dirty[page] = 0
+            taken.append(page)
+            page = self._dirty.find(1, page + 1)
+        self._ndirty -= len(taken)
+        return taken
+
+    def clear_dirty(self, page: int) -> None:
+        if self._dirty[page]:
+            self._dirty[page] = 0
+            self._ndirty -= 1
+
+    def page(self, n: int) -> bytes:
+        return bytes(self.data[n * PAGE_SIZE:(n + 1) * PAGE_SIZE])
+
+    def load_page(self, n: int, data: bytes) -> None:
+        self.data[n * PAGE_SIZE:(n + 1) * PAGE_SIZE] = data
+
+    def rng_state(self) -> list:
+        return [self.generation, list(self._rng.getstate()[1]), self._rng.getstate()[2]]
+
+    def set_rng_state(self, saved: list) -> None:
+        self.generation = saved[0]
+        self._rng.setstate((3, tuple(saved[1]), saved[2]))
+
+    def digest(self) -> bytes:
+        return hashlib.blake2b(self.data, digest_size=32).digest()

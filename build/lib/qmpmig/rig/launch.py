@@ -1,0 +1,191 @@
+"""``qmpmig migrate --launch``: the whole rig on this machine, migrated and
+then checked.
+
+Two QEMUs of the test guest, N pairs of reference devices doing DMA into
+the guest's reserved window, one controller migration, and the proofs: the
+guest's heartbeat goes on at the destination, every device's state hash at
+the destination equals its source's at the stop, every DMA record is in the
+destination's guest RAM, and the trace passes its checker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+from ..controller import Controller, Options, Pair, RemoteDevice, Summary, Trace
+from ..device import records
+from ..device.bar0 import read_register, start_ring
+from ..qemu.guestmem import GuestRam
+from ..tools import tracecheck
+from .pair import Rig
+
+
+@dataclass
+class LaunchOptions:
+    devices: int = 1
+    protocol: str = "v2"
+    state_size: str = "16M"
+    memory_mib: int = 256
+    dma_rate: int = 500
+    fault_stride: int = 0
+    mig_flags: str | None = None
+    device_defects: tuple[str, ...] = ()
+    trace_path: str | None = None
+    #: Seconds the guest and its devices run before the migration starts.
+    settle: float = 1.0
+    controller: Options = field(default_factory=Options)
+
+    def device_argv(self) -> tuple[str, ...]:
+        argv = ["--migration", self.protocol, "--state-size", self.state_size,
+                "--dma-rate", str(self.dma_rate), "--fault-stride", str(self.fault_stride)]
+        if self.mig_flags:
+            argv += ["--mig-flags", self.mig_flags]
+        for defect in self.device_defects:
+            argv += ["--defect", defect]
+        return tuple(argv)
+
+
+@dataclass
+class Report:
+    summary: Summary
+    checks: dict[str, str | None] = field(default_factory=dict)
+    violations: list[tracecheck.Violation] = field(default_factory=list)
+    heartbeat: tuple[int, int] | None = None
+    records: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.summary.ok and not self.violations and not any(self.checks.values())
+
+
+async def launch(opts: LaunchOptions, progress=None, during=None) -> Report:
+    """Start the rig, migrate it with the controller, check the result.
+    ``during(rig, controller)``, if given, runs alongside the migration
+    (tests use it to cancel, kill or misconfigure things)."""
+    rig = Rig(memory_mib=opts.memory_mib, devices=opts.devices, device_options=opts.device_argv())
+    trace = Trace(opts.trace_path)
+    opened: list[RemoteDevice] = []
+    rams: list[GuestRam] = []
+    controller = None
+    side_task = None
+    try:
+        await rig.start()
+        devices = []
+        for i, (src_proc, dst_proc) in enumerate(rig.devices):
+            src = await RemoteDevice.open(str(src_proc.socket), opts.protocol)
+            opened.append(src)
+            dst = await RemoteDevice.open(str(dst_proc.socket), opts.protocol)
+            opened.append(dst)
+            devices.append((f"dev{i}", src, dst))
+        rams = [GuestRam(rig.src.ram_path), GuestRam(rig.dst.ram_path)]
+        base, size = rig.src.dma_window
+        rams[0].mem[base:base + size] = bytes(size)  # the boot left the compressed kernel there
+        controller = Controller(rig.src_qmp, rig.dst_qmp, rig.uri, *rams, trace, opts.controller)
+        controller.progress = progress
+
+        async def restart_destination():
+            qemu = await rig.restart_destination()
+            ram = GuestRam(rig.dst.ram_path)
+            rams.append(ram)
+            return qemu, ram
+
+        controller.restart_destination = restart_destination
+        await controller.attach(devices)
+        pairs = controller.pairs
+        for i, pair in enumerate(pairs):
+            await start_ring(pair.src.device.client, *rig.ring(i))
+        if during:
+            side_task = asyncio.create_task(during(rig, controller))
+        await asyncio.sleep(opts.settle)
+        last_src_beat = rig.src.last_heartbeat()
+        summary = await controller.migrate()
+        if side_task:
+            await side_task
+        report = Report(summary)
+        if summary.ok and controller.dst.vm.runstate != "running":
+            await _verify_paused(report, rig, pairs)
+        elif summary.ok:
+            await _verify(report, rig, pairs, controller.dst.ram, last_src_beat)
+        else:
+            await _verify_source_survived(report, rig, pairs, controller.src.ram)
+        report.records = trace.records
+        report.violations = tracecheck.check(trace.records)
+        return report
+    finally:
+        if side_task and not side_task.done():
+            side_task.cancel()
+        if controller:
+            await controller.detach()
+        for dev in opened:
+            with contextlib.suppress(Exception):
+                await dev.close()
+        for ram in rams:
+            with contextlib.suppress(ValueError, OSError):
+                ram.close()
+        trace.close()
+        await rig.close()
+
+
+async def _verify(report: Report, rig: Rig, pairs: list[Pair], dst_ram: GuestRam, last_src_beat: int) -> None:
+    try:
+        beat = await asyncio.to_thread(rig.dst.wait_heartbeat, last_src_beat, 30)
+        report.heartbeat = (last_src_beat, beat)
+        report.checks["heartbeat"] = None
+    except Exception as err:
+        report.checks["heartbeat"] = f"the guest did not go on at the destination: {err}"
+    for i, pair in enumerate(pairs):
+        if pair.src_hash is None or pair.src_hash != pair.dst_hash:
+            report.checks[f"{pair.name} state"] = (f"destination state hash {pair.dst_hash and pair.dst_hash.hex()[:16]}"
+                                                   f" != source {pair.src_hash and pair.src_hash.hex()[:16]}")
+        else:
+            report.checks[f"{pair.name} state"] = None
+        iova, size = rig.ring(i)
+        seq = await read_register(pair.dst.device.client, "dma_seq")
+        errors = records.verify(dst_ram.read(iova, size), i + 1, seq)
+        report.checks[f"{pair.name} DMA records"] = (
+            f"{len(errors)} of {min(seq, size // records.SIZE)} records wrong in destination RAM, "
+            f"first: {errors[0]}" if errors else None)
+        if not seq:
+            report.checks[f"{pair.name} DMA records"] = "the device wrote no record"
+
+
+async def _verify_paused(report: Report, rig: Rig, pairs: list[Pair]) -> None:
+    """A guest paused before the migration stays paused at the destination,
+    its devices in STOP with the source's state."""
+    beat = rig.dst.last_heartbeat()
+    await asyncio.sleep(1.0)
+    report.checks["destination paused"] = (None if rig.dst.last_heartbeat() == beat
+                                           else "the destination guest runs, the source's was paused")
+    for pair in pairs:
+        state = await pair.dst.device.state()
+        same = pair.src_hash is not None and pair.src_hash == pair.dst_hash
+        report.checks[f"{pair.name} state"] = (None if same and state.name == "STOP"
+                                               else f"destination {state.name}, hashes {'equal' if same else 'differ'}")
+
+
+async def _verify_source_survived(report: Report, rig: Rig, pairs: list[Pair], src_ram: GuestRam) -> None:
+    """After a failed migration: the source guest runs on, and each source
+    device runs with the state it had (not reset: its DMA goes on from where
+    it was, and every record it wrote is in the source's RAM)."""
+    try:
+        beat = rig.src.last_heartbeat()
+        await asyncio.to_thread(rig.src.wait_heartbeat, beat + 1, 20)
+        report.checks["source heartbeat"] = None
+    except Exception as err:
+        report.checks["source heartbeat"] = f"the source guest stopped: {err}"
+    for i, pair in enumerate(pairs):
+        key = f"source {pair.name}"
+        try:
+            src = pair.src.device
+            state = await src.state()
+            first = await read_register(src.client, "dma_seq")
+            await asyncio.sleep(0.3)
+            second = await read_register(src.client, "dma_seq")
+            iova, size = rig.ring(i)
+            errors = records.verify(src_ram.read(iova, size), i + 1, first)
+            report.checks[key] = (None if state.name == "RUNNING" and 0 < first < second and not errors
+                                  else f"state {state.name}, dma_seq {first} -> {second}, {len(errors)} bad records")
+        except Exception as err:
+            report.checks[key] = f"unreachable: {err}"

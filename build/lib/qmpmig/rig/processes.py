@@ -1,0 +1,92 @@
+"""Processes the rig starts: each dies with its starter (PR_SET_PDEATHSIG)
+and is stopped politely, then not; a ``qmpmig-device`` process leaves no
+socket behind."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..errors import QmpmigError
+
+
+def die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the starting thread exits."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; reap it."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class DeviceProcess:
+    """``qmpmig-device --socket PATH [options]`` in its own process."""
+
+    def __init__(self, socket: str | Path, *options: str, log: Path | None = None, nice: int = 0):
+        self.socket = Path(socket)
+        self.options = options
+        self.log_path = log or self.socket.with_suffix(".log")
+        self.nice = nice
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 10.0) -> "DeviceProcess":
+        self.socket.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "qmpmig.device.cli", "--socket", str(self.socket), *self.options]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         preexec_fn=self._child_setup)
+        deadline = time.monotonic() + timeout
+        while not self.socket.exists():
+            if self.proc.poll() is not None:
+                raise QmpmigError(f"qmpmig-device exited ({self.proc.returncode}): {self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise QmpmigError(f"qmpmig-device: no socket at {self.socket} after {timeout} s")
+            time.sleep(0.01)
+        return self
+
+    def _child_setup(self) -> None:
+        die_with_parent()
+        if self.nice:
+            os.nice(self.nice)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self, timeout: float = 5.0) -> None:
+        stop_process(self.proc, timeout)
+        self.socket.unlink(missing_ok=True)
+
+    def __enter__(self) -> "DeviceProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

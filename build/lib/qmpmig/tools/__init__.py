@@ -1,0 +1,1 @@
+"""qmpmig's tools: the conformance check, the trace checker and the command line."""

@@ -1,0 +1,264 @@
+"""The ``qmpmig`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+from ..controller import DEBUG, Controller, Options, RemoteDevice, Trace
+from ..errors import InvalidTransition, LifecycleRefused, QmpmigError
+from ..migration import lifecycle
+from ..migration.fsm import plan
+from ..migration.states import MigFlags, MigState
+from ..qemu.guestmem import GuestRam
+from ..qemu.qmp import Qemu
+from ..rig.launch import LaunchOptions, launch
+from . import check
+from .tracecheck import RULES, check as check_trace, load as load_trace
+
+ALL_FLAGS = MigFlags.STOP_COPY | MigFlags.P2P | MigFlags.PRE_COPY
+
+
+def _device_target(role: str, state, flags: int) -> str:
+    try:
+        return lifecycle.target(role, state.runstate, state.status, flags).name
+    except LifecycleRefused as err:
+        return f"refused: {err.reason}"
+
+
+class Progress:
+    """A live status line on a terminal: phase, RAM left, device bytes, rate."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.live = stream.isatty()
+        self._t0 = time.monotonic()
+
+    def __call__(self, controller, ram_remaining, pending) -> None:
+        if not self.live:
+            return
+        sent = sum(p.sent for p in controller.pairs)
+        elapsed = max(time.monotonic() - self._t0, 1e-6)
+        ram = "?" if ram_remaining is None else f"{ram_remaining >> 20} MiB"
+        self.stream.write(f"\r{controller.phase:10} RAM left {ram:>8}  devices sent {sent >> 20} MiB, "
+                          f"pending {sum(pending) >> 10} KiB  {sent / elapsed / 2**20:6.1f} MiB/s ")
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.live:
+            self.stream.write("\n")
+
+
+def _controller_options(args) -> Options:
+    return Options(threshold=args.threshold, downtime_limit=args.downtime_limit,
+                   timeout=args.timeout, debug=frozenset(args.debug))
+
+
+def _summary_dict(summary, report=None) -> dict:
+    out = {"ok": summary.ok, "message": summary.message, "total_time_s": round(summary.total_time, 3),
+           "downtime_s": summary.downtime and round(summary.downtime, 3),
+           "qemu_downtime_ms": summary.qemu_downtime_ms, "device_bytes": summary.device_bytes,
+           "dma_pages_copied": summary.dma_pages_copied,
+           "phases_s": {k: round(v, 3) for k, v in summary.phases.items()}}
+    if report is not None:
+        out["checks"] = {k: v or "ok" for k, v in report.checks.items()}
+        out["trace_violations"] = [str(v) for v in report.violations]
+        out["heartbeat"] = report.heartbeat
+    return out
+
+
+def _print_summary(d: dict) -> None:
+    print(("OK: " if d["ok"] else "FAILED: ") + d["message"])
+    print(f"  total {d['total_time_s']} s, guest paused {d['downtime_s']} s "
+          f"(QEMU's own downtime {d['qemu_downtime_ms']} ms), device data {d['device_bytes']} bytes, "
+          f"DMA-dirty pages copied {d['dma_pages_copied']}")
+    print("  phases: " + ", ".join(f"{k} {v}s" for k, v in d["phases_s"].items()))
+    for name, result in d.get("checks", {}).items():
+        print(f"  check {name}: {result}")
+    if "trace_violations" in d:
+        print("  trace check: " + ("ok" if not d["trace_violations"] else "; ".join(d["trace_violations"])))
+
+
+async def _migrate(args) -> int:
+    progress = Progress()
+    if args.launch:
+        opts = LaunchOptions(devices=args.devices, protocol=args.protocol or "v2", state_size=args.state_size,
+                             memory_mib=args.memory, dma_rate=args.dma_rate, fault_stride=args.fault_stride,
+                             mig_flags=args.mig_flags, trace_path=args.trace,
+                             controller=_controller_options(args))
+        report = await launch(opts, progress)
+        progress.done()
+        result = _summary_dict(report.summary, report)
+        ok = report.ok
+    else:
+        result, ok = await _attach_and_migrate(args, progress)
+        progress.done()
+    if args.json:
+        json.dump(result, sys.stdout, indent=1)
+        print()
+    else:
+        _print_summary(result)
+    return 0 if ok else 1
+
+
+async def _attach_and_migrate(args, progress) -> tuple[dict, bool]:
+    src, dst = Qemu("src"), Qemu("dst")
+    opened, rams = [], []
+    trace = Trace(args.trace)
+    ctl = None
+    try:
+        await src.connect(args.src_qmp)
+        await dst.connect(args.dst_qmp)
+        devices = []
+        for i, spec in enumerate(args.device):
+            src_sock, _, dst_sock = spec.partition(",")
+            a = await RemoteDevice.open(src_sock, args.protocol)
+            opened.append(a)
+            b = await RemoteDevice.open(dst_sock, args.protocol)
+            opened.append(b)
+            devices.append((f"dev{i}", a, b))
+        rams = [GuestRam(args.src_ram), GuestRam(args.dst_ram)]
+        ctl = Controller(src, dst, args.uri, *rams, trace, _controller_options(args))
+        ctl.progress = progress
+        await ctl.attach(devices)
+        summary = await ctl.migrate()
+        violations = check_trace(trace.records)
+        result = _summary_dict(summary)
+        result["trace_violations"] = [str(v) for v in violations]
+        return result, summary.ok and not violations
+    finally:
+        if ctl:
+            await ctl.detach()
+        for dev in opened:
+            await dev.close()
+        for ram in rams:
+            ram.close()
+        trace.close()
+        await src.disconnect()
+        await dst.disconnect()
+
+
+async def _follow(args) -> int:
+    qemu = Qemu("follow")
+    await qemu.connect(args.qmp)
+    t0 = time.monotonic()
+    try:
+        async for state in qemu.states():
+            target = _device_target(args.role, state, args.flags)
+            print(json.dumps({"t": round(time.monotonic() - t0, 3), "runstate": state.runstate,
+                              "status": state.status, "device_state": target}), flush=True)
+    finally:
+        await qemu.disconnect()
+    return 0
+
+
+def _trace_check(args) -> int:
+    violations = check_trace(load_trace(args.file))
+    failed = {v.rule for v in violations}
+    for rule, (text, source) in RULES.items():
+        print(f"{'FAIL' if rule in failed else 'PASS'}  {rule:18} {text}  [{source}]")
+        for v in violations:
+            if v.rule == rule:
+                print(f"      record {v.seq}: {v.message}")
+    return 1 if violations else 0
+
+
+def _plan(args) -> int:
+    try:
+        steps = plan(MigState[args.cur], MigState[args.new], args.flags)
+    except InvalidTransition as err:
+        print(f"EINVAL: {err}", file=sys.stderr)
+        return 1
+    print(" -> ".join([args.cur, *(s.name for s in steps)]))
+    return 0
+
+
+def _flags(text: str) -> int:
+    value = 0
+    for name in text.replace(",", "|").split("|"):
+        value |= MigFlags[name.strip().upper()] if not name.strip().isdigit() else int(name)
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qmpmig", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("device", help="serve a reference vfio-user device (see qmpmig device --help)")
+
+    m = sub.add_parser("migrate", help="live-migrate a QEMU guest with its vfio-user devices")
+    m.add_argument("--launch", action="store_true",
+                   help="start everything here: two QEMUs of the test guest and the device processes")
+    m.add_argument("--src-qmp", help="source QEMU's QMP socket")
+    m.add_argument("--dst-qmp", help="destination QEMU's QMP socket (started with -incoming defer -S)")
+    m.add_argument("--uri", help="migration URI, e.g. unix:/run/mig.sock")
+    m.add_argument("--src-ram", help="source guest RAM file (memory-backend-file mem-path, share=on)")
+    m.add_argument("--dst-ram", help="destination guest RAM file")
+    m.add_argument("--device", action="append", default=[], metavar="SRC_SOCKET,DST_SOCKET",
+                   help="a device pair's vfio-user sockets (repeat for more)")
+    m.add_argument("--protocol", choices=("v1", "v2"), help="force v1 or v2 (default: what devices offer)")
+    m.add_argument("--devices", type=int, default=1, help="with --launch: device pairs to start")
+    m.add_argument("--state-size", default="16M", help="with --launch: device internal state")
+    m.add_argument("--dma-rate", type=int, default=500, help="with --launch: DMA records per second")
+    m.add_argument("--fault-stride", type=int, default=0, help="with --launch: IO page faults every N pages")
+    m.add_argument("--mig-flags", help="with --launch: v2 flags, e.g. STOP_COPY,P2P,PRE_COPY")
+    m.add_argument("--memory", type=int, default=256, help="with --launch: guest MiB")
+    m.add_argument("--threshold", type=int, default=1 << 20, help="device bytes pending to end pre-copy")
+    m.add_argument("--downtime-limit", type=int, default=300, help="QEMU downtime-limit (ms) after the vCPU stop")
+    m.add_argument("--timeout", type=float, default=300.0)
+    m.add_argument("--trace", help="write the JSON-lines trace here")
+    m.add_argument("--json", action="store_true", help="print a JSON summary")
+    m.add_argument("--debug", action="append", default=[], choices=sorted(DEBUG),
+                   help="break one ordering rule on purpose (negative controls)")
+    m.set_defaults(run=lambda a: asyncio.run(_migrate(a)))
+
+    t = sub.add_parser("trace", help="work with a trace file")
+    tsub = t.add_subparsers(dest="trace_command", required=True)
+    tc = tsub.add_parser("check", help="prove the ordering rules over a trace")
+    tc.add_argument("file")
+    tc.set_defaults(run=_trace_check)
+
+    f = sub.add_parser("follow", help="print a QEMU's (runstate, status) and the device_state it maps to")
+    f.add_argument("--qmp", required=True)
+    f.add_argument("--role", choices=lifecycle.ROLES, default="source")
+    f.add_argument("--flags", type=_flags, default=ALL_FLAGS, help="e.g. STOP_COPY|PRE_COPY")
+    f.set_defaults(run=lambda a: asyncio.run(_follow(a)))
+
+    pl = sub.add_parser("plan", help="the arcs from one device_state to another")
+    pl.add_argument("cur", choices=[s.name for s in MigState])
+    pl.add_argument("new", choices=[s.name for s in MigState])
+    pl.add_argument("--flags", type=_flags, default=ALL_FLAGS)
+    pl.set_defaults(run=_plan)
+
+    c = sub.add_parser("check", help="conformance run against a vfio-user device server")
+    c.add_argument("--socket", required=True, help="the device's vfio-user socket")
+    c.add_argument("--peer", help="a second device of the same kind to resume into")
+    c.add_argument("--protocol", choices=("v1", "v2"), help="migrate by v1 or v2 (default: what the device offers)")
+    c.add_argument("--json", action="store_true", help="print the results as JSON")
+    c.set_defaults(run=check.command)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["device"]:
+        from ..device.cli import main as device_main
+        return device_main(argv[1:])
+    args = parser().parse_args(argv)
+    if args.command == "migrate" and not args.launch and not all(
+            (args.src_qmp, args.dst_qmp, args.uri, args.src_ram, args.dst_ram)):
+        parser().error("migrate needs --launch, or --src-qmp, --dst-qmp, --uri, --src-ram and --dst-ram")
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("qmpmig: interrupted", file=sys.stderr)
+        return 130
+    except QmpmigError as err:
+        print(f"qmpmig: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""A vfio-user endpoint over a UNIX stream socket: the thin asyncio layer
+under :mod:`.client` and :mod:`.server`.
+
+It moves bytes and SCM_RIGHTS fds between the socket and a sans-IO
+:class:`~.codec.Connection`, matches replies to requests by msg_id (FIFO
+per id: ids may repeat), and hands commands from the peer to
+:meth:`Endpoint.handle_command`.  It takes no protocol decision of its own.
+When the socket closes, every waiter gets
+:class:`~qmpmig.errors.Disconnected`.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import contextlib
+import errno
+import logging
+import os
+import socket
+from typing import Any
+
+from ..errors import Disconnected, ErrorReply, LocalProtocolError, ProtocolError
+from . import codec
+from .codec import BadMessage, Message
+
+log = logging.getLogger("qmpmig.vfio_user")
+
+
+def _wake(ready: asyncio.Future) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+class Endpoint:
+    """One side of a vfio-user connection."""
+
+    #: Handle the peer's commands one at a time, in arrival order, before
+    #: reading on (a server does: spec, "processes commands in order").
+    inline_commands = True
+
+    def __init__(self, sock: socket.socket, role: codec.Party, **limits: int):
+        sock.setblocking(False)
+        self.sock = sock
+        self.conn = codec.Connection(role, **limits)
+        self._waiters: dict[int, collections.deque[asyncio.Future]] = collections.defaultdict(collections.deque)
+        self._next_id = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._reader: asyncio.Task | None = None
+        self._send_lock = asyncio.Lock()
+        self.closed = asyncio.Event()
+        #: Close the connection once the reply being sent has gone out.
+        self.hangup_after_reply = False
+
+    # -- bytes and fds ------------------------------------------------------
+
+    async def _recv(self) -> tuple[bytes, list[int]]:
+        loop = asyncio.get_running_loop()
+        fd_room = socket.CMSG_SPACE(self.conn.max_msg_fds * array.array("i").itemsize)
+        while True:
+            try:
+                data, ancdata, _, _ = self.sock.recvmsg(1 << 20, fd_room)
+                break
+            except (BlockingIOError, InterruptedError):
+                await self._ready(loop.add_reader, loop.remove_reader)
+        fds = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", payload[:len(payload) - len(payload) % 4]))
+        return data, fds
+
+    async def _ready(self, add, remove) -> None:
+        """Wait until the socket is readable (add_reader) or writable (add_writer)."""
+        ready = asyncio.get_running_loop().create_future()
+        add(self.sock.fileno(), _wake, ready)
+        try:
+            await ready
+        finally:
+            remove(self.sock.fileno())
+
+    async def send(self, msg: Message) -> None:
+        """Send one message whole: a cancelled caller does not cut it short
+        (half a message would desynchronise the stream for good)."""
+        data = self.conn.send(msg)
+        await asyncio.shield(self._send_whole(data, msg.fds))
+
+    async def _send_whole(self, data: bytes, fds: tuple[int, ...]) -> None:
+        loop = asyncio.get_running_loop()
+        async with self._send_lock:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+            while True:
+                try:
+                    sent = self.sock.sendmsg([data], ancillary)
+                    break
+                except (BlockingIOError, InterruptedError):
+                    await self._ready(loop.add_writer, loop.remove_writer)
+            if sent < len(data):
+                await loop.sock_sendall(self.sock, data[sent:])
+
+    # -- requests and replies ----------------------------------------------
+
+    def start(self) -> None:
+        self._reader = asyncio.create_task(self._read_loop(), name="vfio-user reader")
+
+    async def request(self, cmd: codec.Command, payload: Any, fds: tuple[int, ...] = ()) -> Message:
+        """Send a command and wait for its reply; raise ErrorReply for an
+        error reply, Disconnected if the socket closes first."""
+        if self.closed.is_set():
+            raise Disconnected("vfio-user connection is closed")
+        msg_id = self._next_id
+        self._next_id = (self._next_id + 1) & 0xFFFF
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[msg_id].append(waiter)
+        try:
+            await self.send(Message(msg_id, cmd, payload, fds=tuple(fds)))
+            reply = await waiter
+        finally:
+            if waiter in self._waiters.get(msg_id, ()):
+                self._waiters[msg_id].remove(waiter)
+        if reply.error_no or reply.payload is None:
+            raise ErrorReply(cmd, codec.Command(cmd).name, reply.error_no)
+        return reply
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                event = self.conn.next_event()
+                if event is codec.NEED_DATA:
+                    data, fds = await self._recv()
+                    if not data:
+                        for fd in fds:
+                            os.close(fd)
+                        break
+                    self.conn.receive_data(data, fds)
+                    continue
+                if isinstance(event, BadMessage):
+                    await self._bad_message(event)
+                    if event.fatal:
+                        break
+                elif event.reply:
+                    self._deliver(event)
+                elif self.inline_commands:
+                    await self._serve(event)
+                else:
+                    task = asyncio.create_task(self._serve(event))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+        except (ConnectionError, OSError, ProtocolError) as err:
+            log.info("vfio-user connection ends: %s", err)
+        finally:
+            self._shutdown()
+
+    def _deliver(self, reply: Message) -> None:
+        queue = self._waiters.get(reply.msg_id)
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.done():
+                waiter.set_result(reply)
+                return
+        for fd in reply.fds:
+            os.close(fd)
+        log.warning("reply %d to %s matches no request", reply.msg_id, reply.cmd)
+
+    async def _bad_message(self, bad: BadMessage) -> None:
+        for fd in bad.fds:
+            os.close(fd)
+        log.warning("malformed message %d (cmd %s): %s", bad.msg_id, bad.cmd, bad.reason)
+        if not bad.reply:
+            with contextlib.suppress(OSError, ProtocolError):
+                await self.send(codec.error_reply(bad, bad.errno))
+
+    async def _serve(self, msg: Message) -> None:
+        try:
+            payload, fds = await self.handle_command(msg)
+            reply = codec.reply_to(msg, payload, fds=fds)
+        except Exception as err:
+            for fd in msg.fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if isinstance(err, OSError):
+                log.info("%s refused: %s", getattr(msg.cmd, "name", msg.cmd), err)
+            else:
+                log.exception("%s: handler failed", getattr(msg.cmd, "name", msg.cmd))
+            reply = codec.error_reply(msg, getattr(err, "errno", None) or errno.EIO)
+        if not msg.no_reply or reply.error_no:
+            try:
+                await self.send(reply)
+            except LocalProtocolError as err:
+                await self.send(codec.error_reply(msg, errno.EINVAL))
+                log.warning("reply to %s not sendable: %s", msg.cmd, err)
+        if self.hangup_after_reply:
+            raise ConnectionAbortedError("closing after the reply, as the protocol demands")
+
+    async def handle_command(self, msg: Message) -> tuple[Any, tuple[int, ...]]:
+        """Answer a command from the peer: (reply payload, fds), or raise
+        OSError(errno) for an error reply."""
+        raise OSError(errno.EINVAL, "no commands accepted from this peer")
+
+    def _shutdown(self) -> None:
+        self.closed.set()
+        for queue in self._waiters.values():
+            for waiter in queue:
+                if not waiter.done():
+                    waiter.set_exception(Disconnected("vfio-user connection closed"))
+        self._waiters.clear()
+        self.sock.close()
+        self.on_disconnect()
+
+    def on_disconnect(self) -> None:
+        """Hook: the connection is gone."""
+
+    async def close(self) -> None:
+        if self._reader and not self._reader.done():
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        for task in list(self._tasks):
+            task.cancel()
+        if not self.closed.is_set():
+            self._shutdown()
