@@ -1,10 +1,12 @@
 """Helpers for tests that drive a reference device through a client."""
 
+import asyncio
 import os
+import time
 
 from qmpmig.device.bar0 import read_register as reg_read, start_ring, write_register as reg_write
 
-__all__ = ["RING_IOVA", "guest_memory", "reg_read", "reg_write", "start_dma"]
+__all__ = ["RING_IOVA", "guest_memory", "reg_read", "reg_write", "start_dma", "until"]
 
 RING_IOVA = 0x10_0000
 
@@ -14,6 +16,16 @@ def guest_memory(size: int) -> int:
     fd = os.memfd_create("qmpmig-test-guest")
     os.ftruncate(fd, size)
     return fd
+
+
+async def until(condition, what: str, timeout: float = 10.0) -> None:
+    """Poll the async ``condition()`` until it holds; fail naming ``what``
+    after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout:g} s")
+        await asyncio.sleep(0.02)
 
 
 async def start_dma(client, mem_fd: int, mem_size: int, ring_size: int = 64 << 10,

@@ -19,7 +19,7 @@ from qmpmig.migration.states import V1, MigState as S
 from qmpmig.vfio_user import codec, uapi
 from qmpmig.vfio_user.client import Client
 
-from devtools import RING_IOVA, guest_memory, reg_read, reg_write, start_dma
+from devtools import RING_IOVA, guest_memory, reg_read, reg_write, start_dma, until
 
 MiB = 1 << 20
 
@@ -243,6 +243,10 @@ def test_client_vanishing_mid_message_does_not_hang_the_device(spawn_device):
 # -- migration ------------------------------------------------------------------
 
 
+async def seq_above(client, n: int) -> bool:
+    return await reg_read(client, "dma_seq") > n
+
+
 async def migrate(src: RemoteDevice, dst: RemoteDevice, precopy: bool, src_client_mem=None) -> dict:
     """The reference save and resume flows of seed 000, through the client."""
     await dst.reset()
@@ -252,7 +256,7 @@ async def migrate(src: RemoteDevice, dst: RemoteDevice, precopy: bool, src_clien
     if precopy:
         await src.set_state(S.PRE_COPY)
         moved += await drain(src, dst)
-        await asyncio.sleep(0.2)
+        await until(lambda: src.pending(), "state dirtied after the first pass")
         moved += await drain(src, dst)
     grace = S.PRE_COPY_P2P if precopy else S.RUNNING_P2P
     await src.set_state(grace)
@@ -282,7 +286,7 @@ async def test_device_to_device_migration(spawn_device, protocol, precopy, size)
     try:
         assert (src.protocol, dst.protocol) == (protocol, protocol)
         await start_dma(src.client, mem, MiB)
-        await asyncio.sleep(0.2)
+        await until(lambda: seq_above(src.client, 100), "100 DMA records")
         result = await migrate(src, dst, precopy)
         assert result["dst_state"] is S.STOP
         assert result["src_hash"] == result["dst_hash"]
@@ -326,7 +330,9 @@ async def test_dma_dirty_log_misses_no_page(spawn_device):
         await c.dma_logging_start(4096, [(RING_IOVA, MiB)])
         await start_dma(c, mem, MiB, ring_size)
         done, rounds = 0, 0
+        deadline = time.monotonic() + 30
         while rounds < 8:
+            assert time.monotonic() < deadline, f"the DMA engine stalled at record {done}"
             await asyncio.sleep(0.05)
             await c.set_device_state(S.RUNNING_P2P)
             seq = await reg_read(c, "dma_seq")
@@ -375,7 +381,9 @@ async def test_page_requests_hold_stop_until_completed(spawn_device):
         assert await reg_read(c, "dma_seq") == seq, "a completed request let DMA through in NDMA"
         await c.set_device_state(S.STOP)
         await c.set_device_state(S.RUNNING)
-        await asyncio.sleep(0.2)
+        async def dma_and_another_request():
+            return len(seen) > 1 and await seq_above(c, seq)
+        await until(dma_and_another_request, "DMA and a second page request after the first completed")
         await c.set_device_state(S.RUNNING_P2P)
         written = await reg_read(c, "dma_seq")
         assert written > seq and len(seen) > 1

@@ -160,11 +160,17 @@ def test_plan_steps_are_direct_arcs_of_supported_states(cur, new, flags):
 
 
 @given(states, states, flag_values)
-def test_plan_never_raises_anything_but_invalid_transition(cur, new, flags):
-    try:
-        plan(cur, new, flags)
-    except InvalidTransition:
-        pass
+def test_plan_refuses_exactly_where_the_kernel_model_has_no_path(cur, new, flags):
+    """For any flags, even undefined bits: the shortest legal chain of the
+    independent BFS model, or InvalidTransition where it has none."""
+    known = flags & ALL
+    supported = known in KERNEL_ARCS and fsm.supports(known, cur) and fsm.supports(known, new)
+    expected = ([] if cur is new else shortest(cur, new, known)) if supported else None
+    if expected is None:
+        with pytest.raises(InvalidTransition):
+            plan(cur, new, flags)
+    else:
+        assert plan(cur, new, flags) == expected
 
 
 def kernel_literal_next(cur, new, flags, bound=100):

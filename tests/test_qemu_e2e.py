@@ -24,6 +24,14 @@ def assert_mapped(rig):
                 lifecycle.target(role, state.runstate, state.status, flags)
 
 
+async def settles_at(rig, side: str, state: VmState, timeout: float = 10.0) -> None:
+    """Wait until the last state seen on ``side`` is ``state`` (QEMU moves to
+    postmigrate and running without an event: the observer's poll sees it)."""
+    async with asyncio.timeout(timeout):
+        while not rig.seen[side].tuples or rig.seen[side].tuples[-1] != state:
+            await asyncio.sleep(0.05)
+
+
 async def heartbeat_goes_on(vm, timeout=30.0):
     beat = vm.last_heartbeat()
     return await asyncio.to_thread(vm.wait_heartbeat, beat + 2, timeout)
@@ -41,7 +49,8 @@ async def test_live_migration_heartbeat_continues_on_destination(rig):
     assert rig.dst.heartbeats()[0] > last_on_src - 1 and beat > last_on_src
     assert 1 not in rig.dst.heartbeats()
     await rig.wait_status("dst", "completed")
-    await asyncio.sleep(0.5)  # let the poll catch postmigrate / running
+    await settles_at(rig, "src", VmState("postmigrate", "completed"))
+    await settles_at(rig, "dst", VmState("running", "completed"))
     src, dst = rig.seen["src"].tuples, rig.seen["dst"].tuples
     assert src[0] == VmState("running", "none")
     assert VmState("running", "active") in src
@@ -93,7 +102,8 @@ async def test_paused_guest_migrates_paused(rig):
     await rig.start_migration()
     assert (await rig.wait_status("src", FINAL)).status == "completed"
     await rig.wait_status("dst", "completed")
-    await asyncio.sleep(0.5)
+    await settles_at(rig, "src", VmState("postmigrate", "completed"))
+    await settles_at(rig, "dst", VmState("paused", "completed"))
     src, dst = rig.seen["src"].tuples, rig.seen["dst"].tuples
     assert VmState("paused", "active") in src or VmState("paused", "setup") in src
     assert all(s.runstate != "running" for s in src[1:])

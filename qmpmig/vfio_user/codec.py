@@ -192,6 +192,8 @@ class _Struct:
         ``limit``: max_data_xfer_size."""
         if self.FLAGS is not None and int(self.flags) & ~int(self.FLAGS):
             raise ValueError(f"reserved flag bits {int(self.flags) & ~int(self.FLAGS):#x}")
+        if self.TAIL and not isinstance(getattr(self, fields(self)[-1].name), bytes):
+            raise ValueError(f"{fields(self)[-1].name} is not bytes")
 
 
 # -- Capabilities of VERSION --------------------------------------------------
@@ -262,6 +264,10 @@ class Version(_Struct):
     def _check(self, data: bool, limit: int) -> None:
         if not isinstance(self.capabilities, dict):
             raise ValueError("capabilities is not an object")
+        try:
+            json.dumps(self.capabilities)
+        except (TypeError, ValueError):
+            raise ValueError("capabilities are not JSON") from None
         for key, valid in CAPABILITY_TYPES.items():
             if key in self.capabilities and not valid(self.capabilities[key]):
                 raise ValueError(f"capability {key} has the wrong type: {self.capabilities[key]!r}")
@@ -680,7 +686,8 @@ class MigDeviceStateData(_FeatureData):
     LAYOUT = _Ii
 
     def _check(self, data: bool, limit: int) -> None:
-        MigState(self.device_state)
+        if self.device_state not in MigState._value2member_map_:
+            raise ValueError(f"device_state {self.device_state} is not a state")
 
 
 @dataclass(frozen=True)
@@ -976,7 +983,12 @@ class Connection:
                 if type(msg.payload) is not cls:
                     raise ValueError(f"payload must be {cls.__name__}, not {type(msg.payload).__name__}")
                 self._check(msg)
-                body = msg.payload._encode()
+                try:
+                    body = msg.payload._encode()
+                except struct.error:
+                    raise ValueError("a field does not fit its width in the layout") from None
+            if not 0 <= msg.msg_id <= 0xFFFF:
+                raise ValueError("msg_id is not a u16")
             size = HEADER.size + len(body)
             if size > self.max_message_size:
                 raise ValueError(f"{size} bytes exceed max_message_size {self.max_message_size}")

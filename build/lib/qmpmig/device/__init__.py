@@ -1,1 +1,0 @@
-"""qmpmig's reference vfio-user device (``qmpmig-device``)."""

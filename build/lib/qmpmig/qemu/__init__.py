@@ -1,2 +1,0 @@
-"""QEMU as the controller meets it: one QEMU over QMP (:mod:`.qmp`) and its
-guest RAM as a shared file (:mod:`.guestmem`)."""

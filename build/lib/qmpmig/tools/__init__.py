@@ -1,1 +1,0 @@
-"""qmpmig's tools: the conformance check, the trace checker and the command line."""
