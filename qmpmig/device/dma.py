@@ -35,7 +35,8 @@ class Mapping:
 class DmaLog:
     """Dirty pages of device writes, tracked at PAGE_SIZE granularity."""
 
-    MAX_RANGES = 4096 // 16
+    #: As many ranges as one page of (iova, length) pairs holds.
+    MAX_RANGES = PAGE_SIZE // 16
 
     def __init__(self):
         self.ranges: list[tuple[int, int]] | None = None
@@ -87,7 +88,7 @@ class DmaLog:
         if not self.running:
             raise DeviceError(errno.EINVAL, "DMA logging is not started")
         if page_size < PAGE_SIZE or page_size & (page_size - 1):
-            raise DeviceError(errno.EINVAL, f"page size {page_size} is not a power of two >= 4096")
+            raise DeviceError(errno.EINVAL, f"page size {page_size} is not a power of two >= {PAGE_SIZE}")
         if iova + length > 1 << 64:
             raise DeviceError(errno.EOVERFLOW, "range overflows")
         bitmap = bytearray(dirty_bitmap_size(length, page_size))

@@ -383,7 +383,7 @@ async def v2_stream_end(ctx: Context) -> str:
 async def _read_refused(dev: RemoteDevice, *path: MigState) -> None:
     await _reach(dev, *path)
     try:
-        data = await dev.client.mig_data_read(4096)
+        data = await dev.client.mig_data_read(PAGE_SIZE)
     except OSError:
         return
     raise Fail(f"MIG_DATA_READ answered with {len(data)} bytes")
