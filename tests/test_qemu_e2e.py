@@ -9,7 +9,7 @@ import pytest
 from qmpmig.migration import lifecycle
 from qmpmig.errors import QemuGone
 from qmpmig.qemu.qmp import VmState
-from qmpmig.rig.pair import FINAL
+from qmpmig.qemu.qmp import FINAL
 from qmpmig.migration.states import MigFlags
 
 pytestmark = pytest.mark.qemu

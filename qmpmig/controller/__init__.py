@@ -10,12 +10,12 @@ One module per piece, along the path of a migration:
 - :mod:`.precopy`: the switchover hold, pre-copy, the grace state, the vCPU stop;
 - :mod:`.flows`: the save and resume flows, top to bottom;
 - :mod:`.recovery`: the source runs on after any failure;
-- :mod:`.migration`: the controller, migrations as requests;
+- :mod:`.core`: the controller, migrations as requests;
 - :mod:`.trace`: the JSON-lines trace it writes.
 """
 
 from .devices import RemoteDevice
-from .migration import DEBUG, Controller, Options, Summary
+from .core import DEBUG, Controller, Options, Summary
 from .pump import Pair
 from .trace import Trace
 

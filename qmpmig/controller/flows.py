@@ -30,19 +30,20 @@ from typing import TYPE_CHECKING
 
 from ..errors import MigrationFailed
 from ..migration.states import MigState
+from ..qemu.qmp import IDLE
 from ..vfio_user.uapi import PAGE_SIZE
 from . import precopy
-from .walk import grace
+from .walk import grace_target
 
 if TYPE_CHECKING:
-    from .migration import Controller
+    from .core import Controller
 
 
 async def attempt(c: Controller, running: bool, number: int) -> int | None:
     """One attempt of a migration; QEMU's own downtime (ms) when it completes."""
     c.enter("setup")
     await preflight(c)
-    c.we_stopped = False
+    c.run.we_stopped = False
     for pair in c.pairs:
         pair.sent = 0
     c.trace.emit("phase", name="attempt", attempt=number)
@@ -59,7 +60,7 @@ async def preflight(c: Controller) -> None:
     src, dst = c.src.vm, c.dst.vm
     if (dst.runstate, dst.status) != ("inmigrate", "none"):
         raise MigrationFailed(f"destination is {dst}, not waiting with -incoming defer")
-    if src.status not in ("none", "completed", "cancelled", "failed"):
+    if src.status not in IDLE:
         raise MigrationFailed(f"source is already migrating: {src}")
     caps = {cap["capability"]: cap["state"] for cap in await c.src.qemu.execute("query-migrate-capabilities")}
     if caps.get("postcopy-ram"):
@@ -74,12 +75,11 @@ async def preflight(c: Controller) -> None:
 
 async def prepare_resume(c: Controller) -> None:
     """Destination: every device reset, stopped and RESUMING before the
-    stream arrives; then QEMU waits for it."""
+    stream arrives."""
     for end in c.dst.devices:
         await c.walker.reset(end)
     await c.walker.walk_all(c.dst, lambda end: MigState.STOP)
     await c.walker.walk_all(c.dst, lambda end: MigState.RESUMING)
-    await c.dst.qmp("migrate-incoming", {"uri": c.uri})
 
 
 async def save(c: Controller, running: bool) -> int | None:
@@ -87,7 +87,9 @@ async def save(c: Controller, running: bool) -> int | None:
     downtime (ms)."""
     src = c.src
     for end in src.devices:
-        await end.device.client.dma_logging_start(PAGE_SIZE, [(0, src.ram.size)])
+        await c.walker.call(end, end.device.client.dma_logging_start(PAGE_SIZE, [(0, src.ram.size)]),
+                            "DMA_LOGGING_START")
+    await c.dst.qmp("migrate-incoming", {"uri": c.uri})
     started = src.updates
     await src.qmp("migrate", {"uri": c.uri})
     await src.status("setup", "active", "wait-unplug", since=started)
@@ -100,7 +102,7 @@ async def save(c: Controller, running: bool) -> int | None:
         await precopy.grace(c)
 
     c.enter("stop-copy")
-    await src.qmp("migrate-set-parameters", c.release)
+    await src.qmp("migrate-set-parameters", c.run.release)
     await src.status("pre-switchover")
     await c.walker.walk_all(src, c.lifecycle_target)
     for pair in c.pairs:
@@ -122,11 +124,11 @@ async def resume(c: Controller, running: bool) -> None:
     device out of RESUMING, through the grace state together, and ``cont``."""
     dst = c.dst
     c.enter("resume")
-    c.copied = 0
+    c.run.copied = 0
     if "no-dirty-copy" not in c.options.debug:
         pages = set().union(*(pair.dirty for pair in c.pairs))
-        c.copied = c.src.ram.copy_pages_to(dst.ram, pages)
-        c.trace.emit("dirty_copy", pages=c.copied, bytes=c.copied * PAGE_SIZE)
+        c.run.copied = c.src.ram.copy_pages_to(dst.ram, pages)
+        c.trace.emit("dirty_copy", pages=c.run.copied, bytes=c.run.copied * PAGE_SIZE)
     await c.walker.walk_all(dst, lambda end: MigState.STOP)
     for pair in c.pairs:
         pair.dst_hash = await c.pump.state_hash(pair.dst)
@@ -134,13 +136,13 @@ async def resume(c: Controller, running: bool) -> None:
         return
     if "early-barrier" in c.options.debug and len(dst.devices) > 1:
         await c.walker.walk(dst.devices[0], MigState.RUNNING)
-    target = {end: grace(end) for end in dst.devices}
+    target = {end: grace_target(end) for end in dst.devices}
     barrier = MigState.RUNNING_P2P if MigState.RUNNING_P2P in target.values() else None
     await c.walker.walk_all(dst, lambda end: target[end], barrier=barrier)
     await c.walker.walk_all(dst, lambda end: MigState.RUNNING)
     await dst.qmp("cont")
     await dst.wait(lambda s: s.runstate == "running", "destination running")
-    c.downtime = time.monotonic() - c.stopped_at
+    c.run.downtime = time.monotonic() - c.run.stopped_at
 
 
 async def finish_save(c: Controller) -> None:

@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING
 from ..errors import EarlySwitchover, MigrationFailed
 from ..migration import fsm
 from ..migration.states import MigState
-from .walk import grace as grace_of
+from ..qemu.qmp import ENDING, PRECOPY
+from .walk import grace_target
 
 if TYPE_CHECKING:
-    from .migration import Controller
+    from .core import Controller
 
 log = logging.getLogger("qmpmig.controller")
 
@@ -31,21 +32,18 @@ HOLD_BANDWIDTH = 4 << 20
 HOLD_DOWNTIME_MS = 1
 #: Bytes a device may move per pre-copy round before convergence is looked at again.
 PRECOPY_ROUND = 64 << 20
-#: Migration statuses in which QEMU's RAM pre-copy is still under way.
-PRECOPY_STATUSES = ("setup", "active", "wait-unplug")
-ENDED = ("failed", "cancelled", "cancelling")
 
 
 async def hold_switchover(c: Controller) -> None:
     """Capabilities for the flow, and QEMU's switchover held (unless the
-    no-hold negative control says otherwise); :attr:`Controller.release`
+    no-hold negative control says otherwise); :attr:`Run.release`
     gives it back."""
     await c.src.qmp("migrate-set-capabilities", {"capabilities": [
         {"capability": "events", "state": True}, {"capability": "pause-before-switchover", "state": True}]})
     await c.dst.qmp("migrate-set-capabilities", {"capabilities": [
         {"capability": "events", "state": True}]})
     params = await c.src.qemu.execute("query-migrate-parameters")
-    c.release = {"max-bandwidth": params.get("max-bandwidth", 128 << 20),
+    c.run.release = {"max-bandwidth": params.get("max-bandwidth", 128 << 20),
                  "downtime-limit": c.options.downtime_limit}
     if "no-hold" not in c.options.debug:
         await c.src.qmp("migrate-set-parameters", {"downtime-limit": HOLD_DOWNTIME_MS,
@@ -85,9 +83,9 @@ async def grace(c: Controller) -> None:
                 break
             await asyncio.sleep(0.01)
     all_p2p = all(fsm.supports(end.device.flags, MigState.PRE_COPY_P2P) for end in c.src.devices)
-    await c.walker.walk_all(c.src, grace_of, barrier=MigState.PRE_COPY_P2P if all_p2p else None)
+    await c.walker.walk_all(c.src, grace_target, barrier=MigState.PRE_COPY_P2P if all_p2p else None)
     await drain_page_requests(c)
-    if not c.we_stopped:
+    if not c.run.we_stopped:
         await check_still_precopy(c)
         await ram_precopy(c)
 
@@ -98,14 +96,14 @@ async def ram_precopy(c: Controller) -> None:
     the vCPUs once it has (unless QEMU stopped them itself, which is the
     reference flow's vCPU stop too now that every device is in NDMA)."""
     opts = c.options
-    await c.src.qmp("migrate-set-parameters", c.release)
+    await c.src.qmp("migrate-set-parameters", c.run.release)
     deadline = time.monotonic() + opts.max_precopy
     while True:
         await asyncio.gather(*(c.pump.move(p, PRECOPY_ROUND) for p in c.pairs))
-        if c.src.vm.status in ENDED or c.src.gone or c.dst.gone:
+        if c.src.vm.status in ENDING or c.src.gone or c.dst.gone:
             await check_still_precopy(c)
         if c.src.vm.runstate != "running":
-            c.stopped_at = time.monotonic()
+            c.run.stopped_at = time.monotonic()
             return
         ram = (await c.src.qemu.query_migrate()).ram_remaining
         if c.progress:
@@ -123,7 +121,7 @@ async def check_still_precopy(c: Controller) -> None:
     our grace state (EarlySwitchover)."""
     src, dst = c.src, c.dst
     state = src.vm
-    if not src.gone and (state.status in ENDED or dst.gone):
+    if not src.gone and (state.status in ENDING or dst.gone):
         # A cancel on the source ends the destination too: say the cause.
         info = await src.qemu.query_migrate()
         if info.status in ("cancelling", "cancelled"):
@@ -138,7 +136,7 @@ async def check_still_precopy(c: Controller) -> None:
         raise MigrationFailed(f"source QEMU died: {src.gone}")
     if dst.gone:
         raise MigrationFailed(f"destination QEMU died: {dst.gone}")
-    if state.runstate != "running" or state.status not in PRECOPY_STATUSES:
+    if state.runstate != "running" or state.status not in PRECOPY:
         raise EarlySwitchover(f"QEMU stopped the vCPUs and switched over by itself before the grace "
                               f"state (source at {state})")
 
@@ -155,6 +153,6 @@ async def drain_page_requests(c: Controller) -> None:
 
 
 async def stop_vcpus(c: Controller) -> None:
-    c.stopped_at = time.monotonic()
-    c.we_stopped = True
+    c.run.stopped_at = time.monotonic()
+    c.run.we_stopped = True
     await c.src.qmp("stop")

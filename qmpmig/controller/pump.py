@@ -53,7 +53,7 @@ class Pump:
             moved += len(data)
         if moved:
             pair.sent += moved
-            src.side.trace.emit("data", side="src", device=pair.name, bytes=moved)
+            src.side.trace.emit("data", side=src.side.name, device=pair.name, bytes=moved)
         return moved
 
     async def dma_report(self, pair: Pair) -> None:
@@ -62,7 +62,7 @@ class Pump:
         report = src.device.client.dma_logging_report(0, src.side.ram.size, PAGE_SIZE)
         pages = set(bitmap_pages(await self.walker.call(src, report, "DMA_LOGGING_REPORT")))
         pair.dirty |= pages
-        src.side.trace.emit("dma_dirty", side="src", device=pair.name, pages=len(pages))
+        src.side.trace.emit("dma_dirty", side=src.side.name, device=pair.name, pages=len(pages))
 
     @staticmethod
     async def state_hash(end: DeviceEnd) -> bytes | None:

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 
 from ..errors import QmpmigError
 from ..migration.states import MigState
+from ..qemu.qmp import IDLE
 from .side import DeviceEnd
 
 if TYPE_CHECKING:
-    from .migration import Controller
+    from .core import Controller
 
 #: Seconds any one recovery step may take before it is given up.
 RECOVER_TIMEOUT = 15.0
@@ -28,8 +29,7 @@ async def recover(c: Controller, running: bool) -> str:
     if not src.gone:
         with contextlib.suppress(QmpmigError):
             await src.qmp("migrate_cancel")
-            await src.wait(lambda s: s.status in ("cancelled", "failed", "completed", "none"),
-                           "the cancel to finish", timeout=30)
+            await src.wait(lambda s: s.status in IDLE, "the cancel to finish", timeout=30)
         if running and src.vm and src.vm.runstate != "running":
             with contextlib.suppress(QmpmigError):
                 await src.qmp("cont")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from ..errors import MigrationFailed, QemuGone
 from ..migration.lifecycle import Role
@@ -23,8 +23,8 @@ from ..vfio_user import codec
 from .devices import RemoteDevice
 from .trace import Trace
 
-#: The trace's name of each side, and the lifecycle table's role.
-ROLES: dict[str, Role] = {"src": "source", "dst": "destination"}
+#: The trace's name of each side -> the lifecycle table's role.
+ROLE_OF: dict[str, Role] = {"src": "source", "dst": "destination"}
 
 
 @dataclass(eq=False)
@@ -45,7 +45,7 @@ class Side:
 
     def __init__(self, name: str, qemu: Qemu, ram: GuestRam, trace: Trace, timeout: float):
         self.name = name
-        self.role = ROLES[name]
+        self.role = ROLE_OF[name]
         self.qemu = qemu
         self.ram = ram
         self.trace = trace
@@ -90,10 +90,12 @@ class Side:
             self.trace.emit("page_complete", side=self.name, device=end.name, iova=request.iova)
         return complete
 
-    async def replace_vm(self, qemu: Qemu, ram: GuestRam) -> None:
-        """A fresh QEMU in place of the one that is gone: follow it and map
-        its RAM into every device instead of the old one's."""
+    async def replace_vm(self, start: Callable[[], Awaitable[tuple[Qemu, GuestRam]]]) -> None:
+        """A fresh QEMU in place of the one that is gone: stop following the
+        old one, ``start()`` the new one, follow it and map its RAM into
+        every device instead of the old one's."""
         await self.unfollow()
+        qemu, ram = await start()
         old_size = self.ram.size
         self.ram.close()
         self.qemu, self.ram = qemu, ram
@@ -103,7 +105,7 @@ class Side:
             with contextlib.suppress(OSError):
                 await end.device.client.dma_unmap(0, old_size)
             await self.map_ram(end)
-        await self.wait(lambda s: True, "the new QEMU to report", timeout=30)
+        await self.wait(lambda s: True, f"the new {self.role} to report", timeout=30)
 
     # -- following QEMU ------------------------------------------------------
 

@@ -39,7 +39,7 @@ def past_grace(role: str, state: MigState) -> bool:
     return state is MigState.RUNNING
 
 
-def grace(end: DeviceEnd) -> MigState:
+def grace_target(end: DeviceEnd) -> MigState:
     """Where a device waits out a grace state: the P2P state next to where it
     is; a device without P2P stays where it is (seed 000: the NDMA states are
     pushed down to the next step)."""

@@ -21,6 +21,15 @@ from qemu.qmp.protocol import StateError
 
 from ..errors import QemuCommandError, QemuGone
 
+#: MigrationStatus values after which QEMU does nothing more by itself.
+FINAL = frozenset({"completed", "failed", "cancelled"})
+#: ... and those in which no migration is under way.
+IDLE = FINAL | {"none"}
+#: Those in which the source's RAM pre-copy is under way.
+PRECOPY = frozenset({"setup", "active", "wait-unplug"})
+#: Those that say a migration is ending without completing.
+ENDING = frozenset({"failed", "cancelled", "cancelling"})
+
 #: Events after which the run state or migration status may have changed.
 STATE_EVENTS = ("STOP", "RESUME", "MIGRATION", "SHUTDOWN", "RESET", "SUSPEND", "WAKEUP")
 

@@ -17,16 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import QemuGone, VmError
-from ..qemu.qmp import MigrationInfo, Qemu, VmState
+from ..qemu.qmp import FINAL, MigrationInfo, Qemu, VmState
 from .processes import DeviceProcess
 from .vm import Vm
 
 #: Device processes yield the CPU to the guest: on a small machine a starved
 #: guest dirties nothing, and QEMU then switches over before it is asked.
 DEVICE_NICE = 10
-
-#: Migration statuses after which QEMU does nothing more by itself.
-FINAL = frozenset({"completed", "failed", "cancelled"})
 
 
 @dataclass

@@ -3,9 +3,9 @@ between them as requests.
 
 :class:`Controller` holds what lives as long as it is attached (each
 :class:`~.side.Side`, each :class:`~.pump.Pair`); :meth:`Controller.migrate`
-runs one migration, in attempts, with the flows of :mod:`.flows`, and
-answers with a :class:`Summary`.  A failure anywhere recovers the source
-(:mod:`.recovery`).
+runs one migration, in attempts, with the flows of :mod:`.flows`, keeps
+what that migration learns in a fresh :class:`Run`, and answers with a
+:class:`Summary`.  A failure anywhere recovers the source (:mod:`.recovery`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import EarlySwitchover, MigrationFailed, QmpmigError
+from ..errors import EarlySwitchover, QmpmigError
 from ..migration import lifecycle
 from ..migration.states import MigState
 from ..qemu.guestmem import GuestRam
@@ -74,6 +74,25 @@ class Summary:
     phases: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class Run:
+    """What one migration request learns on its way, set by the flows."""
+
+    phase: str = "attach"
+    #: Seconds spent in each phase so far.
+    phases: dict[str, float] = field(default_factory=dict)
+    phase_started: float = field(default_factory=time.monotonic)
+    #: The controller stopped the source vCPUs (not QEMU by itself).
+    we_stopped: bool = False
+    stopped_at: float = 0.0
+    #: The source vCPU stop to the destination running, as seen here.
+    downtime: float | None = None
+    #: DMA-dirty pages copied to the destination guest.
+    copied: int = 0
+    #: migrate-set-parameters that give QEMU back its switchover.
+    release: dict = field(default_factory=dict)
+
+
 class Controller:
     """Drives migrations between two attached QEMUs and their devices."""
 
@@ -91,16 +110,12 @@ class Controller:
         self.progress: Callable | None = None
         #: async () -> (Qemu, GuestRam): a fresh destination for a retry.
         self.restart_destination: Callable | None = None
-        self.phase = "attach"
-        self.phases: dict[str, float] = {}
-        self._phase_t = time.monotonic()
-        # One migration's facts, set by the flows.
-        self.we_stopped = False
-        self.stopped_at = 0.0
-        self.downtime: float | None = None
-        self.copied = 0
-        #: migrate-set-parameters that give QEMU back its switchover.
-        self.release: dict = {}
+        #: The migration under way, or the last one.
+        self.run = Run()
+
+    @property
+    def phase(self) -> str:
+        return self.run.phase
 
     # -- attach ---------------------------------------------------------------
 
@@ -126,9 +141,9 @@ class Controller:
 
     def enter(self, phase: str) -> None:
         """A new phase of the flow: its time is counted, and traced."""
-        now = time.monotonic()
-        self.phases[self.phase] = self.phases.get(self.phase, 0.0) + now - self._phase_t
-        self.phase, self._phase_t = phase, now
+        run, now = self.run, time.monotonic()
+        run.phases[run.phase] = run.phases.get(run.phase, 0.0) + now - run.phase_started
+        run.phase, run.phase_started = phase, now
         self.trace.emit("phase", name=phase)
 
     def lifecycle_target(self, end: DeviceEnd) -> MigState:
@@ -142,6 +157,7 @@ class Controller:
         """One migration, retried with a fresh destination while QEMU cuts
         it short by switching over early; the source survives any failure."""
         t0 = time.monotonic()
+        self.run = Run(phase=self.run.phase)
         running = self.src.vm.runstate == "running"
         attempt = 1
         while True:
@@ -154,7 +170,7 @@ class Controller:
                     return self._failed(t0, f"{err}; {recovered}")
                 self.trace.emit("phase", name="retry", reason=str(err))
                 log.warning("%s: retrying with a fresh destination", err)
-                await self.dst.replace_vm(*await self.restart_destination())
+                await self.dst.replace_vm(self.restart_destination)
                 for pair in self.pairs:
                     pair.dirty.clear()
                 attempt += 1
@@ -168,8 +184,8 @@ class Controller:
                 return summary
         self.enter("done")
         summary = Summary(True, "migration completed" + (f" (attempt {attempt})" if attempt > 1 else ""),
-                          time.monotonic() - t0, self.downtime, qemu_downtime,
-                          sum(p.sent for p in self.pairs), self.copied, dict(self.phases))
+                          time.monotonic() - t0, self.run.downtime, qemu_downtime,
+                          sum(p.sent for p in self.pairs), self.run.copied, dict(self.run.phases))
         self.trace.emit("result", ok=True, message=summary.message)
         return summary
 
@@ -177,8 +193,6 @@ class Controller:
         message = f"migration failed {what}"
         self.trace.emit("result", ok=False, message=message)
         self.enter("failed")
-        return Summary(False, message, time.monotonic() - t0, phases=dict(self.phases),
+        return Summary(False, message, time.monotonic() - t0, phases=dict(self.run.phases),
                        device_bytes=sum(p.sent for p in self.pairs))
 
-
-__all__ = ["DEBUG", "Controller", "MigrationFailed", "Options", "Summary"]
