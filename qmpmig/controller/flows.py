@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import MigrationFailed
 from ..migration.states import MigState
-from ..qemu.qmp import IDLE
+from ..qemu.qmp import IDLE, PRECOPY
 from ..vfio_user.uapi import PAGE_SIZE
 from . import precopy
 from .walk import grace_target
@@ -86,21 +86,27 @@ async def save(c: Controller, running: bool) -> int | None:
     """Source: seed 000's save flow, to QEMU's ``completed``; returns QEMU's
     downtime (ms)."""
     src = c.src
+    # RUNNING, DIRTY_TRACKING: the devices' DMA is logged from here on.
     for end in src.devices:
         await c.walker.call(end, end.device.client.dma_logging_start(PAGE_SIZE, [(0, src.ram.size)]),
                             "DMA_LOGGING_START")
     await c.dst.qmp("migrate-incoming", {"uri": c.uri})
     started = src.updates
     await src.qmp("migrate", {"uri": c.uri})
-    await src.status("setup", "active", "wait-unplug", since=started)
+    await src.status(*PRECOPY, since=started)
+    # SAVING|RUNNING (PRE_COPY), where the lifecycle table says so.
     await c.walker.walk_all(src, c.lifecycle_target)
 
     if running:
         c.enter("precopy")
         await precopy.converge(c)
+        # SAVING|NDMA|RUNNING on every device, page requests drained, then
+        # the vCPUs stop.
         c.enter("grace")
         await precopy.grace(c)
 
+    # SAVING|!RUNNING (STOP_COPY) at pre-switchover: the rest of each
+    # stream to its end, the last DMA log, then QEMU finishes.
     c.enter("stop-copy")
     await src.qmp("migrate-set-parameters", c.run.release)
     await src.status("pre-switchover")
@@ -124,11 +130,13 @@ async def resume(c: Controller, running: bool) -> None:
     device out of RESUMING, through the grace state together, and ``cont``."""
     dst = c.dst
     c.enter("resume")
+    # What the source devices wrote by DMA, which QEMU could not see.
     c.run.copied = 0
     if "no-dirty-copy" not in c.options.debug:
         pages = set().union(*(pair.dirty for pair in c.pairs))
         c.run.copied = c.src.ram.copy_pages_to(dst.ram, pages)
         c.trace.emit("dirty_copy", pages=c.run.copied, bytes=c.run.copied * PAGE_SIZE)
+    # !RESUMING: each device loads and validates what it was given.
     await c.walker.walk_all(dst, lambda end: MigState.STOP)
     for pair in c.pairs:
         pair.dst_hash = await c.pump.state_hash(pair.dst)
@@ -136,6 +144,7 @@ async def resume(c: Controller, running: bool) -> None:
         return
     if "early-barrier" in c.options.debug and len(dst.devices) > 1:
         await c.walker.walk(dst.devices[0], MigState.RUNNING)
+    # NDMA|RUNNING (RUNNING_P2P) on every device, then RUNNING, then the vCPUs.
     target = {end: grace_target(end) for end in dst.devices}
     barrier = MigState.RUNNING_P2P if MigState.RUNNING_P2P in target.values() else None
     await c.walker.walk_all(dst, lambda end: target[end], barrier=barrier)
