@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qmpmig.rig.processes import DeviceProcess  # noqa: E402
-from qmpmig.devices import Device, drain  # noqa: E402
+from qmpmig.controller.devices import RemoteDevice, drain  # noqa: E402
 from qmpmig.migration.states import MigState  # noqa: E402
 
 

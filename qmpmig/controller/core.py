@@ -78,7 +78,8 @@ class Summary:
 class Run:
     """What one migration request learns on its way, set by the flows."""
 
-    phase: str = "attach"
+    #: The phase under way; "idle" before the first and after the last.
+    phase: str = "idle"
     #: Seconds spent in each phase so far.
     phases: dict[str, float] = field(default_factory=dict)
     phase_started: float = field(default_factory=time.monotonic)
@@ -142,7 +143,8 @@ class Controller:
     def enter(self, phase: str) -> None:
         """A new phase of the flow: its time is counted, and traced."""
         run, now = self.run, time.monotonic()
-        run.phases[run.phase] = run.phases.get(run.phase, 0.0) + now - run.phase_started
+        if run.phase != "idle":
+            run.phases[run.phase] = run.phases.get(run.phase, 0.0) + now - run.phase_started
         run.phase, run.phase_started = phase, now
         self.trace.emit("phase", name=phase)
 
@@ -157,7 +159,7 @@ class Controller:
         """One migration, retried with a fresh destination while QEMU cuts
         it short by switching over early; the source survives any failure."""
         t0 = time.monotonic()
-        self.run = Run(phase=self.run.phase)
+        self.run = Run()
         running = self.src.vm.runstate == "running"
         attempt = 1
         while True:
