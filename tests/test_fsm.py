@@ -1,4 +1,4 @@
-"""qmpmig.fsm against the kernel: vfio_main.c's table, its arc lists and
+"""qmpmig.migration.fsm against the kernel: vfio_main.c's table, its arc lists and
 its list of multi-step paths, for every (cur, new) and every flag set."""
 
 import re

@@ -135,7 +135,8 @@ class DeviceService:
             caps = (codec.TypeCap(*MIGRATION_REGION_TYPE), codec.SparseMmapCap(((DATA_OFFSET, WINDOW),)))
             info = codec.RegionInfo.sized(rw | RegionInfoFlags.MMAP, index, 0, REGION_SIZE, 0, caps)
             if argsz < info.argsz:
-                return codec.RegionInfo(info.argsz, info.flags, index, 0, REGION_SIZE, 0)
+                # As the kernel answers: the argsz needed, CAPS set, no chain.
+                return codec.RegionInfo(info.argsz, info.flags | RegionInfoFlags.CAPS, index, 0, REGION_SIZE, 0)
             return info, (self.v1.fd,)
         raise DeviceError(errno.EINVAL, f"no region {index}")
 

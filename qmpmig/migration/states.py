@@ -4,7 +4,7 @@ v2 (include/uapi/linux/vfio.h, enum vfio_device_mig_state and
 VFIO_MIGRATION_*) is a state machine; v1 (the migration region's
 device_state, kernels 5.8-5.17) is a set of control bits, to which seed 000
 adds NDMA.  This module holds the numbers and the v1 <-> v2 equivalence;
-the transition rules live in :mod:`qmpmig.fsm`.
+the transition rules live in :mod:`qmpmig.migration.fsm`.
 """
 
 from __future__ import annotations
