@@ -36,7 +36,7 @@ async def test_dma_maps_do_not_leak_descriptors(spawn_device, guest_ram):
     device a copy, the controller keeps one fd however often it maps."""
     procs = [spawn_device("--state-size", "1M") for _ in range(4)]
     devices = [await RemoteDevice.open(str(p.socket)) for p in procs]
-    side = Side("src", None, guest_ram, Trace(), timeout=10)
+    side = Side(None, guest_ram, timeout=10)
     try:
         for i, device in enumerate(devices):
             end = await side.add_device(f"dev{i}", device)

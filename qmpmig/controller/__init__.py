@@ -17,6 +17,7 @@ One module per piece, along the path of a migration:
 from .devices import RemoteDevice
 from .core import DEBUG, Controller, Options, Summary
 from .pump import Pair
+from .side import Side
 from .trace import Trace
 
-__all__ = ["DEBUG", "Controller", "Options", "Pair", "RemoteDevice", "Summary", "Trace"]
+__all__ = ["DEBUG", "Controller", "Options", "Pair", "RemoteDevice", "Side", "Summary", "Trace"]

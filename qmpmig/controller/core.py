@@ -16,13 +16,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import EarlySwitchover, QmpmigError
+from ..errors import EarlySwitchover, MigrationFailed, QmpmigError
 from ..migration import lifecycle
 from ..migration.states import MigState
-from ..qemu.guestmem import GuestRam
-from ..qemu.qmp import Qemu
 from . import flows
-from .devices import RemoteDevice
 from .pump import Pair, Pump
 from .recovery import recover
 from .side import DeviceEnd, Side
@@ -95,16 +92,21 @@ class Run:
 
 
 class Controller:
-    """Drives migrations between two attached QEMUs and their devices."""
+    """Drives a migration from one attached VM to another: their devices of
+    the same name form the pairs."""
 
-    def __init__(self, src: Qemu, dst: Qemu, uri: str, src_ram: GuestRam, dst_ram: GuestRam,
-                 trace: Trace, options: Options | None = None):
+    def __init__(self, src: Side, dst: Side, uri: str, trace: Trace, options: Options | None = None):
         self.options = options or Options()
         self.trace = trace
         self.uri = uri
-        self.src = Side("src", src, src_ram, trace, self.options.timeout)
-        self.dst = Side("dst", dst, dst_ram, trace, self.options.timeout)
-        self.pairs: list[Pair] = []
+        self.src, self.dst = src, dst
+        src.take_part("src", trace)
+        dst.take_part("dst", trace)
+        theirs = {end.name: end for end in dst.devices}
+        if set(theirs) != {end.name for end in src.devices}:
+            raise MigrationFailed(f"the source has devices {sorted(end.name for end in src.devices)}, "
+                                  f"the destination {sorted(theirs)}")
+        self.pairs = [Pair(end.name, end, theirs[end.name]) for end in src.devices]
         self.walker = Walker(self.options.device_timeout)
         self.pump = Pump(self.walker)
         #: Called with the controller on each pre-copy round (progress line).
@@ -117,26 +119,6 @@ class Controller:
     @property
     def phase(self) -> str:
         return self.run.phase
-
-    # -- attach ---------------------------------------------------------------
-
-    async def attach(self, devices: list[tuple[str, RemoteDevice, RemoteDevice]]) -> None:
-        """Follow both QEMUs; take each (name, source device, destination
-        device) in: guest RAM mapped into it, its page requests answered."""
-        for side in (self.src, self.dst):
-            side.follow()
-        for name, src, dst in devices:
-            self.pairs.append(Pair(name, await self.src.add_device(name, src),
-                                   await self.dst.add_device(name, dst)))
-        self.trace.emit("start", devices=[
-            {"name": end.name, "side": end.side.name, "protocol": end.device.protocol, "flags": int(end.device.flags)}
-            for p in self.pairs for end in (p.src, p.dst)])
-        for side in (self.src, self.dst):
-            await side.wait(lambda s: True, "its first status", timeout=30)
-
-    async def detach(self) -> None:
-        for side in (self.src, self.dst):
-            await side.unfollow()
 
     # -- helpers of the flows --------------------------------------------------
 
@@ -160,6 +142,9 @@ class Controller:
         it short by switching over early; the source survives any failure."""
         t0 = time.monotonic()
         self.run = Run()
+        self.trace.emit("start", devices=[
+            {"name": end.name, "side": end.side.name, "protocol": end.device.protocol, "flags": int(end.device.flags)}
+            for p in self.pairs for end in (p.src, p.dst)])
         running = self.src.vm.runstate == "running"
         attempt = 1
         while True:

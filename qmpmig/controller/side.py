@@ -1,10 +1,11 @@
 """One VM as the controller holds it: its QEMU, followed over QMP; its guest
 RAM, mapped into each of its devices; the IO page requests its devices raise.
 
-A :class:`Side` lives as long as the controller is attached, across
-migrations (the devices' owner keeps it for the VM's life).  It knows the
-VM's (run state, migration status) as QEMU last reported it, whether QEMU
-is gone, and whether its vCPUs run, which is what completes a page request.
+A :class:`Side` lives as long as the VM is attached, across migrations
+(the devices' owner keeps it for the VM's life); a migration casts it as
+its source or its destination (:meth:`Side.take_part`).  It knows the VM's
+(run state, migration status) as QEMU last reported it, whether QEMU is
+gone, and whether its vCPUs run, which is what completes a page request.
 """
 
 from __future__ import annotations
@@ -41,14 +42,15 @@ class DeviceEnd:
 
 
 class Side:
-    """A QEMU, its guest RAM and its devices (``src`` or ``dst`` in the trace)."""
+    """A QEMU, its guest RAM and its devices."""
 
-    def __init__(self, name: str, qemu: Qemu, ram: GuestRam, trace: Trace, timeout: float):
+    def __init__(self, qemu: Qemu, ram: GuestRam, timeout: float, trace: Trace | None = None,
+                 name: str = "src"):
+        #: ``src`` or ``dst``: the part it takes in a migration, as the trace says it.
         self.name = name
-        self.role = ROLE_OF[name]
         self.qemu = qemu
         self.ram = ram
-        self.trace = trace
+        self.trace = trace or Trace(keep=False)
         #: Seconds a wait for QEMU may take unless told otherwise.
         self.timeout = timeout
         self.devices: list[DeviceEnd] = []
@@ -61,6 +63,24 @@ class Side:
         self.vcpus_running = asyncio.Event()
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task] = []
+
+    @property
+    def role(self) -> Role:
+        """The lifecycle table's word for :attr:`name`."""
+        return ROLE_OF[self.name]
+
+    def take_part(self, name: str, trace: Trace) -> None:
+        """Be a migration's source (``src``) or destination (``dst``), traced there."""
+        self.name = name
+        self.trace = trace
+
+    async def attach(self, devices: list[tuple[str, RemoteDevice]]) -> None:
+        """Follow QEMU and take each (name, device) in; return once QEMU has
+        reported its state."""
+        self.follow()
+        for name, device in devices:
+            await self.add_device(name, device)
+        await self.wait(lambda s: True, "its first status", timeout=30)
 
     # -- devices -------------------------------------------------------------
 

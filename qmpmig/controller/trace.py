@@ -17,18 +17,24 @@ from ..migration.states import MigState
 
 
 class Trace:
-    """Writes records as JSON lines (to ``path``, if given) and keeps them."""
+    """Writes records as JSON lines (to ``path``, if given) and, with
+    ``keep``, keeps them in :attr:`records` (a VM's trace between
+    migrations keeps nothing: it must not grow over the VM's life)."""
 
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, keep: bool = True):
+        self.keep = keep
         self.records: list[dict] = []
+        self._seq = 0
         self._t0 = time.monotonic()
         self._file: IO[str] | None = open(path, "w", buffering=1) if path else None
 
     def emit(self, kind: str, **fields) -> dict:
         """One record; device states are written by name."""
-        record = {"seq": len(self.records), "t": round(time.monotonic() - self._t0, 6), "kind": kind}
+        record = {"seq": self._seq, "t": round(time.monotonic() - self._t0, 6), "kind": kind}
         record.update({k: (v.name if isinstance(v, MigState) else v) for k, v in fields.items()})
-        self.records.append(record)
+        self._seq += 1
+        if self.keep:
+            self.records.append(record)
         if self._file:
             self._file.write(json.dumps(record, sort_keys=True) + "\n")
         return record

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 from dataclasses import dataclass, field
 
-from ..controller import Controller, Options, Pair, RemoteDevice, Summary, Trace
+from ..controller import Controller, Options, Pair, RemoteDevice, Side, Summary, Trace
 from ..device import records
 from ..device.bar0 import read_register, start_ring
 from ..qemu.guestmem import GuestRam
@@ -68,21 +68,22 @@ async def launch(opts: LaunchOptions, progress=None, during=None) -> Report:
     trace = Trace(opts.trace_path)
     opened: list[RemoteDevice] = []
     rams: list[GuestRam] = []
-    controller = None
+    sides: list[Side] = []
     side_task = None
     try:
         await rig.start()
-        devices = []
-        for i, (src_proc, dst_proc) in enumerate(rig.devices):
-            src = await RemoteDevice.open(str(src_proc.socket), opts.protocol)
-            opened.append(src)
-            dst = await RemoteDevice.open(str(dst_proc.socket), opts.protocol)
-            opened.append(dst)
-            devices.append((f"dev{i}", src, dst))
         rams = [GuestRam(rig.src.ram_path), GuestRam(rig.dst.ram_path)]
         base, size = rig.src.dma_window
         rams[0].mem[base:base + size] = bytes(size)  # the boot left the compressed kernel there
-        controller = Controller(rig.src_qmp, rig.dst_qmp, rig.uri, *rams, trace, opts.controller)
+        for qemu, ram, procs in ((rig.src_qmp, rams[0], [p[0] for p in rig.devices]),
+                                 (rig.dst_qmp, rams[1], [p[1] for p in rig.devices])):
+            devices = []
+            for i, proc in enumerate(procs):
+                opened.append(await RemoteDevice.open(str(proc.socket), opts.protocol))
+                devices.append((f"dev{i}", opened[-1]))
+            sides.append(Side(qemu, ram, opts.controller.timeout, trace))
+            await sides[-1].attach(devices)
+        controller = Controller(*sides, rig.uri, trace, opts.controller)
         controller.progress = progress
 
         async def restart_destination():
@@ -92,7 +93,6 @@ async def launch(opts: LaunchOptions, progress=None, during=None) -> Report:
             return qemu, ram
 
         controller.restart_destination = restart_destination
-        await controller.attach(devices)
         pairs = controller.pairs
         for i, pair in enumerate(pairs):
             await start_ring(pair.src.device.client, *rig.ring(i))
@@ -116,8 +116,8 @@ async def launch(opts: LaunchOptions, progress=None, during=None) -> Report:
     finally:
         if side_task and not side_task.done():
             side_task.cancel()
-        if controller:
-            await controller.detach()
+        for side in sides:
+            await side.unfollow()
         for dev in opened:
             with contextlib.suppress(Exception):
                 await dev.close()

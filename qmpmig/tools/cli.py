@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from ..controller import DEBUG, Controller, Options, RemoteDevice, Trace
+from ..controller import DEBUG, Controller, Options, RemoteDevice, Side, Trace
 from ..errors import InvalidTransition, LifecycleRefused, QmpmigError
 from ..migration import lifecycle
 from ..migration.fsm import plan
@@ -108,30 +108,29 @@ async def _attach_and_migrate(args, progress) -> tuple[dict, bool]:
     src, dst = Qemu("src"), Qemu("dst")
     opened, rams = [], []
     trace = Trace(args.trace)
-    ctl = None
+    sides: list[Side] = []
     try:
         await src.connect(args.src_qmp)
         await dst.connect(args.dst_qmp)
-        devices = []
-        for i, spec in enumerate(args.device):
-            src_sock, _, dst_sock = spec.partition(",")
-            a = await RemoteDevice.open(src_sock, args.protocol)
-            opened.append(a)
-            b = await RemoteDevice.open(dst_sock, args.protocol)
-            opened.append(b)
-            devices.append((f"dev{i}", a, b))
+        options = _controller_options(args)
         rams = [GuestRam(args.src_ram), GuestRam(args.dst_ram)]
-        ctl = Controller(src, dst, args.uri, *rams, trace, _controller_options(args))
+        sides += [Side(src, rams[0], options.timeout, trace), Side(dst, rams[1], options.timeout, trace)]
+        for which, side in enumerate(sides):
+            devices = []
+            for i, spec in enumerate(args.device):
+                opened.append(await RemoteDevice.open(spec.split(",")[which], args.protocol))
+                devices.append((f"dev{i}", opened[-1]))
+            await side.attach(devices)
+        ctl = Controller(*sides, args.uri, trace, options)
         ctl.progress = progress
-        await ctl.attach(devices)
         summary = await ctl.migrate()
         violations = check_trace(trace.records)
         result = _summary_dict(summary)
         result["trace_violations"] = [str(v) for v in violations]
         return result, summary.ok and not violations
     finally:
-        if ctl:
-            await ctl.detach()
+        for side in sides:
+            await side.unfollow()
         for dev in opened:
             await dev.close()
         for ram in rams:
