@@ -53,6 +53,7 @@ async def test_live_migration_with_devices(guest_image, protocol, devices):
     assert report.heartbeat[1] > report.heartbeat[0]
     assert report.summary.device_bytes > devices * (4 << 20)
     assert report.summary.dma_pages_copied > 0
+    assert "source QEMU settings" in report.checks
     states = [(r["side"], r["device"], r["to"]) for r in report.records if r["kind"] == "device_state"]
     assert ("src", "dev0", "PRE_COPY_P2P") in states and ("dst", "dev0", "RUNNING_P2P") in states
     assert kinds(report)["barrier"] >= 2
@@ -135,6 +136,9 @@ async def test_cancel_during_precopy(guest_image):
     assert report.violations == []
     results = [r for r in report.records if r["kind"] == "result"]
     assert len(results) == 1 and not results[0]["ok"] and "cancel" in results[0]["message"]
+    # The source's QEMU is as it was; the destination, which had begun to
+    # receive the guest, is gone.
+    assert "source QEMU settings" in report.checks and "destination QEMU ended" in report.checks
 
 
 async def test_destination_qemu_killed_during_precopy(guest_image):
@@ -158,6 +162,7 @@ async def test_destination_device_process_killed_during_precopy(guest_image):
     report = await launch(options(devices=2, controller=LONG_PRECOPY), during=kill)
     assert not report.summary.ok and "dev1" in report.summary.message
     assert not any(report.checks.values()), report.checks
+    assert "destination QEMU ended" in report.checks
 
 
 async def test_postcopy_is_refused_before_anything_starts(guest_image):

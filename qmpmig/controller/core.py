@@ -89,6 +89,11 @@ class Run:
     copied: int = 0
     #: migrate-set-parameters that give QEMU back its switchover.
     release: dict = field(default_factory=dict)
+    #: side -> the capabilities and parameters before the flow changed them.
+    settings: dict[str, dict] = field(default_factory=dict)
+    #: The destination was asked to listen (migrate-incoming): it holds, or
+    #: may hold, a copy of the guest from then on.
+    incoming: bool = False
 
 
 class Controller:

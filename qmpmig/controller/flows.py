@@ -25,6 +25,7 @@ time (:class:`~.walk.Walker`), and into the trace.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,8 @@ from .walk import grace_target
 
 if TYPE_CHECKING:
     from .core import Controller
+
+log = logging.getLogger("qmpmig.controller")
 
 
 async def attempt(c: Controller, running: bool, number: int) -> int | None:
@@ -90,6 +93,7 @@ async def save(c: Controller, running: bool) -> int | None:
     for end in src.devices:
         await c.walker.call(end, end.device.client.dma_logging_start(PAGE_SIZE, [(0, src.ram.size)]),
                             "DMA_LOGGING_START")
+    c.run.incoming = True
     await c.dst.qmp("migrate-incoming", {"uri": c.uri})
     started = src.updates
     await src.qmp("migrate", {"uri": c.uri})
@@ -155,8 +159,11 @@ async def resume(c: Controller, running: bool) -> None:
 
 
 async def finish_save(c: Controller) -> None:
-    """Source, once the destination has the guest: devices STOP, logging off."""
+    """Source, once the destination has the guest: devices STOP, logging
+    off, QEMU's settings as they were."""
     await c.walker.walk_all(c.src, lambda end: MigState.STOP)
     for end in c.src.devices:
         with contextlib.suppress(OSError):
             await end.device.client.dma_logging_stop()
+    for problem in await precopy.restore_settings(c):
+        log.warning("%s", problem)

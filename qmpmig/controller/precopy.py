@@ -17,7 +17,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from ..errors import EarlySwitchover, MigrationFailed
+from ..errors import EarlySwitchover, MigrationFailed, QmpmigError
 from ..migration import fsm
 from ..migration.states import MigState
 from ..qemu.qmp import ENDING, PRECOPY
@@ -30,24 +30,50 @@ log = logging.getLogger("qmpmig.controller")
 
 HOLD_BANDWIDTH = 4 << 20
 HOLD_DOWNTIME_MS = 1
+#: The migration capabilities the flow turns on, per side.
+CAPABILITIES = {"src": ("events", "pause-before-switchover"), "dst": ("events",)}
+#: The migration parameters the hold changes (on the source).
+PARAMETERS = ("max-bandwidth", "downtime-limit")
 #: Bytes a device may move per pre-copy round before convergence is looked at again.
 PRECOPY_ROUND = 64 << 20
 
 
 async def hold_switchover(c: Controller) -> None:
     """Capabilities for the flow, and QEMU's switchover held (unless the
-    no-hold negative control says otherwise); :attr:`Run.release`
-    gives it back."""
-    await c.src.qmp("migrate-set-capabilities", {"capabilities": [
-        {"capability": "events", "state": True}, {"capability": "pause-before-switchover", "state": True}]})
-    await c.dst.qmp("migrate-set-capabilities", {"capabilities": [
-        {"capability": "events", "state": True}]})
+    no-hold negative control says otherwise); :attr:`Run.release` gives it
+    back, :func:`restore_settings` puts back what was there before."""
+    for side in (c.src, c.dst):
+        caps = {cap["capability"]: cap["state"] for cap in await side.qemu.execute("query-migrate-capabilities")}
+        c.run.settings[side.name] = {"capabilities": [
+            {"capability": name, "state": caps.get(name, False)} for name in CAPABILITIES[side.name]]}
+        await side.qmp("migrate-set-capabilities", {"capabilities": [
+            {"capability": name, "state": True} for name in CAPABILITIES[side.name]]})
     params = await c.src.qemu.execute("query-migrate-parameters")
+    c.run.settings["src"]["parameters"] = {name: params[name] for name in PARAMETERS if name in params}
     c.run.release = {"max-bandwidth": params.get("max-bandwidth", 128 << 20),
-                 "downtime-limit": c.options.downtime_limit}
+                     "downtime-limit": c.options.downtime_limit}
     if "no-hold" not in c.options.debug:
         await c.src.qmp("migrate-set-parameters", {"downtime-limit": HOLD_DOWNTIME_MS,
                                                    "max-bandwidth": HOLD_BANDWIDTH})
+
+
+async def restore_settings(c: Controller) -> list[str]:
+    """Put back the capabilities and parameters the flow changed, on each
+    QEMU that still runs and no longer migrates; what could not be put
+    back, said."""
+    problems = []
+    for side in (c.src, c.dst):
+        saved = c.run.settings.pop(side.name, None)
+        if saved is None or side.gone:
+            continue
+        try:
+            if "parameters" in saved:
+                await side.qmp("migrate-set-parameters", saved["parameters"])
+            await side.qmp("migrate-set-capabilities", {"capabilities": saved["capabilities"]})
+        except QmpmigError as err:
+            if not await side.wait_gone(1.0):
+                problems.append(f"{side.name} QEMU settings not restored: {err}")
+    return problems
 
 
 async def converge(c: Controller) -> None:

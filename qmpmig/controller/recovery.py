@@ -1,7 +1,9 @@
 """Recovery after a failed migration: the source guest runs on with its
-devices back where its vCPUs are (RUNNING, or STOP if it was paused), the
-destination devices are reset.  Each step is bounded; what could not be
-recovered is said, never hidden."""
+devices back where its vCPUs are (RUNNING, or STOP if it was paused) and
+QEMU's settings as they were; the destination devices are reset and, once
+it was asked to listen, the destination QEMU is ended (``quit``), so that
+no second copy of the guest can ever be started there.  Each step is
+bounded; what could not be recovered is said, never hidden."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING
 from ..errors import QmpmigError
 from ..migration.states import MigState
 from ..qemu.qmp import IDLE
+from .precopy import restore_settings
 from .side import DeviceEnd
 
 if TYPE_CHECKING:
@@ -46,6 +49,13 @@ async def recover(c: Controller, running: bool) -> str:
             notes.append(f"{pair.name} not recovered: {err or 'no answer'}")
         with contextlib.suppress(QmpmigError, OSError, asyncio.TimeoutError):
             await asyncio.wait_for(c.walker.reset(pair.dst), RECOVER_TIMEOUT)
+    notes += await restore_settings(c)
+    if c.run.incoming and not c.dst.gone:
+        try:
+            await c.dst.quit(RECOVER_TIMEOUT)
+            notes.append("destination QEMU ended")
+        except (QmpmigError, asyncio.TimeoutError) as err:
+            notes.append(f"destination QEMU not ended: {err or 'no answer'}")
     return ", ".join(notes)
 
 

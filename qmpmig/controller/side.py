@@ -196,6 +196,15 @@ class Side:
             raise MigrationFailed(f"{self.name} migration {state.status}: {info.error_desc or 'no reason given'}")
         return state
 
+    async def quit(self, timeout: float) -> None:
+        """End QEMU (QMP ``quit``) and see its monitor close; MigrationFailed
+        if it does not within ``timeout``."""
+        self.trace.emit("qmp_command", side=self.name, command="quit", arguments={})
+        with contextlib.suppress(QemuGone):
+            await asyncio.wait_for(self.qemu.execute("quit"), timeout)
+        if not await self.wait_gone(timeout):
+            raise MigrationFailed(f"{self.name} QEMU still there {timeout:.0f} s after quit")
+
     async def qmp(self, command: str, arguments: dict | None = None):
         """A QMP command, traced."""
         self.trace.emit("qmp_command", side=self.name, command=command, arguments=arguments or {})

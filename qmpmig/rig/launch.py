@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 from dataclasses import dataclass, field
 
 from ..controller import Controller, Options, Pair, RemoteDevice, Side, Summary, Trace
@@ -100,6 +101,7 @@ async def launch(opts: LaunchOptions, progress=None, during=None) -> Report:
             side_task = asyncio.create_task(during(rig, controller))
         await asyncio.sleep(opts.settle)
         last_src_beat = rig.src.last_heartbeat()
+        settings = await _settings(rig.src_qmp)
         summary = await controller.migrate()
         if side_task:
             await side_task
@@ -110,6 +112,11 @@ async def launch(opts: LaunchOptions, progress=None, during=None) -> Report:
             await _verify(report, rig, pairs, controller.dst.ram, last_src_beat)
         else:
             await _verify_source_survived(report, rig, pairs, controller.src.ram)
+            if any(r["kind"] == "qmp_command" and r["command"] == "migrate-incoming" for r in trace.records):
+                await _verify_destination_ended(report, rig)
+        if not controller.src.gone:
+            now = await _settings(rig.src_qmp)
+            report.checks["source QEMU settings"] = None if now == settings else f"{settings} before, {now} after"
         report.records = trace.records
         report.violations = tracecheck.check(trace.records)
         return report
@@ -126,6 +133,24 @@ async def launch(opts: LaunchOptions, progress=None, during=None) -> Report:
                 ram.close()
         trace.close()
         await rig.close()
+
+
+async def _settings(qemu) -> dict:
+    """The source's migration settings qmpmig may change."""
+    caps = {c["capability"]: c["state"] for c in await qemu.execute("query-migrate-capabilities")}
+    params = await qemu.execute("query-migrate-parameters")
+    return {"events": caps.get("events"), "pause-before-switchover": caps.get("pause-before-switchover"),
+            "max-bandwidth": params.get("max-bandwidth"), "downtime-limit": params.get("downtime-limit")}
+
+
+async def _verify_destination_ended(report: Report, rig: Rig) -> None:
+    """A failed migration leaves no destination QEMU that could run a
+    second copy of the guest."""
+    try:
+        await asyncio.to_thread(rig.dst.proc.wait, 10)
+        report.checks["destination QEMU ended"] = None
+    except subprocess.TimeoutExpired:
+        report.checks["destination QEMU ended"] = "the destination QEMU still runs after a failed migration"
 
 
 async def _verify(report: Report, rig: Rig, pairs: list[Pair], dst_ram: GuestRam, last_src_beat: int) -> None:
