@@ -55,6 +55,12 @@ class Options:
     attempts: int = 3
     debug: frozenset[str] = frozenset()
 
+    def as_request(self) -> dict:
+        """The options as a daemon request carries them (JSON)."""
+        fields = dict(self.__dict__)
+        fields["debug"] = sorted(self.debug)
+        return fields
+
 
 @dataclass
 class Summary:
@@ -69,6 +75,14 @@ class Summary:
     device_bytes: int = 0
     dma_pages_copied: int = 0
     phases: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """The summary as ``qmpmig migrate --json`` prints it (seconds, rounded)."""
+        return {"ok": self.ok, "message": self.message, "total_time_s": round(self.total_time, 3),
+                "downtime_s": self.downtime and round(self.downtime, 3),
+                "qemu_downtime_ms": self.qemu_downtime_ms, "device_bytes": self.device_bytes,
+                "dma_pages_copied": self.dma_pages_copied,
+                "phases_s": {k: round(v, 3) for k, v in self.phases.items()}}
 
 
 @dataclass

@@ -7,8 +7,13 @@ plays it: map memory, point the DMA ring at it, enable the engine.
 
 from __future__ import annotations
 
+import struct
+
 from ..vfio_user.uapi import Field, PciRegion
 
+#: The PCI IDs in its config space: vendor 0x1b36 (Red Hat, QEMU's),
+#: device 0x7f00 + the low byte of the device id.
+PCI_VENDOR, PCI_DEVICE = 0x1B36, 0x7F00
 BAR0_SIZE = 4096
 MAGIC = 0x47504D51  # "QMPG"
 CTRL_DMA_ENABLE = 1
@@ -36,6 +41,16 @@ async def write_register(client, name: str, value: int) -> None:
 async def read_register(client, name: str) -> int:
     reg = REGISTERS[name]
     return reg.unpack(await client.region_read(PciRegion.BAR0, reg.offset, reg.size))
+
+
+async def is_reference(client) -> bool:
+    """Whether the device is qmpmig's reference device, by its PCI IDs:
+    config space reads have no side effect on any device."""
+    try:
+        vendor, device = struct.unpack("<HH", await client.region_read(PciRegion.CONFIG, 0, 4))
+    except (OSError, struct.error):
+        return False
+    return vendor == PCI_VENDOR and device & 0xFF00 == PCI_DEVICE
 
 
 async def start_ring(client, iova: int, size: int, rate: int | None = None) -> None:

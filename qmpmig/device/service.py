@@ -23,7 +23,7 @@ from ..vfio_user.codec import Command
 from ..vfio_user.server import serve_unix
 from ..vfio_user.uapi import (MIGRATION_REGION_TYPE, PCI_NUM_IRQS, PCI_NUM_REGIONS, DeviceInfoFlags, Feature,
                               FeatureFlags as FF, IrqInfoFlags, IrqSetFlags, PciIrq, PciRegion, RegionInfoFlags)
-from .bar0 import BAR0_SIZE
+from .bar0 import BAR0_SIZE, PCI_DEVICE, PCI_VENDOR
 from .model import ReferenceDevice
 from .v1region import DATA_OFFSET, REGION_SIZE, WINDOW, V1Region
 
@@ -46,7 +46,7 @@ def _config_space(device_id: int) -> bytearray:
     """A type-0 header: vendor 0x1b36 (Red Hat, QEMU's), device 0x7f00 +
     id, class 0xff (unassigned), BAR0 a 4 KiB 32-bit MMIO BAR."""
     space = bytearray(256)
-    struct.pack_into("<HH", space, 0, 0x1B36, 0x7F00 + (device_id & 0xFF))
+    struct.pack_into("<HH", space, 0, PCI_VENDOR, PCI_DEVICE + (device_id & 0xFF))
     space[0x0B] = 0xFF
     struct.pack_into("<I", space, 0x10, 0)
     return space

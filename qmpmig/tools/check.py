@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from ..controller.devices import RemoteDevice
 from ..device import records
-from ..device.bar0 import CTRL_DMA_ENABLE, MAGIC, REGISTERS, read_register, write_register
+from ..device.bar0 import CTRL_DMA_ENABLE, MAGIC, REGISTERS, is_reference, read_register, write_register
 from ..errors import Disconnected, InvalidTransition, QmpmigError
 from ..migration import fsm
 from ..migration.fsm import v1_requestable
@@ -133,7 +133,7 @@ class Context:
                 facts.add("quiesce")
             if all([await dev.client.probe(feature, op) for feature, op in LOGGING_OPS]):
                 facts.add("dma-logging")
-            if await _is_reference(dev):
+            if await is_reference(dev.client) and await read_register(dev.client, "magic") == MAGIC:
                 facts.add("reference")
             ctx = cls(socket, peer, dev.protocol, dev.flags, frozenset(facts),
                       await dev.client.probe(Feature.QMPMIG_STATE_HASH))
@@ -588,13 +588,6 @@ async def dma_logging(ctx: Context) -> str:
             problems.append("REPORT after STOP succeeded")
     return _judge(problems, f"START (page_size {page_size}), REPORT ({want}-byte bitmap), STOP; "
                             "REPORT refused outside")
-
-
-async def _is_reference(dev: RemoteDevice) -> bool:
-    try:
-        return await read_register(dev.client, "magic") == MAGIC
-    except (OSError, struct.error):
-        return False
 
 
 @dataclass

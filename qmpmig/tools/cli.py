@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
+import signal
 import sys
 import time
+from pathlib import Path
 
 from ..controller import DEBUG, Controller, Options, RemoteDevice, Side, Trace
 from ..errors import InvalidTransition, LifecycleRefused, QmpmigError
@@ -16,6 +20,9 @@ from ..migration.states import MigFlags, MigState
 from ..qemu.guestmem import GuestRam
 from ..qemu.qmp import Qemu
 from ..rig.launch import LaunchOptions, launch
+from ..daemon import client
+from ..daemon.control import default_run_dir
+from ..daemon.owner import Owner
 from . import check
 from .tracecheck import RULES, check as check_trace, load as load_trace
 
@@ -58,11 +65,7 @@ def _controller_options(args) -> Options:
 
 
 def _summary_dict(summary, report=None) -> dict:
-    out = {"ok": summary.ok, "message": summary.message, "total_time_s": round(summary.total_time, 3),
-           "downtime_s": summary.downtime and round(summary.downtime, 3),
-           "qemu_downtime_ms": summary.qemu_downtime_ms, "device_bytes": summary.device_bytes,
-           "dma_pages_copied": summary.dma_pages_copied,
-           "phases_s": {k: round(v, 3) for k, v in summary.phases.items()}}
+    out = summary.as_dict()
     if report is not None:
         out["checks"] = {k: v or "ok" for k, v in report.checks.items()}
         out["trace_violations"] = [str(v) for v in report.violations]
@@ -93,6 +96,11 @@ async def _migrate(args) -> int:
         progress.done()
         result = _summary_dict(report.summary, report)
         ok = report.ok
+    elif args.src:
+        result = await client.call(args.run_dir, "migrate", src=args.src, dst=args.dst, uri=args.uri,
+                                   trace=args.trace and os.path.abspath(args.trace),
+                                   options=_controller_options(args).as_request())
+        ok = result["ok"] and not result["trace_violations"]
     else:
         result, ok = await _attach_and_migrate(args, progress)
         progress.done()
@@ -175,6 +183,61 @@ def _plan(args) -> int:
     return 0
 
 
+def _daemon(args) -> int:
+    """``qmpmig daemon``: serve in the foreground (``--stop``: ask it to end)."""
+    if args.stop:
+        asyncio.run(client.call(args.run_dir, "shutdown"))
+        return 0
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="qmpmig-daemon[%(process)d] %(levelname)s %(name)s: %(message)s")
+
+    async def serve() -> None:
+        owner = Owner(args.run_dir)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, owner.stopped.set)
+        await owner.serve()
+
+    asyncio.run(serve())
+    return 0
+
+
+def _attach(args) -> int:
+    client.ensure_daemon(args.run_dir)
+    ring = [int(x, 0) for x in args.start_ring.split(":")] if args.start_ring else None
+    vm = asyncio.run(client.call(args.run_dir, "attach", name=args.name, qmp=os.path.abspath(args.qmp),
+                                 ram=os.path.abspath(args.ram), devices=[os.path.abspath(d) for d in args.device],
+                                 protocol=args.protocol, start_ring=ring))
+    print(json.dumps(vm, indent=1) if args.json else _describe_vm(vm))
+    return 0
+
+
+def _detach(args) -> int:
+    asyncio.run(client.call(args.run_dir, "detach", name=args.name))
+    return 0
+
+
+def _status(args) -> int:
+    status = asyncio.run(client.call(args.run_dir, "status"))
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0
+    print(f"qmpmig daemon {status['pid']}: {len(status['vms'])} VM(s)")
+    for vm in status["vms"]:
+        print(_describe_vm(vm))
+    for m in status["migrations"]:
+        print(f"migration {m['id']}: {m['src']} -> {m['dst']}, {m['phase']}")
+    return 0
+
+
+def _describe_vm(vm: dict) -> str:
+    lines = [f"{vm['name']}: ({vm['runstate']}, {vm['status']})" + (f", in migration {vm['busy']}" if vm["busy"] else "")]
+    for dev in vm["devices"]:
+        extra = "".join(f", {k} {dev[k]}" for k in ("state_hash", "dma_seq") if k in dev)
+        lines.append(f"  {dev['name']}: {dev['protocol']} {dev['state']}{extra}")
+    return "\n".join(lines)
+
+
 def _flags(text: str) -> int:
     value = 0
     for name in text.replace(",", "|").split("|"):
@@ -190,6 +253,8 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("migrate", help="live-migrate a QEMU guest with its vfio-user devices")
     m.add_argument("--launch", action="store_true",
                    help="start everything here: two QEMUs of the test guest and the device processes")
+    m.add_argument("--src", help="an attached VM (qmpmig attach) to migrate ...")
+    m.add_argument("--dst", help="... to this attached VM, waiting with -incoming defer")
     m.add_argument("--src-qmp", help="source QEMU's QMP socket")
     m.add_argument("--dst-qmp", help="destination QEMU's QMP socket (started with -incoming defer -S)")
     m.add_argument("--uri", help="migration URI, e.g. unix:/run/mig.sock")
@@ -212,6 +277,34 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--debug", action="append", default=[], choices=sorted(DEBUG),
                    help="break one ordering rule on purpose (negative controls)")
     m.set_defaults(run=lambda a: asyncio.run(_migrate(a)))
+
+    d = sub.add_parser("daemon", help="the devices' owner: serve the control socket in the foreground")
+    d.add_argument("--stop", action="store_true", help="ask the running daemon to end (its devices reset)")
+    d.add_argument("--log-level", default="INFO")
+    d.set_defaults(run=_daemon)
+
+    a = sub.add_parser("attach", help="hand a VM and its devices to the daemon (started if none runs)")
+    a.add_argument("name")
+    a.add_argument("--qmp", required=True, help="the VM's QMP socket")
+    a.add_argument("--ram", required=True, help="its guest RAM file (memory-backend-file mem-path, share=on)")
+    a.add_argument("--device", action="append", required=True, help="a device's vfio-user socket (repeat)")
+    a.add_argument("--protocol", choices=("v1", "v2"))
+    a.add_argument("--start-ring", metavar="IOVA:SIZE",
+                   help="qmpmig's reference device only: play its driver, DMA records into this guest range")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(run=_attach)
+
+    dt = sub.add_parser("detach", help="the daemon lets go of a VM (its devices reset)")
+    dt.add_argument("name")
+    dt.set_defaults(run=_detach)
+
+    st = sub.add_parser("status", help="the daemon's VMs, devices and migrations")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(run=_status)
+
+    for each in (m, d, a, dt, st):
+        each.add_argument("--run-dir", type=Path, default=default_run_dir(),
+                          help="the daemon's directory (control socket, log); default %(default)s")
 
     t = sub.add_parser("trace", help="work with a trace file")
     tsub = t.add_subparsers(dest="trace_command", required=True)
@@ -246,9 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         from ..device.cli import main as device_main
         return device_main(argv[1:])
     args = parser().parse_args(argv)
-    if args.command == "migrate" and not args.launch and not all(
+    if args.command == "migrate" and not args.launch and not (args.src and args.dst and args.uri) and not all(
             (args.src_qmp, args.dst_qmp, args.uri, args.src_ram, args.dst_ram)):
-        parser().error("migrate needs --launch, or --src-qmp, --dst-qmp, --uri, --src-ram and --dst-ram")
+        parser().error("migrate needs --launch; or --src, --dst and --uri of VMs attached to the daemon; "
+                       "or --src-qmp, --dst-qmp, --uri, --src-ram and --dst-ram")
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -1,0 +1,315 @@
+"""``qmpmig daemon``: the one vfio-user client of its VMs' devices, for
+each VM's life, and the controller of the migrations asked of it.
+
+A VM handed over by ``attach`` keeps its device connections open, its guest
+RAM mapped into them and its page requests answered until it ends (its
+QEMU goes away, or ``detach``).  A migration is a request: it runs as a
+task of the daemon, so the command that asked for it may exit or be killed
+without touching a device or the migration.  After a migration the
+destination's devices stay owned here, with their state; the source's are
+released (a vfio-user device resets when its client leaves) once the
+destination has them.  After a failure the source keeps its devices, and
+the destination QEMU has been ended by the recovery.
+
+The control socket lives in a 0700 directory, is 0600 itself, and each
+connection's peer credentials (SO_PEERCRED) must be root's or the
+daemon's own user's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..controller import Controller, Options, RemoteDevice, Side, Trace
+from ..device.bar0 import is_reference, read_register, start_ring
+from ..errors import QmpmigError
+from ..qemu.guestmem import GuestRam
+from ..qemu.qmp import Qemu
+from ..tools import tracecheck
+from . import control
+
+log = logging.getLogger("qmpmig.daemon")
+
+#: struct ucred: pid, uid, gid.
+UCRED = struct.Struct("3i")
+
+
+@dataclass(eq=False)
+class AttachedVm:
+    """A VM the daemon owns the devices of."""
+
+    name: str
+    qmp: str
+    side: Side
+    devices: list[RemoteDevice]
+    #: The id of the migration it takes part in, if any.
+    busy: str | None = None
+    watcher: asyncio.Task | None = field(default=None, repr=False)
+
+
+class Owner:
+    """The daemon: its VMs, its migrations and its control socket."""
+
+    def __init__(self, run_dir: Path, timeout: float = 300.0):
+        self.run_dir = Path(run_dir)
+        self.timeout = timeout
+        self.vms: dict[str, AttachedVm] = {}
+        #: migration id -> (controller, its task)
+        self.migrations: dict[str, tuple[Controller, asyncio.Task]] = {}
+        self._ids = itertools.count(1)
+        self.stopped = asyncio.Event()
+        #: control op -> its handler.
+        self.ops = {"attach": self.attach, "detach": self.detach, "status": self.status,
+                    "migrate": self.migrate, "shutdown": self.shutdown}
+
+    @property
+    def socket_path(self) -> Path:
+        return self.run_dir / control.SOCKET
+
+    # -- the control socket -------------------------------------------------
+
+    async def serve(self, ready: asyncio.Event | None = None) -> None:
+        """Serve the control socket until ``shutdown``; then release every VM."""
+        listener = self._listen()
+        server = await asyncio.start_unix_server(self._connection, sock=listener)
+        (self.run_dir / "daemon.pid").write_text(f"{os.getpid()}\n")
+        log.info("serving %s", self.socket_path)
+        if ready:
+            ready.set()
+        try:
+            await self.stopped.wait()
+        finally:
+            server.close()
+            for _, task in list(self.migrations.values()):
+                with contextlib.suppress(BaseException):
+                    await task
+            for vm in list(self.vms.values()):
+                await self.release(vm)
+            self.socket_path.unlink(missing_ok=True)
+            (self.run_dir / "daemon.pid").unlink(missing_ok=True)
+
+    def _listen(self) -> socket.socket:
+        """The control socket: 0600 in a 0700 directory of our own; refused
+        while another daemon answers on it."""
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = self.run_dir.stat()
+        if info.st_uid != os.getuid():
+            raise QmpmigError(f"{self.run_dir} belongs to uid {info.st_uid}, not to this daemon's {os.getuid()}")
+        os.chmod(self.run_dir, 0o700)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(self.socket_path))
+        except OSError:
+            self.socket_path.unlink(missing_ok=True)
+        else:
+            sock.close()
+            raise QmpmigError(f"a daemon already serves {self.socket_path}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        umask = os.umask(0o177)
+        try:
+            sock.bind(str(self.socket_path))
+        finally:
+            os.umask(umask)
+        os.chmod(self.socket_path, 0o600)
+        sock.listen(16)
+        return sock
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        _, uid, _ = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
+        try:
+            if uid not in (0, os.getuid()):
+                log.warning("refused a control connection from uid %d", uid)
+                writer.write(control.reply(0, error=f"uid {uid} may not use this daemon"))
+                return
+            lines = control.LineReader()
+            while data := await reader.read(1 << 16):
+                for message in lines.feed(data):
+                    writer.write(await self._answer(message))
+                    await writer.drain()
+        except control.ControlError as err:
+            writer.write(control.reply(0, error=str(err)))
+        except ConnectionError:
+            pass
+        finally:
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            writer.close()
+
+    async def _answer(self, message: dict) -> bytes:
+        msg_id, op, args = message.get("id", 0), message.get("op"), message.get("args", {})
+        handler = self.ops.get(op)
+        if handler is None or not isinstance(args, dict):
+            return control.reply(msg_id, error=f"no such request: {op!r}")
+        try:
+            return control.reply(msg_id, await handler(**args))
+        except TypeError as err:
+            return control.reply(msg_id, error=f"{op}: bad arguments: {err}")
+        except (QmpmigError, OSError, ValueError) as err:
+            return control.reply(msg_id, error=f"{op}: {err}")
+
+    # -- VMs -----------------------------------------------------------------
+
+    async def attach(self, name: str, qmp: str, ram: str, devices: list[str], protocol: str | None = None,
+                     start_ring: list[int] | None = None) -> dict:
+        """Take a VM's devices in: connect to its QMP and to each device, map
+        its guest RAM into them, follow it.  ``start_ring`` (iova, size)
+        plays the reference device's driver: each device gets its slice."""
+        if name in self.vms:
+            raise QmpmigError(f"{name} is attached already")
+        qemu = Qemu(name)
+        opened: list[RemoteDevice] = []
+        guest_ram = None
+        try:
+            await qemu.connect(qmp)
+            guest_ram = GuestRam(ram)
+            for path in devices:
+                opened.append(await RemoteDevice.open(path, protocol))
+            side = Side(qemu, guest_ram, self.timeout)
+            await side.attach([(f"dev{i}", device) for i, device in enumerate(opened)])
+            if start_ring:
+                await _drive_rings(opened, *start_ring)
+        except BaseException:
+            for device in opened:
+                await device.close()
+            if guest_ram:
+                guest_ram.close()
+            await qemu.disconnect()
+            raise
+        vm = AttachedVm(name, qmp, side, opened)
+        vm.watcher = asyncio.create_task(self._watch(vm))
+        self.vms[name] = vm
+        log.info("attached %s (%d devices)", name, len(opened))
+        return await self._describe(vm)
+
+    async def _watch(self, vm: AttachedVm) -> None:
+        """A VM whose QEMU went away is over: release its devices (after the
+        migration it takes part in, if any, has ended)."""
+        await vm.side.wait_gone(None)
+        while vm.busy:
+            _, task = self.migrations[vm.busy]
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(task)
+        if self.vms.get(vm.name) is vm:
+            log.info("%s: QEMU gone (%s): releasing its devices", vm.name, vm.side.gone)
+            await self.release(vm)
+
+    async def release(self, vm: AttachedVm) -> None:
+        """Let go of a VM: each device's connection closes (the device resets)."""
+        if self.vms.get(vm.name) is vm:
+            del self.vms[vm.name]
+        if vm.watcher and vm.watcher is not asyncio.current_task():
+            vm.watcher.cancel()
+        await vm.side.unfollow()
+        for device in vm.devices:
+            with contextlib.suppress(Exception):
+                await device.close()
+        vm.side.ram.close()
+        await vm.side.qemu.disconnect()
+
+    async def detach(self, name: str) -> dict:
+        vm = self._vm(name)
+        if vm.busy:
+            raise QmpmigError(f"{name} takes part in migration {vm.busy}")
+        await self.release(vm)
+        return {"detached": name}
+
+    def _vm(self, name: str) -> AttachedVm:
+        if name not in self.vms:
+            raise QmpmigError(f"no VM {name!r} is attached")
+        return self.vms[name]
+
+    async def status(self) -> dict:
+        return {"pid": os.getpid(), "vms": [await self._describe(vm) for vm in self.vms.values()],
+                "migrations": [{"id": mid, "src": c.src.qemu.name, "dst": c.dst.qemu.name, "phase": c.phase}
+                               for mid, (c, _) in self.migrations.items()]}
+
+    async def _describe(self, vm: AttachedVm) -> dict:
+        """What a VM looks like now; its devices are asked for their state
+        hash and (the reference device) DMA records only when no migration
+        uses them."""
+        state = vm.side.vm
+        devices = []
+        for end in vm.side.devices:
+            device = {"name": end.name, "protocol": end.device.protocol, "flags": int(end.device.flags),
+                      "state": end.state.name}
+            if not vm.busy and not vm.side.gone:
+                with contextlib.suppress(OSError, QmpmigError):
+                    device["state_hash"] = (await end.device.state_hash()).hex()
+                if await is_reference(end.device.client):
+                    with contextlib.suppress(OSError, QmpmigError):
+                        device["dma_seq"] = await read_register(end.device.client, "dma_seq")
+            devices.append(device)
+        return {"name": vm.name, "qmp": vm.qmp, "runstate": state and state.runstate,
+                "status": state and state.status, "gone": vm.side.gone, "busy": vm.busy, "devices": devices}
+
+    # -- migrations ----------------------------------------------------------
+
+    async def migrate(self, src: str, dst: str, uri: str, trace: str | None = None,
+                      options: dict | None = None) -> dict:
+        """Migrate VM ``src`` to VM ``dst`` (waiting with ``-incoming defer``);
+        the reply comes when it has ended, but the migration does not
+        depend on the connection that asked for it."""
+        source, destination = self._vm(src), self._vm(dst)
+        if source is destination:
+            raise QmpmigError("source and destination are the same VM")
+        for vm in (source, destination):
+            if vm.busy:
+                raise QmpmigError(f"{vm.name} takes part in migration {vm.busy}")
+        opts = dict(options or {})
+        opts["debug"] = frozenset(opts.get("debug", ()))
+        controller = Controller(source.side, destination.side, uri, Trace(trace), Options(**opts))
+        mid = f"m{next(self._ids)}"
+        source.busy = destination.busy = mid
+        task = asyncio.create_task(self._migrate(mid, controller, source, destination))
+        self.migrations[mid] = (controller, task)
+        return await asyncio.shield(task)
+
+    async def _migrate(self, mid: str, controller: Controller, source: AttachedVm,
+                       destination: AttachedVm) -> dict:
+        trace = controller.trace
+        try:
+            summary = await controller.migrate()
+        except asyncio.CancelledError:
+            summary = None
+            raise
+        finally:
+            trace.close()
+            for vm in (source, destination):
+                vm.side.trace = Trace(keep=False)
+                vm.busy = None
+            del self.migrations[mid]
+            if summary is not None and summary.ok:
+                await self.release(source)
+        if not summary.ok:
+            log.warning("migration %s: %s", mid, summary.message)
+        result = summary.as_dict()
+        result["id"] = mid
+        result["trace_violations"] = [str(v) for v in tracecheck.check(trace.records)]
+        result["devices"] = {p.name: {"src_hash": p.src_hash and p.src_hash.hex(),
+                                      "dst_hash": p.dst_hash and p.dst_hash.hex()} for p in controller.pairs}
+        return result
+
+    async def shutdown(self) -> dict:
+        """Stop serving once the migrations under way have ended; every
+        VM is released (its devices reset)."""
+        self.stopped.set()
+        return {"stopping": os.getpid()}
+
+
+async def _drive_rings(devices: list[RemoteDevice], iova: int, size: int) -> None:
+    """Play the reference device's driver: each device writes its DMA
+    records into its share of [iova, iova+size)."""
+    share = size // max(1, len(devices))
+    for i, device in enumerate(devices):
+        if not await is_reference(device.client):
+            raise QmpmigError(f"dev{i} is not qmpmig's reference device: no ring to start")
+        await start_ring(device.client, iova + i * share, share)

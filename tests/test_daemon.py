@@ -1,0 +1,144 @@
+"""``qmpmig daemon``, the devices' owner: its control socket, and a
+migration asked of it by a ``qmpmig`` command that then exits, on real
+QEMU and real device processes."""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from qmpmig.controller.devices import RemoteDevice
+from qmpmig.daemon import client, control
+from qmpmig.device import records
+from qmpmig.device.bar0 import read_register
+from qmpmig.rig.processes import DeviceProcess
+from qmpmig.rig.vm import DMA_WINDOW, Vm
+
+
+def qmpmig(run_dir: Path, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "qmpmig", *argv, "--run-dir", str(run_dir)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A run directory of its own; whatever daemon started there is ended."""
+    path = tmp_path / "run"
+    yield path
+    stop_daemon(path)
+
+
+@pytest.fixture
+def public_run_dir():
+    """A run directory another uid can reach (pytest's tmp_path is 0700)."""
+    top = Path(tempfile.mkdtemp(prefix="qmpmig-test-", dir="/tmp"))
+    os.chmod(top, 0o711)
+    yield top / "run"
+    stop_daemon(top / "run")
+    shutil.rmtree(top, ignore_errors=True)
+
+
+def stop_daemon(path: Path) -> None:
+    pid_file = path / "daemon.pid"
+    if pid_file.exists():
+        pid = int(pid_file.read_text())
+        qmpmig(path, "daemon", "--stop", timeout=30)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.05)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_control_socket_is_the_daemons_users_alone(public_run_dir):
+    run_dir = public_run_dir
+    client.ensure_daemon(run_dir)
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+    sock_path = run_dir / control.SOCKET
+    assert stat.S_IMODE(sock_path.stat().st_mode) == 0o600
+    # Open the socket's mode on purpose: the peer-credential check alone
+    # must turn another uid away.
+    os.chmod(run_dir, 0o711)
+    os.chmod(sock_path, 0o666)
+    probe = ("import socket, os, sys; os.setgid(65534); os.setuid(65534); "
+             "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+             "s.sendall(b'{\"id\":1,\"op\":\"status\",\"args\":{}}\\n'); print(s.recv(4096).decode())")
+    done = subprocess.run([sys.executable, "-c", probe, str(sock_path)], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert answer["ok"] is False and "uid 65534 may not use this daemon" in answer["error"], done
+    # Its own user is served; malformed requests get an error, not a hangup.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(sock_path))
+        s.sendall(b'{"id":7,"op":"banana","args":{}}\n{"id":8,"op":"status","args":{"x":1}}\n')
+        replies = b""
+        while replies.count(b"\n") < 2:
+            replies += s.recv(4096)
+    first, second = (json.loads(line) for line in replies.splitlines())
+    assert (first["id"], first["ok"]) == (7, False) and "no such request" in first["error"]
+    assert (second["id"], second["ok"]) == (8, False) and "bad arguments" in second["error"]
+    assert qmpmig(run_dir, "status").returncode == 0
+
+
+@pytest.mark.qemu
+def test_migration_asked_of_the_daemon_outlives_the_command(run_dir, tmp_path, guest_image):
+    """The command exits; the daemon keeps the destination's device with
+    its migrated state and its DMA going, and has released the source's."""
+    src = Vm("src", "source", workdir=tmp_path).start()
+    dst = Vm("dst", "destination", workdir=tmp_path).start()
+    devs = [DeviceProcess(tmp_path / f"{side}.sock", "--state-size", "16M", "--dma-rate", "1000").start()
+            for side in ("s", "d")]
+    try:
+        src.wait_heartbeat(1, 60)
+        ring = f"{DMA_WINDOW[0]:#x}:{DMA_WINDOW[1]:#x}"
+        for name, vm, dev, extra in (("src", src, devs[0], ["--start-ring", ring]), ("dst", dst, devs[1], [])):
+            done = qmpmig(run_dir, "attach", name, "--qmp", str(vm.qmp_path), "--ram", str(vm.ram_path),
+                          "--device", str(dev.socket), *extra)
+            assert done.returncode == 0, done.stderr
+        done = qmpmig(run_dir, "migrate", "--src", "src", "--dst", "dst", "--uri", f"unix:{tmp_path / 'mig.sock'}",
+                      "--trace", str(tmp_path / "trace.jsonl"), "--json")
+        assert done.returncode == 0, done.stdout + done.stderr
+        result = json.loads(done.stdout)
+        assert result["ok"] and result["trace_violations"] == []
+        assert result["devices"]["dev0"]["src_hash"] == result["devices"]["dev0"]["dst_hash"]
+
+        def dst_device() -> dict:
+            status = json.loads(qmpmig(run_dir, "status", "--json").stdout)
+            assert [vm["name"] for vm in status["vms"]] == ["dst"], status
+            return status["vms"][0]["devices"][0]
+
+        first = dst_device()
+        assert first["state"] == "RUNNING" and first["dma_seq"] > 0
+        time.sleep(2)
+        later = dst_device()
+        assert later["dma_seq"] > first["dma_seq"], "the destination device stopped its DMA"
+        dst.wait_heartbeat(src.last_heartbeat(), 30)
+        errors = records.verify(dst.ram_path.read_bytes()[DMA_WINDOW[0]:sum(DMA_WINDOW)], 1, later["dma_seq"])
+        assert errors == []
+        # The source's device was let go once the destination ran: a new
+        # client finds it fresh.
+        assert asyncio.run(fresh_dma_seq(devs[0].socket)) == 0
+    finally:
+        for proc in devs:
+            proc.close()
+        src.close()
+        dst.close()
+
+
+async def fresh_dma_seq(path) -> int:
+    dev = await asyncio.wait_for(RemoteDevice.open(str(path)), 10)
+    try:
+        return await read_register(dev.client, "dma_seq")
+    finally:
+        await dev.close()
