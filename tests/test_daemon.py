@@ -119,16 +119,17 @@ def test_migration_asked_of_the_daemon_outlives_the_command(run_dir, tmp_path, g
             return status["vms"][0]["devices"][0]
 
         first = dst_device()
-        assert first["state"] == "RUNNING" and first["dma_seq"] > 0
+        assert first["state"] == "RUNNING" and first["dma_seq"] > 0 and first["client_losses"] == 0
         time.sleep(2)
         later = dst_device()
         assert later["dma_seq"] > first["dma_seq"], "the destination device stopped its DMA"
+        assert later["client_losses"] == 0, "the destination device lost its client"
         dst.wait_heartbeat(src.last_heartbeat(), 30)
         errors = records.verify(dst.ram_path.read_bytes()[DMA_WINDOW[0]:sum(DMA_WINDOW)], 1, later["dma_seq"])
         assert errors == []
         # The source's device was let go once the destination ran: a new
         # client finds it fresh.
-        assert asyncio.run(fresh_dma_seq(devs[0].socket)) == 0
+        assert asyncio.run(fresh_registers(devs[0].socket)) == (0, 1)
     finally:
         for proc in devs:
             proc.close()
@@ -136,9 +137,10 @@ def test_migration_asked_of_the_daemon_outlives_the_command(run_dir, tmp_path, g
         dst.close()
 
 
-async def fresh_dma_seq(path) -> int:
+async def fresh_registers(path) -> tuple[int, int]:
+    """(dma_seq, client_losses) of a device, as a new client finds it."""
     dev = await asyncio.wait_for(RemoteDevice.open(str(path)), 10)
     try:
-        return await read_register(dev.client, "dma_seq")
+        return await read_register(dev.client, "dma_seq"), await read_register(dev.client, "client_losses")
     finally:
         await dev.close()

@@ -426,6 +426,7 @@ async def test_disconnect_leaves_a_fresh_device(spawn_device):
     try:
         assert await c.device_state() == S.RUNNING
         assert (await reg_read(c, "scratch"), await reg_read(c, "ctrl"), await reg_read(c, "dma_seq")) == (0, 0, 0)
+        assert await reg_read(c, "client_losses") == 1
         await c.dma_map(RING_IOVA, MiB, os.dup(mem))  # the old mapping is gone
     finally:
         await c.close()

@@ -246,7 +246,8 @@ class Owner:
                     device["state_hash"] = (await end.device.state_hash()).hex()
                 if await is_reference(end.device.client):
                     with contextlib.suppress(OSError, QmpmigError):
-                        device["dma_seq"] = await read_register(end.device.client, "dma_seq")
+                        for register in ("dma_seq", "client_losses"):
+                            device[register] = await read_register(end.device.client, register)
             devices.append(device)
         return {"name": vm.name, "qmp": vm.qmp, "runstate": state and state.runstate,
                 "status": state and state.status, "gone": vm.side.gone, "busy": vm.busy, "devices": devices}

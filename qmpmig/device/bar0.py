@@ -29,6 +29,7 @@ REGISTERS = {
     "dma_seq": Field(0x28, "<Q"),
     "scratch": Field(0x30, "<Q"),
     "page_requests": Field(0x38, "<Q"),
+    "client_losses": Field(0x40, "<Q"),
 }
 WRITABLE = frozenset({"ctrl", "ring_iova", "ring_size", "dma_rate", "scratch"})
 

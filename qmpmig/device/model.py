@@ -77,6 +77,7 @@ class ReferenceDevice:
         self.saver: Saver | None = None
         self.loader: Loader | None = None
         self.regs = self._fresh_registers()
+        self.client_losses = 0
         self.present_pages: set[int] = set()
         self.page_request_outstanding: int | None = None
         self.page_request: Callable[[int], Awaitable[None]] | None = None
@@ -117,9 +118,12 @@ class ReferenceDevice:
         self.dma_log.stop()
 
     def disconnect(self) -> None:
-        """The client went away: drop its mappings, then reset."""
+        """The client went away: drop its mappings, then reset; the loss is
+        counted for the device's life (``client_losses``: a reset is the one
+        thing a client's death costs, and tests must be able to see it)."""
         self.dma.clear()
         self.reset()
+        self.client_losses += 1
 
     def set_v1(self, new: int) -> None:
         """A write of the v1 device_state: its actions in seed 000's order."""
@@ -223,6 +227,8 @@ class ReferenceDevice:
         if not self.running:
             return b"\xff" * count
         name = field_at(REGISTERS, offset, count)
+        if name == "client_losses":
+            return REGISTERS[name].pack(self.client_losses)
         return REGISTERS[name].pack(self.regs[name]) if name else bytes(count)
 
     def mmio_write(self, offset: int, data: bytes) -> None:
