@@ -1,7 +1,8 @@
 """``qmpmig migrate`` attached to QEMUs and devices it did not start, as a
-user runs it, and interrupted with Ctrl-C mid-way: the source runs on."""
+user runs it: the command hands both VMs and the migration to the host's
+daemon (starting one), so the command exiting, interrupted or killed in any
+phase, never touches a device or the migration in flight."""
 
-import asyncio
 import json
 import signal
 import subprocess
@@ -11,10 +12,9 @@ import time
 import pytest
 
 from qmpmig.rig.processes import DeviceProcess
-from qmpmig.controller.devices import RemoteDevice
-from qmpmig.qemu.qmp import Qemu
-from qmpmig.migration.states import MigState
 from qmpmig.rig.vm import Vm
+
+from test_daemon import stop_daemon
 
 pytestmark = pytest.mark.qemu
 
@@ -24,16 +24,26 @@ def setup(tmp_path, guest_image):
     src = Vm("src", "source", workdir=tmp_path).start()
     dst = Vm("dst", "destination", workdir=tmp_path).start()
     devices = [DeviceProcess(tmp_path / f"{side}.sock", "--state-size", "64M").start() for side in ("s", "d")]
+    run_dir = tmp_path / "run"
     src.wait_heartbeat(1, 60)
     argv = [sys.executable, "-m", "qmpmig", "migrate", "--src-qmp", str(src.qmp_path),
             "--dst-qmp", str(dst.qmp_path), "--uri", f"unix:{tmp_path / 'mig.sock'}",
             "--src-ram", str(src.ram_path), "--dst-ram", str(dst.ram_path),
-            "--device", f"{devices[0].socket},{devices[1].socket}", "--trace", str(tmp_path / "trace.jsonl")]
+            "--device", f"{devices[0].socket},{devices[1].socket}", "--trace", str(tmp_path / "trace.jsonl"),
+            "--run-dir", str(run_dir)]
     yield src, dst, devices, argv, tmp_path
+    stop_daemon(run_dir)
     for proc in devices:
         proc.close()
     src.close()
     dst.close()
+
+
+def status(tmp) -> dict:
+    done = subprocess.run([sys.executable, "-m", "qmpmig", "status", "--json", "--run-dir", str(tmp / "run")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 def test_attach_mode_migrates_and_writes_a_trace_that_checks(setup):
@@ -46,37 +56,47 @@ def test_attach_mode_migrates_and_writes_a_trace_that_checks(setup):
                            capture_output=True, text=True)
     assert check.returncode == 0 and "FAIL" not in check.stdout
     dst.wait_heartbeat(src.last_heartbeat(), 30)
+    # The command is gone; the daemon keeps the destination's device.
+    vms = status(tmp)["vms"]
+    assert [vm["name"] for vm in vms] == [str(dst.qmp_path)]
+    assert vms[0]["devices"][0]["state"] == "RUNNING" and vms[0]["devices"][0]["client_losses"] == 0
 
 
-async def source_state(src, device_socket):
-    qemu = Qemu("check")
-    await qemu.connect(str(src.qmp_path))
-    status = await qemu.query_status()
-    await qemu.disconnect()
-    dev = await RemoteDevice.open(str(device_socket))
-    state = await dev.state()
-    await dev.close()
-    return status, state
+def trace_records(tmp) -> list[dict]:
+    path = tmp / "trace.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
-def test_ctrl_c_mid_migration_leaves_the_source_running(setup):
+def wait_for_phase(tmp, phase: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(r["kind"] == "phase" and r["name"] == phase for r in trace_records(tmp)):
+        assert time.monotonic() < deadline, f"no {phase} phase within {timeout:.0f} s"
+        time.sleep(0.005)
+
+
+def migration_ended(tmp, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while not (results := [r for r in trace_records(tmp) if r["kind"] == "result"]):
+        assert time.monotonic() < deadline, f"the migration did not end within {timeout:.0f} s"
+        time.sleep(0.1)
+    return results[-1]
+
+
+@pytest.mark.parametrize("phase,sig", [(p, signal.SIGKILL) for p in
+                                       ("setup", "precopy", "grace", "stop-copy", "switchover", "resume")]
+                         + [("precopy", signal.SIGINT)], ids=lambda x: getattr(x, "name", x))
+def test_the_command_killed_in_any_phase_leaves_the_migration_going(setup, phase, sig):
     src, dst, devices, argv, tmp = setup
-    proc = subprocess.Popen(argv + ["--threshold", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        trace = (tmp / "trace.jsonl").read_text() if (tmp / "trace.jsonl").exists() else ""
-        if '"name": "precopy"' in trace:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_phase(tmp, phase)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out + err
-    assert "interrupted" in err
-    records = [json.loads(line) for line in (tmp / "trace.jsonl").read_text().splitlines()]
-    assert records[-1]["kind"] == "phase" and records[-1]["name"] == "failed"
-    assert any(r["kind"] == "result" and not r["ok"] and "interrupted" in r["message"] for r in records)
-    # The controller let go; the source is as it was, and keeps going.
-    status, state = asyncio.run(source_state(src, devices[0].socket))
-    assert status.running and state is MigState.RUNNING
-    beat = src.last_heartbeat()
-    src.wait_heartbeat(beat + 1, 20)
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), out + err
+    result = migration_ended(tmp)
+    assert result["ok"], result
+    dst.wait_heartbeat(src.last_heartbeat(), 30)
+    vms = status(tmp)["vms"]
+    assert [vm["name"] for vm in vms] == [str(dst.qmp_path)] and vms[0]["runstate"] == "running"
+    assert vms[0]["devices"][0]["state"] == "RUNNING" and vms[0]["devices"][0]["client_losses"] == 0

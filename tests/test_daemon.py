@@ -62,7 +62,7 @@ def stop_daemon(path: Path) -> None:
 
 def test_control_socket_is_the_daemons_users_alone(public_run_dir):
     run_dir = public_run_dir
-    client.ensure_daemon(run_dir)
+    asyncio.run(client.ensure_daemon(run_dir))
     assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
     sock_path = run_dir / control.SOCKET
     assert stat.S_IMODE(sock_path.stat().st_mode) == 0o600

@@ -37,18 +37,18 @@ async def call(run_dir: Path, op: str, **args) -> dict:
         writer.close()
 
 
-def running(run_dir: Path) -> bool:
+async def running(run_dir: Path) -> bool:
     try:
-        asyncio.run(call(run_dir, "status"))
+        await call(run_dir, "status")
     except control.ControlError:
         return False
     return True
 
 
-def ensure_daemon(run_dir: Path, timeout: float = 15.0) -> None:
+async def ensure_daemon(run_dir: Path, timeout: float = 15.0) -> None:
     """Start ``qmpmig daemon`` for ``run_dir`` unless one answers there; it
     lives on in a session of its own, its output in ``run_dir/daemon.log``."""
-    if running(run_dir):
+    if await running(run_dir):
         return
     Path(run_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
     with open(Path(run_dir) / "daemon.log", "ab") as log:
@@ -56,9 +56,9 @@ def ensure_daemon(run_dir: Path, timeout: float = 15.0) -> None:
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     deadline = time.monotonic() + timeout
-    while not running(run_dir):
+    while not await running(run_dir):
         if proc.poll() is not None:
             raise control.ControlError(f"qmpmig daemon exited ({proc.returncode}); see {run_dir}/daemon.log")
         if time.monotonic() > deadline:
             raise control.ControlError(f"qmpmig daemon did not answer within {timeout:.0f} s")
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)

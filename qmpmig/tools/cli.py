@@ -12,12 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from ..controller import DEBUG, Controller, Options, RemoteDevice, Side, Trace
+from ..controller import DEBUG, Options
 from ..errors import InvalidTransition, LifecycleRefused, QmpmigError
 from ..migration import lifecycle
 from ..migration.fsm import plan
 from ..migration.states import MigFlags, MigState
-from ..qemu.guestmem import GuestRam
 from ..qemu.qmp import Qemu
 from ..rig.launch import LaunchOptions, launch
 from ..daemon import client
@@ -102,8 +101,7 @@ async def _migrate(args) -> int:
                                    options=_controller_options(args).as_request())
         ok = result["ok"] and not result["trace_violations"]
     else:
-        result, ok = await _attach_and_migrate(args, progress)
-        progress.done()
+        result, ok = await _attach_and_migrate(args)
     if args.json:
         json.dump(result, sys.stdout, indent=1)
         print()
@@ -112,40 +110,23 @@ async def _migrate(args) -> int:
     return 0 if ok else 1
 
 
-async def _attach_and_migrate(args, progress) -> tuple[dict, bool]:
-    src, dst = Qemu("src"), Qemu("dst")
-    opened, rams = [], []
-    trace = Trace(args.trace)
-    sides: list[Side] = []
-    try:
-        await src.connect(args.src_qmp)
-        await dst.connect(args.dst_qmp)
-        options = _controller_options(args)
-        rams = [GuestRam(args.src_ram), GuestRam(args.dst_ram)]
-        sides += [Side(src, rams[0], options.timeout, trace), Side(dst, rams[1], options.timeout, trace)]
-        for which, side in enumerate(sides):
-            devices = []
-            for i, spec in enumerate(args.device):
-                opened.append(await RemoteDevice.open(spec.split(",")[which], args.protocol))
-                devices.append((f"dev{i}", opened[-1]))
-            await side.attach(devices)
-        ctl = Controller(*sides, args.uri, trace, options)
-        ctl.progress = progress
-        summary = await ctl.migrate()
-        violations = check_trace(trace.records)
-        result = _summary_dict(summary)
-        result["trace_violations"] = [str(v) for v in violations]
-        return result, summary.ok and not violations
-    finally:
-        for side in sides:
-            await side.unfollow()
-        for dev in opened:
-            await dev.close()
-        for ram in rams:
-            ram.close()
-        trace.close()
-        await src.disconnect()
-        await dst.disconnect()
+async def _attach_and_migrate(args) -> tuple[dict, bool]:
+    """Attach mode: hand both VMs and their devices to the host's daemon
+    (started if none runs; a VM attached already is taken as it is, by its
+    QMP socket), then ask it for the migration."""
+    await client.ensure_daemon(args.run_dir)
+    attached = {vm["name"] for vm in (await client.call(args.run_dir, "status"))["vms"]}
+    for which, (qmp, ram) in enumerate(((args.src_qmp, args.src_ram), (args.dst_qmp, args.dst_ram))):
+        name = os.path.abspath(qmp)
+        if name not in attached:
+            await client.call(args.run_dir, "attach", name=name, qmp=name, ram=os.path.abspath(ram),
+                              devices=[os.path.abspath(spec.split(",")[which]) for spec in args.device],
+                              protocol=args.protocol)
+    result = await client.call(args.run_dir, "migrate", src=os.path.abspath(args.src_qmp),
+                               dst=os.path.abspath(args.dst_qmp), uri=args.uri,
+                               trace=args.trace and os.path.abspath(args.trace),
+                               options=_controller_options(args).as_request())
+    return result, result["ok"] and not result["trace_violations"]
 
 
 async def _follow(args) -> int:
@@ -203,7 +184,7 @@ def _daemon(args) -> int:
 
 
 def _attach(args) -> int:
-    client.ensure_daemon(args.run_dir)
+    asyncio.run(client.ensure_daemon(args.run_dir))
     ring = [int(x, 0) for x in args.start_ring.split(":")] if args.start_ring else None
     vm = asyncio.run(client.call(args.run_dir, "attach", name=args.name, qmp=os.path.abspath(args.qmp),
                                  ram=os.path.abspath(args.ram), devices=[os.path.abspath(d) for d in args.device],
@@ -346,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except KeyboardInterrupt:
-        print("qmpmig: interrupted", file=sys.stderr)
+        print("qmpmig: interrupted (a migration asked of the daemon goes on: qmpmig status)", file=sys.stderr)
         return 130
     except QmpmigError as err:
         print(f"qmpmig: {err}", file=sys.stderr)
