@@ -132,6 +132,8 @@ class Controller:
         self.progress: Callable | None = None
         #: async () -> (Qemu, GuestRam): a fresh destination for a retry.
         self.restart_destination: Callable | None = None
+        #: note(op, **fields): each step, before it is taken, for a journal.
+        self.note: Callable[..., None] = lambda op, **fields: None
         #: The migration under way, or the last one.
         self.run = Run()
 
@@ -147,6 +149,7 @@ class Controller:
         if run.phase != "idle":
             run.phases[run.phase] = run.phases.get(run.phase, 0.0) + now - run.phase_started
         run.phase, run.phase_started = phase, now
+        self.note("phase", name=phase)
         self.trace.emit("phase", name=phase)
 
     def lifecycle_target(self, end: DeviceEnd) -> MigState:

@@ -142,6 +142,7 @@ async def resume(c: Controller, running: bool) -> None:
         c.trace.emit("dirty_copy", pages=c.run.copied, bytes=c.run.copied * PAGE_SIZE)
     # !RESUMING: each device loads and validates what it was given.
     await c.walker.walk_all(dst, lambda end: MigState.STOP)
+    c.note("loaded")
     for pair in c.pairs:
         pair.dst_hash = await c.pump.state_hash(pair.dst)
     if not running:

@@ -46,10 +46,12 @@ async def hold_switchover(c: Controller) -> None:
         caps = {cap["capability"]: cap["state"] for cap in await side.qemu.execute("query-migrate-capabilities")}
         c.run.settings[side.name] = {"capabilities": [
             {"capability": name, "state": caps.get(name, False)} for name in CAPABILITIES[side.name]]}
-        await side.qmp("migrate-set-capabilities", {"capabilities": [
-            {"capability": name, "state": True} for name in CAPABILITIES[side.name]]})
     params = await c.src.qemu.execute("query-migrate-parameters")
     c.run.settings["src"]["parameters"] = {name: params[name] for name in PARAMETERS if name in params}
+    c.note("settings", settings=c.run.settings)
+    for side in (c.src, c.dst):
+        await side.qmp("migrate-set-capabilities", {"capabilities": [
+            {"capability": name, "state": True} for name in CAPABILITIES[side.name]]})
     c.run.release = {"max-bandwidth": params.get("max-bandwidth", 128 << 20),
                      "downtime-limit": c.options.downtime_limit}
     if "no-hold" not in c.options.debug:

@@ -13,7 +13,10 @@ the destination QEMU has been ended by the recovery.
 
 The control socket lives in a 0700 directory, is 0600 itself, and each
 connection's peer credentials (SO_PEERCRED) must be root's or the
-daemon's own user's.
+daemon's own user's.  Every VM handed over and every step of every
+migration is in the journal (:mod:`.journal`) before it is taken; a daemon
+started after one that died ends what that one left half done
+(:mod:`.restart`) and takes the VMs that still run back.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import socket
@@ -29,12 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..controller import Controller, Options, RemoteDevice, Side, Trace
+from ..controller.precopy import PARAMETERS
 from ..device.bar0 import is_reference, read_register, start_ring
 from ..errors import QmpmigError
 from ..qemu.guestmem import GuestRam
 from ..qemu.qmp import Qemu
 from ..tools import tracecheck
-from . import control
+from . import control, journal
+from .restart import end_unfinished
 
 log = logging.getLogger("qmpmig.daemon")
 
@@ -69,6 +75,9 @@ class Owner:
         #: control op -> its handler.
         self.ops = {"attach": self.attach, "detach": self.detach, "status": self.status,
                     "migrate": self.migrate, "shutdown": self.shutdown}
+        self.journal: journal.Journal | None = None
+        #: What the start found half done and how it ended it.
+        self.recovered: list[dict] = []
 
     @property
     def socket_path(self) -> Path:
@@ -79,6 +88,7 @@ class Owner:
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         """Serve the control socket until ``shutdown``; then release every VM."""
         listener = self._listen()
+        await self._take_over()
         server = await asyncio.start_unix_server(self._connection, sock=listener)
         (self.run_dir / "daemon.pid").write_text(f"{os.getpid()}\n")
         log.info("serving %s", self.socket_path)
@@ -95,6 +105,32 @@ class Owner:
                 await self.release(vm)
             self.socket_path.unlink(missing_ok=True)
             (self.run_dir / "daemon.pid").unlink(missing_ok=True)
+            self.journal.close()
+
+    async def _take_over(self) -> None:
+        """What the journal says an earlier daemon left: every unfinished
+        migration ended on one side, every VM still running taken back
+        (its devices were reset when that daemon died)."""
+        path = self.run_dir / "journal.jsonl"
+        vms, unfinished = journal.pending(journal.read(path))
+        self.journal = journal.Journal(path)
+        for m in unfinished:
+            try:
+                on_dst, message = await end_unfinished(m)
+            except (QmpmigError, OSError, TimeoutError) as err:
+                on_dst, message = False, f"not recovered: {err or type(err).__name__}"
+            log.warning("migration %s: %s", m.id, message)
+            self.journal.write("end", id=m.id, ok=on_dst, message=message)
+            _trace_result(m.begin.get("trace"), on_dst, f"recovered by a new daemon: {message}")
+            self.recovered.append({"id": m.id, "ok": on_dst, "message": message})
+            vms.pop(m.begin["src_vm"] if on_dst else m.begin["dst_vm"], None)
+        self.journal.rewrite([])
+        for record in vms.values():
+            try:
+                await self.attach(record["vm"], record["qmp"], record["ram"], record["devices"],
+                                  record.get("protocol"), record.get("start_ring"))
+            except (QmpmigError, OSError, TimeoutError) as err:
+                log.warning("%s not taken back: %s", record["vm"], err)
 
     def _listen(self) -> socket.socket:
         """The control socket: 0600 in a 0700 directory of our own; refused
@@ -187,6 +223,8 @@ class Owner:
         vm = AttachedVm(name, qmp, side, opened)
         vm.watcher = asyncio.create_task(self._watch(vm))
         self.vms[name] = vm
+        self.journal.write("attach", vm=name, qmp=qmp, ram=ram, devices=devices, protocol=protocol,
+                           start_ring=start_ring)
         log.info("attached %s (%d devices)", name, len(opened))
         return await self._describe(vm)
 
@@ -206,6 +244,7 @@ class Owner:
         """Let go of a VM: each device's connection closes (the device resets)."""
         if self.vms.get(vm.name) is vm:
             del self.vms[vm.name]
+            self.journal.write("release", vm=vm.name)
         if vm.watcher and vm.watcher is not asyncio.current_task():
             vm.watcher.cancel()
         await vm.side.unfollow()
@@ -228,7 +267,8 @@ class Owner:
         return self.vms[name]
 
     async def status(self) -> dict:
-        return {"pid": os.getpid(), "vms": [await self._describe(vm) for vm in self.vms.values()],
+        return {"pid": os.getpid(), "recovered": self.recovered,
+                "vms": [await self._describe(vm) for vm in self.vms.values()],
                 "migrations": [{"id": mid, "src": c.src.qemu.name, "dst": c.dst.qemu.name, "phase": c.phase}
                                for mid, (c, _) in self.migrations.items()]}
 
@@ -249,8 +289,12 @@ class Owner:
                         for register in ("dma_seq", "client_losses"):
                             device[register] = await read_register(end.device.client, register)
             devices.append(device)
-        return {"name": vm.name, "qmp": vm.qmp, "runstate": state and state.runstate,
-                "status": state and state.status, "gone": vm.side.gone, "busy": vm.busy, "devices": devices}
+        described = {"name": vm.name, "qmp": vm.qmp, "runstate": state and state.runstate,
+                     "status": state and state.status, "gone": vm.side.gone, "busy": vm.busy, "devices": devices}
+        if not vm.busy and not vm.side.gone:
+            with contextlib.suppress(QmpmigError):
+                described["settings"] = await _migration_settings(vm.side.qemu)
+        return described
 
     # -- migrations ----------------------------------------------------------
 
@@ -268,7 +312,11 @@ class Owner:
         opts = dict(options or {})
         opts["debug"] = frozenset(opts.get("debug", ()))
         controller = Controller(source.side, destination.side, uri, Trace(trace), Options(**opts))
-        mid = f"m{next(self._ids)}"
+        mid = f"m{os.getpid()}-{next(self._ids)}"
+        self.journal.write("migrate", id=mid, src=source.qmp, dst=destination.qmp, src_vm=source.name,
+                           dst_vm=destination.name, uri=uri, trace=trace,
+                           running=source.side.vm.runstate == "running")
+        controller.note = lambda op, **fields: self.journal.write(op, id=mid, **fields)
         source.busy = destination.busy = mid
         task = asyncio.create_task(self._migrate(mid, controller, source, destination))
         self.migrations[mid] = (controller, task)
@@ -277,19 +325,19 @@ class Owner:
     async def _migrate(self, mid: str, controller: Controller, source: AttachedVm,
                        destination: AttachedVm) -> dict:
         trace = controller.trace
+        summary = None
         try:
             summary = await controller.migrate()
-        except asyncio.CancelledError:
-            summary = None
-            raise
         finally:
             trace.close()
             for vm in (source, destination):
                 vm.side.trace = Trace(keep=False)
                 vm.busy = None
             del self.migrations[mid]
-            if summary is not None and summary.ok:
-                await self.release(source)
+            if summary is not None:
+                self.journal.write("end", id=mid, ok=summary.ok, message=summary.message)
+                if summary.ok:
+                    await self.release(source)
         if not summary.ok:
             log.warning("migration %s: %s", mid, summary.message)
         result = summary.as_dict()
@@ -304,6 +352,24 @@ class Owner:
         VM is released (its devices reset)."""
         self.stopped.set()
         return {"stopping": os.getpid()}
+
+
+async def _migration_settings(qemu: Qemu) -> dict:
+    """The capabilities and parameters a migration changes, as QEMU has them now."""
+    caps = {c["capability"]: c["state"] for c in await qemu.execute("query-migrate-capabilities")}
+    params = await qemu.execute("query-migrate-parameters")
+    return {"capabilities": {name: caps.get(name) for name in ("events", "pause-before-switchover")},
+            "parameters": {name: params.get(name) for name in PARAMETERS}}
+
+
+def _trace_result(path: str | None, ok: bool, message: str) -> None:
+    """The end of a migration whose daemon died, added to its trace."""
+    if not path or not os.path.exists(path):
+        return
+    with open(path) as f:
+        seq = sum(1 for _ in f)
+    with open(path, "a") as f:
+        f.write(json.dumps({"seq": seq, "t": 0.0, "kind": "result", "ok": ok, "message": message}) + "\n")
 
 
 async def _drive_rings(devices: list[RemoteDevice], iova: int, size: int) -> None:

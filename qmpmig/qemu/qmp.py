@@ -92,16 +92,21 @@ class Qemu:
         self._qmp = QMPClient(name)
 
     async def connect(self, address: str, timeout: float = 10.0) -> None:
-        """Connect to a QMP UNIX socket, retrying while QEMU creates it."""
+        """Connect to a QMP UNIX socket, retrying while QEMU creates it.  A
+        QEMU monitor serves one client at a time: while another holds it, no
+        greeting comes, and after ``timeout`` this is QemuGone too."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             try:
-                await self._qmp.connect(address)
+                await asyncio.wait_for(self._qmp.connect(address), max(0.1, deadline - loop.time()))
                 return
-            except ConnectError as err:
+            except (ConnectError, asyncio.TimeoutError) as err:
                 if loop.time() > deadline:
-                    raise QemuGone(f"{self.name}: cannot connect to QMP at {address}: {err}") from err
+                    with contextlib.suppress(Exception):
+                        await self._qmp.disconnect()
+                    raise QemuGone(f"{self.name}: cannot connect to QMP at {address}: "
+                                   f"{err or 'no greeting (another client holds the monitor?)'}") from err
                 await asyncio.sleep(0.05)
 
     async def disconnect(self) -> None:

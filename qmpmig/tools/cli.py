@@ -193,6 +193,23 @@ def _attach(args) -> int:
     return 0
 
 
+def _recover(args) -> int:
+    """``qmpmig recover``: a daemon for this run directory (started if none
+    runs: starting, it ends what a dead one left half done), and what it
+    found."""
+    async def recover() -> dict:
+        await client.ensure_daemon(args.run_dir)
+        return await client.call(args.run_dir, "status")
+    status = asyncio.run(recover())
+    if args.json:
+        print(json.dumps(status["recovered"], indent=1))
+    for m in [] if args.json else status["recovered"]:
+        print(f"migration {m['id']}: {m['message']}")
+    if not args.json and not status["recovered"]:
+        print("nothing was left half done")
+    return 0
+
+
 def _detach(args) -> int:
     asyncio.run(client.call(args.run_dir, "detach", name=args.name))
     return 0
@@ -283,7 +300,11 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(run=_status)
 
-    for each in (m, d, a, dt, st):
+    r = sub.add_parser("recover", help="end what a dead daemon left half done (starts the daemon)")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(run=_recover)
+
+    for each in (m, d, a, dt, st, r):
         each.add_argument("--run-dir", type=Path, default=default_run_dir(),
                           help="the daemon's directory (control socket, log); default %(default)s")
 

@@ -1,0 +1,103 @@
+"""The daemon SIGKILLed in each phase of a migration, then ``qmpmig
+recover``: within 10 s the guest runs on exactly one side, the one the
+journal's rule names, with QEMU's settings put back; the journal and the
+trace say what happened."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qmpmig.errors import QemuGone
+from qmpmig.qemu.qmp import Qemu
+from qmpmig.rig.processes import DeviceProcess
+from qmpmig.rig.vm import DMA_WINDOW, Vm
+
+from test_cli_attach import trace_records, wait_for_phase
+from test_daemon import qmpmig, stop_daemon
+
+pytestmark = pytest.mark.qemu
+
+
+async def vcpus_running(path) -> bool:
+    """Whether a QEMU no daemon holds runs its vCPUs (False once it is gone)."""
+    qemu = Qemu("probe")
+    try:
+        await qemu.connect(str(path), timeout=2)
+    except QemuGone:
+        return False
+    try:
+        return (await qemu.query_status()).running
+    finally:
+        await qemu.disconnect()
+
+
+def vms(run_dir) -> dict[str, dict]:
+    done = qmpmig(run_dir, "status", "--json")
+    assert done.returncode == 0, done.stderr
+    return {vm["name"]: vm for vm in json.loads(done.stdout)["vms"]}
+
+
+@pytest.mark.parametrize("phase", ["setup", "precopy", "grace", "stop-copy", "switchover", "resume"])
+def test_daemon_killed_then_recovered(tmp_path, guest_image, phase):
+    run_dir = tmp_path / "run"
+    src = Vm("src", "source", workdir=tmp_path).start()
+    dst = Vm("dst", "destination", workdir=tmp_path).start()
+    devs = [DeviceProcess(tmp_path / f"{side}.sock", "--state-size", "64M").start() for side in ("s", "d")]
+    cli = None
+    try:
+        src.wait_heartbeat(1, 60)
+        for name, vm, dev, extra in (("src", src, devs[0], ["--start-ring", f"{DMA_WINDOW[0]:#x}:{DMA_WINDOW[1]:#x}"]),
+                                     ("dst", dst, devs[1], [])):
+            done = qmpmig(run_dir, "attach", name, "--qmp", str(vm.qmp_path), "--ram", str(vm.ram_path),
+                          "--device", str(dev.socket), *extra)
+            assert done.returncode == 0, done.stderr
+        before = vms(run_dir)["src"]["settings"]
+        daemon = int((run_dir / "daemon.pid").read_text())
+        cli = subprocess.Popen([sys.executable, "-m", "qmpmig", "migrate", "--src", "src", "--dst", "dst",
+                                "--uri", f"unix:{tmp_path / 'mig.sock'}", "--trace", str(tmp_path / "trace.jsonl"),
+                                "--run-dir", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for_phase(tmp_path, phase)
+        os.kill(daemon, signal.SIGKILL)
+        cli.communicate(timeout=30)
+
+        t0 = time.monotonic()
+        done = qmpmig(run_dir, "recover", "--json")
+        assert done.returncode == 0, done.stderr
+        recovered = json.loads(done.stdout)
+        assert len(recovered) == 1 and recovered[0]["message"], recovered
+        journal = [json.loads(line) for line in (run_dir / "journal.jsonl").read_text().splitlines()]
+        on_dst = recovered[0]["ok"]
+        # Where the guest runs: the destination only if the old journal
+        # said every device there had loaded (the new one starts afresh).
+        assert ("goes on at the destination" in recovered[0]["message"]) == on_dst, recovered
+        winner = dst if on_dst else src
+        while True:
+            attached = vms(run_dir)
+            name = "dst" if on_dst else "src"
+            runs = name in attached and attached[name]["runstate"] == "running"
+            other_stopped = not asyncio.run(vcpus_running(src.qmp_path)) if on_dst else dst.proc.poll() is not None
+            if runs and other_stopped:
+                break
+            assert time.monotonic() - t0 < 10, f"after 10 s: {attached}, other side stopped: {other_stopped}; {recovered}"
+            time.sleep(0.1)
+        beat = winner.last_heartbeat()
+        winner.wait_heartbeat(beat + 1, 20)
+        if not on_dst:
+            assert vms(run_dir)["src"]["settings"] == before, "source QEMU settings not restored"
+        assert trace_records(tmp_path)[-1]["kind"] == "result"
+        assert "recovered by a new daemon" in trace_records(tmp_path)[-1]["message"]
+        assert journal == [] or all(r["op"] in ("attach", "release") for r in journal), journal
+    finally:
+        if cli and cli.poll() is None:
+            cli.kill()
+        stop_daemon(run_dir)
+        for proc in devs:
+            proc.close()
+        src.close()
+        dst.close()
