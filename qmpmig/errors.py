@@ -35,6 +35,13 @@ class QmpmigError(Exception):
     """Root of qmpmig's errors."""
 
 
+def reason(err: BaseException) -> str:
+    """What to say of ``err``: its message, never an empty one (a timeout has none)."""
+    if str(err):
+        return str(err)
+    return "no answer in time" if isinstance(err, TimeoutError) else type(err).__name__
+
+
 class Refused(QmpmigError, ValueError):
     """A table of the spec refuses the request."""
 

@@ -49,15 +49,25 @@ def public_run_dir():
 
 
 def stop_daemon(path: Path) -> None:
+    """Ask the daemon of ``path`` to stop; SIGKILL it if it has not after 20 s."""
     pid_file = path / "daemon.pid"
-    if pid_file.exists():
-        pid = int(pid_file.read_text())
-        qmpmig(path, "daemon", "--stop", timeout=30)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-            time.sleep(0.05)
-        if Path(f"/proc/{pid}").exists():
-            os.kill(pid, signal.SIGKILL)
+    if not pid_file.exists():
+        return
+    pid = int(pid_file.read_text())
+    qmpmig(path, "daemon", "--stop", timeout=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and alive(pid):
+        time.sleep(0.05)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (a daemon this process started stays its child)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def test_control_socket_is_the_daemons_users_alone(public_run_dir):

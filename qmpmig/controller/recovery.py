@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING
 
-from ..errors import QmpmigError
+from ..errors import QmpmigError, reason
 from ..migration.states import MigState
 from ..qemu.qmp import IDLE
 from .precopy import restore_settings
@@ -46,7 +46,7 @@ async def recover(c: Controller, running: bool) -> str:
             await asyncio.wait_for(_recover_source_device(c, pair.src, target), RECOVER_TIMEOUT)
             notes.append(f"{pair.name} {target.name}")
         except (QmpmigError, OSError, asyncio.TimeoutError) as err:
-            notes.append(f"{pair.name} not recovered: {err or 'no answer'}")
+            notes.append(f"{pair.name} not recovered: {reason(err)}")
         with contextlib.suppress(QmpmigError, OSError, asyncio.TimeoutError):
             await asyncio.wait_for(c.walker.reset(pair.dst), RECOVER_TIMEOUT)
     notes += await restore_settings(c)
@@ -55,7 +55,7 @@ async def recover(c: Controller, running: bool) -> str:
             await c.dst.quit(RECOVER_TIMEOUT)
             notes.append("destination QEMU ended")
         except (QmpmigError, asyncio.TimeoutError) as err:
-            notes.append(f"destination QEMU not ended: {err or 'no answer'}")
+            notes.append(f"destination QEMU not ended: {reason(err)}")
     return ", ".join(notes)
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from ..controller import Controller, Options, RemoteDevice, Side, Trace
 from ..controller.precopy import PARAMETERS
 from ..device.bar0 import is_reference, read_register, start_ring
-from ..errors import QmpmigError
+from ..errors import QmpmigError, reason
 from ..qemu.guestmem import GuestRam
 from ..qemu.qmp import Qemu
 from ..tools import tracecheck
@@ -118,7 +118,7 @@ class Owner:
             try:
                 on_dst, message = await end_unfinished(m)
             except (QmpmigError, OSError, TimeoutError) as err:
-                on_dst, message = False, f"not recovered: {err or type(err).__name__}"
+                on_dst, message = False, f"not recovered: {reason(err)}"
             log.warning("migration %s: %s", m.id, message)
             self.journal.write("end", id=m.id, ok=on_dst, message=message)
             _trace_result(m.begin.get("trace"), on_dst, f"recovered by a new daemon: {message}")

@@ -105,8 +105,8 @@ class Qemu:
                 if loop.time() > deadline:
                     with contextlib.suppress(Exception):
                         await self._qmp.disconnect()
-                    raise QemuGone(f"{self.name}: cannot connect to QMP at {address}: "
-                                   f"{err or 'no greeting (another client holds the monitor?)'}") from err
+                    why = str(err) or "no greeting (another client holds the monitor?)"
+                    raise QemuGone(f"{self.name}: cannot connect to QMP at {address}: {why}") from err
                 await asyncio.sleep(0.05)
 
     async def disconnect(self) -> None:

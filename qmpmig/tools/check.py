@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from ..controller.devices import RemoteDevice
 from ..device import records
 from ..device.bar0 import CTRL_DMA_ENABLE, MAGIC, REGISTERS, is_reference, read_register, write_register
-from ..errors import Disconnected, InvalidTransition, QmpmigError
+from ..errors import Disconnected, InvalidTransition, QmpmigError, reason
 from ..migration import fsm
 from ..migration.fsm import v1_requestable
 from ..migration.states import V1, MigFlags, MigState, v1_normalize
@@ -819,7 +819,7 @@ async def malformed(ctx: Context) -> str:
         try:
             answers.append(await _malformed(ctx.socket, 0x4D00 + n, cmd, payload))
         except (Fail, OSError, TimeoutError) as err:
-            problems.append(f"{label}: {err or type(err).__name__}")
+            problems.append(f"{label}: {reason(err)}")
     async with ctx.open() as dev:
         problems += await _try("a new client afterwards", asyncio.gather(dev.client.device_info(), dev.state()))
     return _judge(problems, f"{len(MALFORMED)} malformed messages got error replies ({', '.join(answers)}); "
