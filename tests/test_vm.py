@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,3 +89,35 @@ def test_missing_image_is_a_clear_error(monkeypatch, tmp_path):
 def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci/run").read_text().strip().splitlines()[-1]
     assert ci in (ROOT / "README.md").read_text()
+
+
+def test_launch_killed_leaves_nothing_after_the_next_sweep(guest_image):
+    """``migrate --launch`` SIGKILLed: its QEMUs and device processes die
+    with it, and the next start sweeps its RAM files and its work directory
+    (sockets, consoles)."""
+    launcher = subprocess.Popen([sys.executable, "-m", "qmpmig", "migrate", "--launch", "--memory", "128"],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid = launcher.pid
+    workdirs = lambda: list(Path(tempfile.gettempdir()).glob(f"qmpmig-rig-{pid}-*"))
+    rams = lambda: list(Path("/dev/shm").glob(f"qmpmig-{pid}-*.ram"))
+    deadline = time.monotonic() + 60
+    while not (workdirs() and len(rams()) == 2 and list(workdirs()[0].glob("*.sock"))):
+        assert time.monotonic() < deadline and launcher.poll() is None, "the launch never set up its rig"
+        time.sleep(0.05)
+    left = workdirs() + rams()
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while any(str(left[0]) in cmdline(p) for p in os.listdir("/proc") if p.isdigit()):
+        assert time.monotonic() < deadline, "a process of the killed launch lives on"
+        time.sleep(0.1)
+    assert set(left) <= set(vm.sweep_stale())
+    assert not any(path.exists() for path in left)
+
+
+def cmdline(pid: str) -> str:
+    """A live process's command line ('' once it is gone or a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace") if alive(int(pid)) else ""
+    except (OSError, IndexError):
+        return ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import tempfile
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 from ..errors import QemuGone, VmError
 from ..qemu.qmp import FINAL, MigrationInfo, Qemu, VmState
 from .processes import DeviceProcess
-from .vm import Vm
+from .vm import Vm, sweep_stale
 
 #: Device processes yield the CPU to the guest: on a small machine a starved
 #: guest dirties nothing, and QEMU then switches over before it is asked.
@@ -128,7 +129,8 @@ class Rig(QemuPair):
 
     def __init__(self, *, memory_mib: int = 256, accel: str | None = None,
                  devices: int = 0, device_options: tuple[str, ...] = ()):
-        self.workdir = Path(tempfile.mkdtemp(prefix="qmpmig-rig-"))
+        sweep_stale()
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"qmpmig-rig-{os.getpid()}-"))
         self.src = Vm("src", "source", memory_mib=memory_mib, accel=accel, workdir=self.workdir)
         self.dst = Vm("dst", "destination", memory_mib=memory_mib, accel=accel, workdir=self.workdir)
         super().__init__(str(self.src.qmp_path), str(self.dst.qmp_path),

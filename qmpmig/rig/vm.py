@@ -41,14 +41,21 @@ TCG_CPU = os.environ.get("QMPMIG_TCG_CPU", "qemu64")
 
 
 def sweep_stale() -> list[Path]:
-    """Remove guest RAM files left in /dev/shm by qmpmig processes that are
-    gone (killed before they could clean up); return what was removed."""
+    """Remove what qmpmig processes that are gone (killed before they could
+    clean up) left: guest RAM files in /dev/shm, work directories (QMP,
+    device and migration sockets, consoles) in the temporary directory.
+    Both carry their maker's pid.  Returns what was removed."""
     removed = []
-    for path in Path("/dev/shm").glob("qmpmig-*.ram"):
-        pid = path.name.split("-")[1]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            path.unlink(missing_ok=True)
-            removed.append(path)
+    for pattern, root in (("qmpmig-*.ram", Path("/dev/shm")), ("qmpmig-rig-*", Path(tempfile.gettempdir())),
+                          ("qmpmig-vm-*", Path(tempfile.gettempdir()))):
+        for path in root.glob(pattern):
+            pid = path.name.split("-")[2 if path.name.startswith(("qmpmig-rig-", "qmpmig-vm-")) else 1]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
     return removed
 
 
@@ -106,7 +113,7 @@ class Vm:
         self._accel = accel
         self.extra_args = extra_args
         self._own_workdir = workdir is None
-        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"qmpmig-{name}-"))
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"qmpmig-vm-{os.getpid()}-{name}-"))
         self.qmp_path = self.workdir / f"{name}.qmp"
         self.serial_path = self.workdir / f"{name}.serial"
         self.log_path = self.workdir / f"{name}.log"
