@@ -4,6 +4,8 @@ each check fail, and the failures the source must survive."""
 
 import asyncio
 import os
+import signal
+import time
 
 import pytest
 
@@ -188,3 +190,22 @@ async def test_paused_guest_migrates_paused_with_devices_stopped(guest_image):
     assert "cont" not in commands and "stop" not in commands
     src_states = [r["to"] for r in report.records if r["kind"] == "device_state" and r["side"] == "src"]
     assert "PRE_COPY" not in src_states and src_states[-1] == "STOP"
+
+
+async def test_a_hung_destination_device_fails_the_migration_naming_it(guest_image):
+    """A device that stops answering (SIGSTOP) fails the migration within
+    the device timeout, by name and step; the source runs on with its
+    devices, the destination QEMU is ended."""
+    async def hang(rig, controller):
+        await in_phase(controller, "precopy")
+        await asyncio.sleep(0.3)
+        os.kill(rig.devices[1][1].pid, signal.SIGSTOP)
+
+    t0 = time.monotonic()
+    report = await launch(options(devices=2, controller={**LONG_PRECOPY, "device_timeout": 2.0}), during=hang)
+    assert not report.summary.ok
+    assert "dst device dev1 did not answer" in report.summary.message and "within 2 s" in report.summary.message
+    assert "source VM running" in report.summary.message and "dev1 RUNNING" in report.summary.message
+    assert not any(report.checks.values()), report.checks
+    assert "destination QEMU ended" in report.checks
+    assert time.monotonic() - t0 < 90
