@@ -209,3 +209,20 @@ async def test_a_hung_destination_device_fails_the_migration_naming_it(guest_ima
     assert not any(report.checks.values()), report.checks
     assert "destination QEMU ended" in report.checks
     assert time.monotonic() - t0 < 90
+
+
+async def test_a_failure_after_every_destination_device_loaded_goes_forward(guest_image):
+    """The source device dies after the switchover: every destination device
+    had loaded its state, so the guest's place is the destination; the
+    source must never be started again (two copies of the guest)."""
+    async def kill_source_device(rig, controller):
+        for _ in range(12000):
+            if controller.phase in ("switchover", "resume"):
+                break
+            await asyncio.sleep(0.005)
+        rig.devices[0][0].kill()
+
+    report = await launch(options(devices=1), during=kill_source_device)
+    assert not report.summary.ok and report.summary.guest_on == "destination", report.summary.message
+    assert "stays on the destination" in report.summary.message
+    assert report.checks["source stopped"] is None and report.checks["heartbeat"] is None, report.checks

@@ -16,12 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import EarlySwitchover, MigrationFailed, QmpmigError
+from ..errors import EarlySwitchover, MigrationFailed, QmpmigError, reason
 from ..migration import lifecycle
 from ..migration.states import MigState
 from . import flows
 from .pump import Pair, Pump
-from .recovery import recover
+from .recovery import go_forward, recover
 from .side import DeviceEnd, Side
 from .trace import Trace
 from .walk import Walker
@@ -75,6 +75,8 @@ class Summary:
     device_bytes: int = 0
     dma_pages_copied: int = 0
     phases: dict[str, float] = field(default_factory=dict)
+    #: Where the guest runs (or would, once started): ``source`` or ``destination``.
+    guest_on: str = "source"
 
     def as_dict(self) -> dict:
         """The summary as ``qmpmig migrate --json`` prints it (seconds, rounded)."""
@@ -82,7 +84,7 @@ class Summary:
                 "downtime_s": self.downtime and round(self.downtime, 3),
                 "qemu_downtime_ms": self.qemu_downtime_ms, "device_bytes": self.device_bytes,
                 "dma_pages_copied": self.dma_pages_copied,
-                "phases_s": {k: round(v, 3) for k, v in self.phases.items()}}
+                "phases_s": {k: round(v, 3) for k, v in self.phases.items()}, "guest_on": self.guest_on}
 
 
 @dataclass
@@ -108,6 +110,9 @@ class Run:
     #: The destination was asked to listen (migrate-incoming): it holds, or
     #: may hold, a copy of the guest from then on.
     incoming: bool = False
+    #: Every destination device loaded its state: from here on the guest's
+    #: place is the destination, and a failure goes forward, never back.
+    committed: bool = False
 
 
 class Controller:
@@ -119,12 +124,12 @@ class Controller:
         self.trace = trace
         self.uri = uri
         self.src, self.dst = src, dst
-        src.take_part("src", trace)
-        dst.take_part("dst", trace)
         theirs = {end.name: end for end in dst.devices}
         if set(theirs) != {end.name for end in src.devices}:
             raise MigrationFailed(f"the source has devices {sorted(end.name for end in src.devices)}, "
                                   f"the destination {sorted(theirs)}")
+        src.take_part("src", trace)
+        dst.take_part("dst", trace)
         self.pairs = [Pair(end.name, end, theirs[end.name]) for end in src.devices]
         self.walker = Walker(self.options.device_timeout)
         self.pump = Pump(self.walker)
@@ -183,18 +188,24 @@ class Controller:
                 for pair in self.pairs:
                     pair.dirty.clear()
                 attempt += 1
-            except (QmpmigError, OSError, ValueError, asyncio.CancelledError, KeyboardInterrupt) as err:
+            except (Exception, asyncio.CancelledError, KeyboardInterrupt) as err:
                 interrupted = isinstance(err, (asyncio.CancelledError, KeyboardInterrupt))
-                phase = self.phase
-                recovered = await recover(self, running)
-                summary = self._failed(t0, f"in {phase}: {'interrupted' if interrupted else err}; {recovered}")
+                if not interrupted and not isinstance(err, (QmpmigError, OSError, ValueError)):
+                    log.exception("migration flow failed")
+                phase, committed = self.phase, self.run.committed
+                what = "interrupted" if interrupted else reason(err)
+                recovered = await (go_forward(self, running) if committed else recover(self, running))
+                summary = self._failed(t0, f"in {phase}: {what}; {recovered}")
+                if committed:
+                    summary.guest_on = "destination"
                 if interrupted:
                     raise
                 return summary
         self.enter("done")
         summary = Summary(True, "migration completed" + (f" (attempt {attempt})" if attempt > 1 else ""),
                           time.monotonic() - t0, self.run.downtime, qemu_downtime,
-                          sum(p.sent for p in self.pairs), self.run.copied, dict(self.run.phases))
+                          sum(p.sent for p in self.pairs), self.run.copied, dict(self.run.phases),
+                          guest_on="destination")
         self.trace.emit("result", ok=True, message=summary.message)
         return summary
 

@@ -94,6 +94,7 @@ async def save(c: Controller, running: bool) -> int | None:
         await c.walker.call(end, end.device.client.dma_logging_start(PAGE_SIZE, [(0, src.ram.size)]),
                             "DMA_LOGGING_START")
     c.run.incoming = True
+    c.note("incoming")
     await c.dst.qmp("migrate-incoming", {"uri": c.uri})
     started = src.updates
     await src.qmp("migrate", {"uri": c.uri})
@@ -143,6 +144,7 @@ async def resume(c: Controller, running: bool) -> None:
     # !RESUMING: each device loads and validates what it was given.
     await c.walker.walk_all(dst, lambda end: MigState.STOP)
     c.note("loaded")
+    c.run.committed = True
     for pair in c.pairs:
         pair.dst_hash = await c.pump.state_hash(pair.dst)
     if not running:

@@ -59,6 +59,31 @@ async def recover(c: Controller, running: bool) -> str:
     return ", ".join(notes)
 
 
+async def go_forward(c: Controller, running: bool) -> str:
+    """A failure once every destination device has loaded its state: the
+    guest's place is the destination now (the journal's rule too), so
+    finish there as far as possible, and never start the source again."""
+    c.enter("recover")
+    dst, notes = c.dst, ["the guest stays on the destination (every device there had loaded its state)"]
+    target = MigState.RUNNING if running else MigState.STOP
+    for end in dst.devices:
+        try:
+            await asyncio.wait_for(c.walker.walk(end, target), RECOVER_TIMEOUT)
+        except (QmpmigError, OSError, asyncio.TimeoutError) as err:
+            notes.append(f"destination {end.name} not {target.name}: {reason(err)}")
+    if running and not dst.gone and dst.vm and dst.vm.runstate != "running":
+        try:
+            await asyncio.wait_for(dst.qmp("cont"), RECOVER_TIMEOUT)
+            notes.append("destination vCPUs started")
+        except (QmpmigError, asyncio.TimeoutError) as err:
+            notes.append(f"destination vCPUs not started: {reason(err)}")
+    for end in c.src.devices:
+        with contextlib.suppress(QmpmigError, OSError, asyncio.TimeoutError):
+            await asyncio.wait_for(c.walker.walk(end, MigState.STOP), RECOVER_TIMEOUT)
+    notes += await restore_settings(c)
+    return ", ".join(notes)
+
+
 async def _recover_source_device(c: Controller, end: DeviceEnd, target: MigState) -> None:
     if end.state is MigState.ERROR:
         await c.walker.reset(end)

@@ -335,8 +335,9 @@ class Owner:
                 vm.busy = None
             del self.migrations[mid]
             if summary is not None:
-                self.journal.write("end", id=mid, ok=summary.ok, message=summary.message)
-                if summary.ok:
+                self.journal.write("end", id=mid, ok=summary.ok, guest_on=summary.guest_on,
+                                   message=summary.message)
+                if summary.guest_on == "destination":
                     await self.release(source)
         if not summary.ok:
             log.warning("migration %s: %s", mid, summary.message)

@@ -106,10 +106,11 @@ async def launch(opts: LaunchOptions, progress=None, during=None) -> Report:
         if side_task:
             await side_task
         report = Report(summary)
-        if summary.ok and controller.dst.vm.runstate != "running":
+        if summary.guest_on == "destination" and controller.dst.vm.runstate != "running":
             await _verify_paused(report, rig, pairs)
-        elif summary.ok:
+        elif summary.guest_on == "destination":
             await _verify(report, rig, pairs, controller.dst.ram, last_src_beat)
+            await _verify_source_stopped(report, rig)
         else:
             await _verify_source_survived(report, rig, pairs, controller.src.ram)
             if any(r["kind"] == "qmp_command" and r["command"] == "migrate-incoming" for r in trace.records):
@@ -141,6 +142,12 @@ async def _settings(qemu) -> dict:
     params = await qemu.execute("query-migrate-parameters")
     return {"events": caps.get("events"), "pause-before-switchover": caps.get("pause-before-switchover"),
             "max-bandwidth": params.get("max-bandwidth"), "downtime-limit": params.get("downtime-limit")}
+
+
+async def _verify_source_stopped(report: Report, rig: Rig) -> None:
+    """Once the destination has the guest, the source never runs it again."""
+    status = await rig.src_qmp.query_status()
+    report.checks["source stopped"] = None if not status.running else f"the source runs too ({status.runstate})"
 
 
 async def _verify_destination_ended(report: Report, rig: Rig) -> None:
