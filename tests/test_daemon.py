@@ -98,6 +98,25 @@ def test_control_socket_is_the_daemons_users_alone(public_run_dir):
     first, second = (json.loads(line) for line in replies.splitlines())
     assert (first["id"], first["ok"]) == (7, False) and "no such request" in first["error"]
     assert (second["id"], second["ok"]) == (8, False) and "bad arguments" in second["error"]
+    # Arguments of the wrong kind are refused before anything acts on them:
+    # a number where a path belongs (it would be taken for an fd), a
+    # relative path, an exec: migration URI, an op that is not a string.
+    bad = [{"op": "migrate", "args": {"src": "a", "dst": "b", "uri": "unix:/x", "trace": 7}},
+           {"op": "attach", "args": {"name": "a", "qmp": "q.sock", "ram": "/r", "devices": ["/d"]}},
+           {"op": "migrate", "args": {"src": "a", "dst": "b", "uri": "exec:touch /tmp/owned"}},
+           {"op": "migrate", "args": {"src": "a", "dst": "b", "uri": "unix:/x", "options": {"timeout": "1"}}},
+           {"op": ["status"], "args": {}}]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(sock_path))
+        for n, request in enumerate(bad):
+            s.sendall(json.dumps({"id": 100 + n, **request}).encode() + b"\n")
+        replies = b""
+        while replies.count(b"\n") < len(bad):
+            replies += s.recv(4096)
+    answers = [json.loads(line) for line in replies.splitlines()]
+    assert [a["id"] for a in answers] == [100 + n for n in range(len(bad))]
+    assert all(not a["ok"] for a in answers), answers
     assert qmpmig(run_dir, "status").returncode == 0
 
 

@@ -37,6 +37,20 @@ async def vcpus_running(path) -> bool:
         await qemu.disconnect()
 
 
+async def never_listened(path) -> bool:
+    """A destination that was never asked to listen holds no copy of the
+    guest: it may live on, still waiting with -incoming defer."""
+    qemu = Qemu("probe")
+    try:
+        await qemu.connect(str(path), timeout=2)
+    except QemuGone:
+        return False
+    try:
+        return ((await qemu.query_status()).runstate, (await qemu.query_migrate()).status) == ("inmigrate", "none")
+    finally:
+        await qemu.disconnect()
+
+
 def vms(run_dir) -> dict[str, dict]:
     done = qmpmig(run_dir, "status", "--json")
     assert done.returncode == 0, done.stderr
@@ -81,7 +95,8 @@ def test_daemon_killed_then_recovered(tmp_path, guest_image, phase):
             attached = vms(run_dir)
             name = "dst" if on_dst else "src"
             runs = name in attached and attached[name]["runstate"] == "running"
-            other_stopped = not asyncio.run(vcpus_running(src.qmp_path)) if on_dst else dst.proc.poll() is not None
+            other_stopped = (not asyncio.run(vcpus_running(src.qmp_path)) if on_dst
+                             else dst.proc.poll() is not None or asyncio.run(never_listened(dst.qmp_path)))
             if runs and other_stopped:
                 break
             assert time.monotonic() - t0 < 10, f"after 10 s: {attached}, other side stopped: {other_stopped}; {recovered}"

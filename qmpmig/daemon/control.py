@@ -47,6 +47,66 @@ def reply(msg_id: int, result: dict | None = None, error: str | None = None) -> 
     return encode({"id": msg_id, "ok": True, "result": result or {}})
 
 
+def _path(value: object) -> bool:
+    return isinstance(value, str) and os.path.isabs(value) and "\0" not in value
+
+
+def _paths(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(map(_path, value))
+
+
+def _name(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 4096
+
+
+def _uri(value: object) -> bool:
+    """Only the transports a migration needs: ``exec:`` would have QEMU run
+    a command line of the requester's choosing."""
+    return isinstance(value, str) and value.startswith(("unix:", "tcp:"))
+
+
+def _ring(value: object) -> bool:
+    return value is None or (isinstance(value, list) and len(value) == 2
+                             and all(type(v) is int and v >= 0 for v in value))
+
+
+def _options(value: object) -> bool:
+    number = (int, float)
+    kinds = {"threshold": int, "ram_threshold": int, "min_precopy": number, "max_precopy": number,
+             "downtime_limit": int, "page_request_timeout": number, "device_timeout": number,
+             "timeout": number, "attempts": int, "debug": list}
+    return isinstance(value, dict) and all(
+        key in kinds and isinstance(v, kinds[key]) and not isinstance(v, bool) for key, v in value.items())
+
+
+#: op -> argument -> its test; arguments not listed are refused, and
+#: :func:`check_args` names the ones an op cannot do without.
+ARGUMENTS = {
+    "attach": {"name": _name, "qmp": _path, "ram": _path, "devices": _paths,
+               "protocol": lambda v: v in (None, "v1", "v2"), "start_ring": _ring},
+    "detach": {"name": _name},
+    "status": {},
+    "migrate": {"src": _name, "dst": _name, "uri": _uri, "trace": lambda v: v is None or _path(v),
+                "options": lambda v: v is None or _options(v)},
+    "shutdown": {},
+}
+
+
+def check_args(op: str, args: dict) -> None:
+    """ControlError unless every argument of a request is one ``op`` takes,
+    of the right kind (paths absolute, numbers numbers)."""
+    spec = ARGUMENTS.get(op, {})
+    for key, value in args.items():
+        if key not in spec:
+            raise ControlError(f"unexpected argument {key!r}")
+        if not spec[key](value):
+            raise ControlError(f"{key}: {value!r} is not acceptable")
+    required = {"attach": ("name", "qmp", "ram", "devices"), "detach": ("name",),
+                "migrate": ("src", "dst", "uri")}.get(op, ())
+    if missing := [key for key in required if key not in args]:
+        raise ControlError(f"missing {', '.join(missing)}")
+
+
 class LineReader:
     """Bytes in, JSON objects out, one per line."""
 

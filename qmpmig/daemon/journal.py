@@ -8,6 +8,7 @@ Records (``op``)::
     release   vm                                            ... let go of
     migrate   id, src, dst, uri, trace, running             a migration begins
     settings  id, settings                                  QEMU settings before the flow changed them
+    incoming  id                                            the destination is asked to listen
     phase     id, name                                      the flow enters a phase
     loaded    id                                            every destination device left RESUMING cleanly
     end       id, ok, message                               the migration ended
@@ -62,11 +63,25 @@ class Unfinished:
     begin: dict
     settings: dict = field(default_factory=dict)
     phase: str = "setup"
+    #: The destination was asked to listen: it may hold a copy of the guest.
+    incoming: bool = False
     loaded: bool = False
 
     @property
     def id(self) -> str:
         return self.begin["id"]
+
+    def records(self) -> list[dict]:
+        """The journal records that say as much again."""
+        out = [self.begin]
+        if self.settings:
+            out.append({"op": "settings", "id": self.id, "settings": self.settings})
+        out.append({"op": "phase", "id": self.id, "name": self.phase})
+        if self.incoming:
+            out.append({"op": "incoming", "id": self.id})
+        if self.loaded:
+            out.append({"op": "loaded", "id": self.id})
+        return out
 
 
 def read(path: Path) -> list[dict]:
@@ -90,21 +105,23 @@ def pending(records: list[dict]) -> tuple[dict[str, dict], list[Unfinished]]:
     vms: dict[str, dict] = {}
     migrations: dict[str, Unfinished] = {}
     for record in records:
-        op = record.get("op")
-        if op == "attach":
-            vms[record["vm"]] = record
+        op, key = record.get("op"), record.get("vm", record.get("id"))
+        if op == "attach" and {"vm", "qmp", "ram", "devices"} <= record.keys():
+            vms[key] = record
         elif op == "release":
-            vms.pop(record["vm"], None)
-        elif op == "migrate":
-            migrations[record["id"]] = Unfinished(record)
+            vms.pop(key, None)
+        elif op == "migrate" and {"id", "src", "dst"} <= record.keys():
+            migrations[key] = Unfinished(record)
         elif op == "end":
-            migrations.pop(record["id"], None)
-        elif record.get("id") in migrations:
-            m = migrations[record["id"]]
+            migrations.pop(key, None)
+        elif key in migrations:
+            m = migrations[key]
             if op == "settings":
-                m.settings = record["settings"]
+                m.settings = record.get("settings") or {}
             elif op == "phase":
-                m.phase = record["name"]
+                m.phase = record.get("name", m.phase)
+            elif op == "incoming":
+                m.incoming = True
             elif op == "loaded":
                 m.loaded = True
     return vms, list(migrations.values())

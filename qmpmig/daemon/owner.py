@@ -76,6 +76,9 @@ class Owner:
         self.ops = {"attach": self.attach, "detach": self.detach, "status": self.status,
                     "migrate": self.migrate, "shutdown": self.shutdown}
         self.journal: journal.Journal | None = None
+        self._attaching: set[str] = set()
+        #: Set by shutdown: no new VM or migration is taken.
+        self.stopping = False
         #: What the start found half done and how it ended it.
         self.recovered: list[dict] = []
 
@@ -98,11 +101,13 @@ class Owner:
             await self.stopped.wait()
         finally:
             server.close()
-            for _, task in list(self.migrations.values()):
-                with contextlib.suppress(BaseException):
-                    await task
+            self.stopping = True
+            while self.migrations:
+                _, task = next(iter(self.migrations.values()))
+                await asyncio.wait({task})
             for vm in list(self.vms.values()):
-                await self.release(vm)
+                with contextlib.suppress(Exception):
+                    await self.release(vm)
             self.socket_path.unlink(missing_ok=True)
             (self.run_dir / "daemon.pid").unlink(missing_ok=True)
             self.journal.close()
@@ -114,23 +119,29 @@ class Owner:
         path = self.run_dir / "journal.jsonl"
         vms, unfinished = journal.pending(journal.read(path))
         self.journal = journal.Journal(path)
+        unsettled = []
         for m in unfinished:
             try:
                 on_dst, message = await end_unfinished(m)
-            except (QmpmigError, OSError, TimeoutError) as err:
-                on_dst, message = False, f"not recovered: {reason(err)}"
+            except Exception as err:            # a start must never fail on what it finds
+                log.exception("migration %s could not be ended", m.id)
+                unsettled += m.records()
+                self.recovered.append({"id": m.id, "ok": False, "message": f"not settled: {reason(err)}"})
+                continue
             log.warning("migration %s: %s", m.id, message)
             self.journal.write("end", id=m.id, ok=on_dst, message=message)
-            _trace_result(m.begin.get("trace"), on_dst, f"recovered by a new daemon: {message}")
+            with contextlib.suppress(OSError):
+                _trace_result(m.begin.get("trace"), on_dst, f"recovered by a new daemon: {message}")
             self.recovered.append({"id": m.id, "ok": on_dst, "message": message})
-            vms.pop(m.begin["src_vm"] if on_dst else m.begin["dst_vm"], None)
-        self.journal.rewrite([])
+            vms.pop(m.begin.get("src_vm") if on_dst else m.begin.get("dst_vm"), None)
+        self.journal.rewrite(list(vms.values()) + unsettled)
         for record in vms.values():
             try:
                 await self.attach(record["vm"], record["qmp"], record["ram"], record["devices"],
                                   record.get("protocol"), record.get("start_ring"))
-            except (QmpmigError, OSError, TimeoutError) as err:
-                log.warning("%s not taken back: %s", record["vm"], err)
+            except Exception as err:
+                log.warning("%s not taken back: %s", record.get("vm"), reason(err))
+                self.journal.write("release", vm=record.get("vm"))
 
     def _listen(self) -> socket.socket:
         """The control socket: 0600 in a 0700 directory of our own; refused
@@ -182,15 +193,20 @@ class Owner:
 
     async def _answer(self, message: dict) -> bytes:
         msg_id, op, args = message.get("id", 0), message.get("op"), message.get("args", {})
-        handler = self.ops.get(op)
+        handler = self.ops.get(op) if isinstance(op, str) else None
         if handler is None or not isinstance(args, dict):
             return control.reply(msg_id, error=f"no such request: {op!r}")
         try:
-            return control.reply(msg_id, await handler(**args))
-        except TypeError as err:
+            control.check_args(op, args)
+        except control.ControlError as err:
             return control.reply(msg_id, error=f"{op}: bad arguments: {err}")
+        try:
+            return control.reply(msg_id, await handler(**args))
         except (QmpmigError, OSError, ValueError) as err:
-            return control.reply(msg_id, error=f"{op}: {err}")
+            return control.reply(msg_id, error=f"{op}: {reason(err)}")
+        except Exception as err:                # a request never takes the daemon down
+            log.exception("%s failed", op)
+            return control.reply(msg_id, error=f"{op}: internal error: {reason(err)}")
 
     # -- VMs -----------------------------------------------------------------
 
@@ -199,11 +215,16 @@ class Owner:
         """Take a VM's devices in: connect to its QMP and to each device, map
         its guest RAM into them, follow it.  ``start_ring`` (iova, size)
         plays the reference device's driver: each device gets its slice."""
-        if name in self.vms:
+        if name in self.vms or name in self._attaching:
             raise QmpmigError(f"{name} is attached already")
+        if self.stopping:
+            raise QmpmigError("the daemon is stopping")
+        self._attaching.add(name)
+        self.journal.write("attach", vm=name, qmp=qmp, ram=ram, devices=devices, protocol=protocol,
+                           start_ring=start_ring)
         qemu = Qemu(name)
         opened: list[RemoteDevice] = []
-        guest_ram = None
+        guest_ram = side = None
         try:
             await qemu.connect(qmp)
             guest_ram = GuestRam(ram)
@@ -214,17 +235,21 @@ class Owner:
             if start_ring:
                 await _drive_rings(opened, *start_ring)
         except BaseException:
+            self._attaching.discard(name)
+            self.journal.write("release", vm=name)
+            if side:
+                await side.unfollow()
             for device in opened:
-                await device.close()
+                with contextlib.suppress(Exception):
+                    await device.close()
             if guest_ram:
                 guest_ram.close()
             await qemu.disconnect()
             raise
+        self._attaching.discard(name)
         vm = AttachedVm(name, qmp, side, opened)
         vm.watcher = asyncio.create_task(self._watch(vm))
         self.vms[name] = vm
-        self.journal.write("attach", vm=name, qmp=qmp, ram=ram, devices=devices, protocol=protocol,
-                           start_ring=start_ring)
         log.info("attached %s (%d devices)", name, len(opened))
         return await self._describe(vm)
 
@@ -303,6 +328,8 @@ class Owner:
         """Migrate VM ``src`` to VM ``dst`` (waiting with ``-incoming defer``);
         the reply comes when it has ended, but the migration does not
         depend on the connection that asked for it."""
+        if self.stopping:
+            raise QmpmigError("the daemon is stopping")
         source, destination = self._vm(src), self._vm(dst)
         if source is destination:
             raise QmpmigError("source and destination are the same VM")
@@ -351,6 +378,7 @@ class Owner:
     async def shutdown(self) -> dict:
         """Stop serving once the migrations under way have ended; every
         VM is released (its devices reset)."""
+        self.stopping = True
         self.stopped.set()
         return {"stopping": os.getpid()}
 

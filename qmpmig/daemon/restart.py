@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 
 from ..errors import QemuGone, QmpmigError
 from ..qemu.qmp import IDLE, Qemu
@@ -26,16 +27,22 @@ STEP_TIMEOUT = 10.0
 
 
 async def end_unfinished(m: Unfinished) -> tuple[bool, str]:
-    """End one migration; (the guest runs on the destination, what was done)."""
+    """End one migration; (the guest runs on the destination, what was
+    done).  A QEMU whose monitor does not answer (rather than one that is
+    gone) leaves the migration unsettled: QmpmigError, and a later start
+    tries again."""
     side = winner(m)
     notes = [f"the daemon died in {m.phase}: the guest goes on at the "
              + ("destination, every device there having loaded its state" if side == "dst" else "source")]
     src, dst = await _connect(m.begin["src"]), await _connect(m.begin["dst"])
     try:
         if side == "src":
-            notes += await _fall_back(src, m) if src else ["the source QEMU is gone"]
-            if dst:
+            # The loser first: once asked to listen, the destination may
+            # hold a copy of the guest; it must be gone before the source
+            # runs again.
+            if dst and m.incoming:
                 notes.append(await _quit(dst))
+            notes += await _fall_back(src, m) if src else ["the source QEMU is gone"]
         else:
             notes += await _go_on(dst, m) if dst else ["the destination QEMU is gone"]
             if src:
@@ -48,11 +55,20 @@ async def end_unfinished(m: Unfinished) -> tuple[bool, str]:
 
 
 async def _connect(path: str) -> Qemu | None:
+    """A QMP session, or None when that QEMU is gone (no socket, or nobody
+    listening on it)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return None
+    finally:
+        probe.close()
     qemu = Qemu(path)
     try:
-        await qemu.connect(path, timeout=1.0)
-    except QemuGone:
-        return None
+        await qemu.connect(path, timeout=STEP_TIMEOUT)
+    except QemuGone as err:
+        raise QmpmigError(f"QEMU at {path} does not answer: {err}") from err
     return qemu
 
 
