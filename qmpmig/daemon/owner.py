@@ -45,7 +45,7 @@ from .restart import end_unfinished
 log = logging.getLogger("qmpmig.daemon")
 
 #: struct ucred: pid, uid, gid.
-UCRED = struct.Struct("3i")
+UCRED = struct.Struct("iII")
 
 
 @dataclass(eq=False)
@@ -56,6 +56,8 @@ class AttachedVm:
     qmp: str
     side: Side
     devices: list[RemoteDevice]
+    #: Its journal record (how to take it back after a restart).
+    record: dict = field(default_factory=dict)
     #: The id of the migration it takes part in, if any.
     busy: str | None = None
     watcher: asyncio.Task | None = field(default=None, repr=False)
@@ -247,7 +249,9 @@ class Owner:
             await qemu.disconnect()
             raise
         self._attaching.discard(name)
-        vm = AttachedVm(name, qmp, side, opened)
+        vm = AttachedVm(name, qmp, side, opened, record={
+            "op": "attach", "vm": name, "qmp": qmp, "ram": ram, "devices": devices, "protocol": protocol,
+            "start_ring": start_ring})
         vm.watcher = asyncio.create_task(self._watch(vm))
         self.vms[name] = vm
         log.info("attached %s (%d devices)", name, len(opened))
@@ -366,6 +370,9 @@ class Owner:
                                    message=summary.message)
                 if summary.guest_on == "destination":
                     await self.release(source)
+                if not self.migrations and not self._attaching:
+                    # Idle: the journal need say no more than what is owned.
+                    self.journal.rewrite([vm.record for vm in self.vms.values()])
         if not summary.ok:
             log.warning("migration %s: %s", mid, summary.message)
         result = summary.as_dict()

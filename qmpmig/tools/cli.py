@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         from ..device.cli import main as device_main
         return device_main(argv[1:])
     args = parser().parse_args(argv)
+    if args.command == "migrate" and any(spec.count(",") != 1 for spec in args.device):
+        parser().error("--device takes SRC_SOCKET,DST_SOCKET")
     if args.command == "migrate" and not args.launch and not (args.src and args.dst and args.uri) and not all(
             (args.src_qmp, args.dst_qmp, args.uri, args.src_ram, args.dst_ram)):
         parser().error("migrate needs --launch; or --src, --dst and --uri of VMs attached to the daemon; "
