@@ -4,6 +4,7 @@ journal's rule names, with QEMU's settings put back; the journal and the
 trace say what happened."""
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -24,31 +25,33 @@ from test_daemon import qmpmig, stop_daemon
 pytestmark = pytest.mark.qemu
 
 
-async def vcpus_running(path) -> bool:
-    """Whether a QEMU no daemon holds runs its vCPUs (False once it is gone)."""
+@contextlib.asynccontextmanager
+async def monitor(path):
+    """A QMP session to a QEMU no daemon holds, or None once it is gone."""
     qemu = Qemu("probe")
     try:
         await qemu.connect(str(path), timeout=2)
     except QemuGone:
-        return False
+        yield None
+        return
     try:
-        return (await qemu.query_status()).running
+        yield qemu
     finally:
         await qemu.disconnect()
+
+
+async def vcpus_running(path) -> bool:
+    """Whether that QEMU runs its vCPUs (False once it is gone)."""
+    async with monitor(path) as qemu:
+        return qemu is not None and (await qemu.query_status()).running
 
 
 async def never_listened(path) -> bool:
     """A destination that was never asked to listen holds no copy of the
     guest: it may live on, still waiting with -incoming defer."""
-    qemu = Qemu("probe")
-    try:
-        await qemu.connect(str(path), timeout=2)
-    except QemuGone:
-        return False
-    try:
-        return ((await qemu.query_status()).runstate, (await qemu.query_migrate()).status) == ("inmigrate", "none")
-    finally:
-        await qemu.disconnect()
+    async with monitor(path) as qemu:
+        return qemu is not None and ((await qemu.query_status()).runstate,
+                                     (await qemu.query_migrate()).status) == ("inmigrate", "none")
 
 
 def vms(run_dir) -> dict[str, dict]:

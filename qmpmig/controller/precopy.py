@@ -69,13 +69,19 @@ async def restore_settings(c: Controller) -> list[str]:
         if saved is None or side.gone:
             continue
         try:
-            if "parameters" in saved:
-                await side.qmp("migrate-set-parameters", saved["parameters"])
-            await side.qmp("migrate-set-capabilities", {"capabilities": saved["capabilities"]})
+            await put_back(side.qmp, saved)
         except QmpmigError as err:
             if not await side.wait_gone(1.0):
                 problems.append(f"{side.name} QEMU settings not restored: {err}")
     return problems
+
+
+async def put_back(execute, saved: dict) -> None:
+    """Set QEMU's migration parameters and capabilities as ``saved`` has
+    them, through ``execute(command, arguments)``."""
+    if "parameters" in saved:
+        await execute("migrate-set-parameters", saved["parameters"])
+    await execute("migrate-set-capabilities", {"capabilities": saved["capabilities"]})
 
 
 async def converge(c: Controller) -> None:

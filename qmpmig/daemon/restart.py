@@ -17,6 +17,7 @@ import logging
 import socket
 
 from ..errors import QemuGone, QmpmigError
+from ..controller.precopy import put_back
 from ..qemu.qmp import IDLE, Qemu
 from .journal import Unfinished, winner
 
@@ -102,9 +103,7 @@ async def _restore(qemu: Qemu, saved: dict | None) -> list[str]:
     if not saved:
         return []
     try:
-        if "parameters" in saved:
-            await qemu.execute("migrate-set-parameters", saved["parameters"])
-        await qemu.execute("migrate-set-capabilities", {"capabilities": saved["capabilities"]})
+        await put_back(qemu.execute, saved)
     except QmpmigError as err:
         return [f"{qemu.name} settings not restored: {err}"]
     return [f"{qemu.name} settings restored"]
