@@ -204,7 +204,7 @@ async def test_a_hung_destination_device_fails_the_migration_naming_it(guest_ima
     t0 = time.monotonic()
     report = await launch(options(devices=2, controller={**LONG_PRECOPY, "device_timeout": 2.0}), during=hang)
     assert not report.summary.ok
-    assert "dst device dev1 did not answer" in report.summary.message and "within 2 s" in report.summary.message
+    assert "dst device dev1 did not answer" in report.summary.message and "within 2.0 s" in report.summary.message
     assert "source VM running" in report.summary.message and "dev1 RUNNING" in report.summary.message
     assert not any(report.checks.values()), report.checks
     assert "destination QEMU ended" in report.checks
@@ -226,3 +226,29 @@ async def test_a_failure_after_every_destination_device_loaded_goes_forward(gues
     assert not report.summary.ok and report.summary.guest_on == "destination", report.summary.message
     assert "stays on the destination" in report.summary.message
     assert report.checks["source stopped"] is None and report.checks["heartbeat"] is None, report.checks
+
+
+async def test_a_device_hung_with_the_guest_paused_keeps_it_paused_only_briefly(guest_image):
+    """The source device stops answering (SIGSTOP) in stop-copy, with the
+    vCPUs stopped: the guest runs again within --max-pause of the fault (the
+    pause measured from QEMU's own STOP and RESUME events), and the message
+    names the device and the step."""
+    async def hang(rig, controller):
+        for _ in range(24000):
+            if controller.phase == "stop-copy":
+                break
+            await asyncio.sleep(0.005)
+        device = rig.devices[0][0]
+        os.kill(device.pid, signal.SIGSTOP)
+        await asyncio.sleep(6)                  # recovery may then bring it back
+        os.kill(device.pid, signal.SIGCONT)
+
+    report = await launch(options(devices=1, state_size="64M", controller={"max_pause": 3.0}), during=hang)
+    assert not report.summary.ok and "src device dev0 did not answer" in report.summary.message
+    assert "with the guest paused" in report.summary.message, report.summary.message
+    events = [(r["t"], r["event"]) for r in report.records
+              if r["kind"] == "qmp_event" and r["side"] == "src" and r["event"] in ("STOP", "RESUME")]
+    stops = [t for t, e in events if e == "STOP"]
+    resumes = [t for t, e in events if e == "RESUME" and stops and t > stops[-1]]
+    assert stops and resumes and resumes[0] - stops[-1] < 3.0, events
+    assert not any(report.checks.values()), report.checks

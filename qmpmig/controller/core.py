@@ -28,6 +28,9 @@ from .walk import Walker
 
 log = logging.getLogger("qmpmig.controller")
 
+#: Seconds of Options.max_pause kept for the recovery: cancel and cont.
+PAUSE_MARGIN = 1.0
+
 #: Debug options that break one rule on purpose, for negative controls.
 DEBUG = {
     "no-dirty-copy": "skip copying DMA-dirty pages to the destination",
@@ -53,6 +56,10 @@ class Options:
     timeout: float = 300.0
     #: Attempts when QEMU switches over early (each needs a fresh destination).
     attempts: int = 3
+    #: Seconds the guest may stay paused after a device stops answering:
+    #: once the vCPUs are stopped, each device request must end within this
+    #: (less a margin for the recovery), or the source runs again.
+    max_pause: float = 5.0
     debug: frozenset[str] = frozenset()
 
     def as_request(self) -> dict:
@@ -156,6 +163,12 @@ class Controller:
         run.phase, run.phase_started = phase, now
         self.note("phase", name=phase)
         self.trace.emit("phase", name=phase)
+
+    def vcpus_stopped(self) -> None:
+        """The guest is paused from now: device requests count against
+        :attr:`Options.max_pause` until it runs again."""
+        self.run.stopped_at = time.monotonic()
+        self.walker.paused_timeout = max(0.5, self.options.max_pause - PAUSE_MARGIN)
 
     def lifecycle_target(self, end: DeviceEnd) -> MigState:
         """The device_state the lifecycle table gives for its VM's state now."""

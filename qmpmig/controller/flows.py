@@ -45,6 +45,7 @@ log = logging.getLogger("qmpmig.controller")
 async def attempt(c: Controller, running: bool, number: int) -> int | None:
     """One attempt of a migration; QEMU's own downtime (ms) when it completes."""
     c.enter("setup")
+    c.walker.paused_timeout = None
     await preflight(c)
     c.run.we_stopped = False
     for pair in c.pairs:
@@ -158,6 +159,7 @@ async def resume(c: Controller, running: bool) -> None:
     await c.walker.walk_all(dst, lambda end: MigState.RUNNING)
     await dst.qmp("cont")
     await dst.wait(lambda s: s.runstate == "running", "destination running")
+    c.walker.paused_timeout = None
     c.run.downtime = time.monotonic() - c.run.stopped_at
 
 

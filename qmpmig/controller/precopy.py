@@ -137,7 +137,7 @@ async def ram_precopy(c: Controller) -> None:
         if c.src.vm.status in ENDING or c.src.gone or c.dst.gone:
             await check_still_precopy(c)
         if c.src.vm.runstate != "running":
-            c.run.stopped_at = time.monotonic()
+            c.vcpus_stopped()
             return
         ram = (await c.src.qemu.query_migrate()).ram_remaining
         if c.progress:
@@ -177,7 +177,7 @@ async def check_still_precopy(c: Controller) -> None:
 
 async def drain_page_requests(c: Controller) -> None:
     """Seed 000: every IO page request completes while the vCPUs run."""
-    deadline = time.monotonic() + c.options.page_request_timeout
+    deadline = time.monotonic() + min(c.options.page_request_timeout, c.walker.paused_timeout or float("inf"))
     ends = c.src.devices + c.dst.devices
     while any(end.outstanding for end in ends):
         if time.monotonic() > deadline:
@@ -187,6 +187,6 @@ async def drain_page_requests(c: Controller) -> None:
 
 
 async def stop_vcpus(c: Controller) -> None:
-    c.run.stopped_at = time.monotonic()
+    c.vcpus_stopped()
     c.run.we_stopped = True
     await c.src.qmp("stop")

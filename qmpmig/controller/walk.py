@@ -63,15 +63,23 @@ class Walker:
     def __init__(self, timeout: float):
         #: Seconds one device request may take.
         self.timeout = timeout
+        #: While the controller keeps the guest paused: the seconds one
+        #: request may take, so that the guest runs again soon enough after
+        #: a device stops answering.
+        self.paused_timeout: float | None = None
 
     async def call(self, end: DeviceEnd, request: Awaitable[T], what: str) -> T:
         """One request to a device, bounded: a device that stops answering
-        fails the migration instead of hanging it."""
+        fails the migration instead of hanging it, and, while the guest is
+        paused, within the pause the guest may bear."""
+        timeout, why = self.timeout, ""
+        if self.paused_timeout is not None and self.paused_timeout < timeout:
+            timeout, why = self.paused_timeout, " with the guest paused (--max-pause)"
         try:
-            return await asyncio.wait_for(request, self.timeout)
+            return await asyncio.wait_for(request, timeout)
         except asyncio.TimeoutError:
             raise MigrationFailed(f"{end.side.name} device {end.name} did not answer {what} "
-                                  f"within {self.timeout:.0f} s") from None
+                                  f"within {timeout:.1f} s{why}") from None
 
     async def walk(self, end: DeviceEnd, target: MigState) -> None:
         """Drive one device to ``target``, one FSM arc per SET, each traced."""

@@ -74,7 +74,7 @@ def _options(value: object) -> bool:
     number = (int, float)
     kinds = {"threshold": int, "ram_threshold": int, "min_precopy": number, "max_precopy": number,
              "downtime_limit": int, "page_request_timeout": number, "device_timeout": number,
-             "timeout": number, "attempts": int, "debug": list}
+             "timeout": number, "attempts": int, "max_pause": number, "debug": list}
     return isinstance(value, dict) and all(
         key in kinds and isinstance(v, kinds[key]) and not isinstance(v, bool) for key, v in value.items())
 

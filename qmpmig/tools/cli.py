@@ -60,7 +60,7 @@ class Progress:
 
 def _controller_options(args) -> Options:
     return Options(threshold=args.threshold, downtime_limit=args.downtime_limit,
-                   timeout=args.timeout, debug=frozenset(args.debug))
+                   timeout=args.timeout, max_pause=args.max_pause, debug=frozenset(args.debug))
 
 
 def _summary_dict(summary, report=None) -> dict:
@@ -270,6 +270,8 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--threshold", type=int, default=1 << 20, help="device bytes pending to end pre-copy")
     m.add_argument("--downtime-limit", type=int, default=300, help="QEMU downtime-limit (ms) after the vCPU stop")
     m.add_argument("--timeout", type=float, default=300.0)
+    m.add_argument("--max-pause", type=float, default=5.0,
+                   help="seconds a device that fails to answer may keep the guest paused (default %(default)s)")
     m.add_argument("--trace", help="write the JSON-lines trace here")
     m.add_argument("--json", action="store_true", help="print a JSON summary")
     m.add_argument("--debug", action="append", default=[], choices=sorted(DEBUG),
