@@ -3,6 +3,7 @@ migration asked of it by a ``qmpmig`` command that then exits, on real
 QEMU and real device processes."""
 
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -172,3 +173,19 @@ async def fresh_registers(path) -> tuple[int, int]:
         return await read_register(dev.client, "dma_seq"), await read_register(dev.client, "client_losses")
     finally:
         await dev.close()
+
+
+@pytest.mark.qemu
+def test_short_soak_the_daemon_does_not_grow(tmp_path, guest_image):
+    """scripts/soak-daemon.py, three migrations in a row through one daemon
+    (twenty by hand): each succeeds, the destination device never loses its
+    client and its DMA goes on from the migrated state, and the daemon's
+    descriptors stay as they were after the first."""
+    spec = importlib.util.spec_from_file_location("soak", Path(__file__).parent.parent / "scripts" / "soak-daemon.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    rows = soak.soak(3, tmp_path, memory=128)
+    assert [row["daemon_fds"] for row in rows] == [rows[0]["daemon_fds"]] * 3, rows
+    assert rows[-1]["daemon_rss_kib"] - rows[0]["daemon_rss_kib"] < 8 << 10, rows
+    seqs = [row["dma_seq"] for row in rows]
+    assert seqs == sorted(seqs) and seqs[0] > 0, rows
