@@ -252,3 +252,32 @@ async def test_a_device_hung_with_the_guest_paused_keeps_it_paused_only_briefly(
     resumes = [t for t, e in events if e == "RESUME" and stops and t > stops[-1]]
     assert stops and resumes and resumes[0] - stops[-1] < 3.0, events
     assert not any(report.checks.values()), report.checks
+
+
+PHASES = ("setup", "precopy", "grace", "stop-copy", "switchover", "resume")
+
+
+@pytest.mark.parametrize("side", ["src", "dst"])
+@pytest.mark.parametrize("phase", PHASES)
+async def test_a_device_killed_in_any_phase(guest_image, side, phase):
+    """A device process SIGKILLed in each phase: the guest runs on exactly
+    one side (the destination only once every device there had loaded its
+    state), the other side's QEMU is ended or stopped, and the message names
+    the device."""
+    async def kill(rig, controller):
+        for _ in range(24000):
+            if controller.phase == phase:
+                break
+            await asyncio.sleep(0.002)
+        rig.devices[0][0 if side == "src" else 1].kill()
+
+    report = await launch(options(devices=1, state_size="16M"), during=kill)
+    summary = report.summary
+    if summary.ok:
+        pytest.skip(f"the migration was through before the kill landed in {phase}")
+    assert f"{side} device dev0" in summary.message, summary.message
+    if summary.guest_on == "destination":
+        assert report.checks["heartbeat"] is None and report.checks["source stopped"] is None, report.checks
+    else:
+        assert report.checks["source heartbeat"] is None, report.checks
+        assert report.checks.get("destination QEMU ended") in (None, "skipped"), report.checks

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING
 
-from ..errors import QmpmigError, reason
+from ..errors import MigrationFailed, QmpmigError, reason
 from ..migration.states import MigState
 from ..qemu.qmp import IDLE
 from .precopy import restore_settings
@@ -90,5 +90,8 @@ async def _recover_source_device(c: Controller, end: DeviceEnd, target: MigState
     if end.state is MigState.ERROR:
         await c.walker.reset(end)
     await c.walker.walk(end, target)
+    # Said only once the device itself says so (it may be gone).
+    if (state := await end.device.state()) is not target:
+        raise MigrationFailed(f"it reports {state.name}")
     with contextlib.suppress(OSError):
         await end.device.client.dma_logging_stop()

@@ -69,9 +69,17 @@ class Walker:
         self.paused_timeout: float | None = None
 
     async def call(self, end: DeviceEnd, request: Awaitable[T], what: str) -> T:
-        """One request to a device, bounded: a device that stops answering
-        fails the migration instead of hanging it, and, while the guest is
-        paused, within the pause the guest may bear."""
+        """One request to a device, bounded; a failure of it fails the
+        migration with the device and the step named."""
+        try:
+            return await self._bounded(end, request, what)
+        except OSError as err:
+            raise MigrationFailed(f"{end.side.name} device {end.name}: {what} failed: {err}") from err
+
+    async def _bounded(self, end: DeviceEnd, request: Awaitable[T], what: str) -> T:
+        """A device that stops answering fails the migration instead of
+        hanging it, and, while the guest is paused, within the pause the
+        guest may bear; the device's own errors pass through."""
         timeout, why = self.timeout, ""
         if self.paused_timeout is not None and self.paused_timeout < timeout:
             timeout, why = self.paused_timeout, " with the guest paused (--max-pause)"
@@ -87,7 +95,7 @@ class Walker:
         cur = end.state
         for step in fsm.plan(cur, target, end.device.flags):
             try:
-                await self.call(end, end.device.set_state(step), f"{cur.name} -> {step.name}")
+                await self._bounded(end, end.device.set_state(step), f"{cur.name} -> {step.name}")
             except OSError as err:
                 trace.emit("device_error", side=side, device=end.name, target=step,
                            errno=err.errno or 0, message=str(err))
@@ -99,7 +107,7 @@ class Walker:
 
     async def reset(self, end: DeviceEnd) -> None:
         """DEVICE_RESET: RUNNING from any state."""
-        await end.device.reset()
+        await self.call(end, end.device.reset(), "DEVICE_RESET")
         end.side.trace.emit("device_state", side=end.side.name, device=end.name, via="reset",
                             **{"from": end.state, "to": MigState.RUNNING})
         end.state = MigState.RUNNING

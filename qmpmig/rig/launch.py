@@ -174,7 +174,11 @@ async def _verify(report: Report, rig: Rig, pairs: list[Pair], dst_ram: GuestRam
         else:
             report.checks[f"{pair.name} state"] = None
         iova, size = rig.ring(i)
-        seq = await read_register(pair.dst.device.client, "dma_seq")
+        try:
+            seq = await read_register(pair.dst.device.client, "dma_seq")
+        except OSError as err:
+            report.checks[f"{pair.name} DMA records"] = f"the destination device is unreachable: {err}"
+            continue
         errors = records.verify(dst_ram.read(iova, size), i + 1, seq)
         report.checks[f"{pair.name} DMA records"] = (
             f"{len(errors)} of {min(seq, size // records.SIZE)} records wrong in destination RAM, "
