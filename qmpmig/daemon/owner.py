@@ -297,7 +297,7 @@ class Owner:
 
     async def status(self) -> dict:
         return {"pid": os.getpid(), "recovered": self.recovered,
-                "vms": [await self._describe(vm) for vm in self.vms.values()],
+                "vms": [await self._describe(vm) for vm in list(self.vms.values())],
                 "migrations": [{"id": mid, "src": c.src.qemu.name, "dst": c.dst.qemu.name, "phase": c.phase}
                                for mid, (c, _) in self.migrations.items()]}
 
