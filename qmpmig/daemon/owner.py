@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..controller import Controller, Options, RemoteDevice, Side, Trace
-from ..controller.precopy import PARAMETERS
+from ..controller.precopy import CAPABILITIES, PARAMETERS
 from ..device.bar0 import is_reference, read_register, start_ring
 from ..errors import QmpmigError, reason
 from ..qemu.guestmem import GuestRam
@@ -394,7 +394,7 @@ async def _migration_settings(qemu: Qemu) -> dict:
     """The capabilities and parameters a migration changes, as QEMU has them now."""
     caps = {c["capability"]: c["state"] for c in await qemu.execute("query-migrate-capabilities")}
     params = await qemu.execute("query-migrate-parameters")
-    return {"capabilities": {name: caps.get(name) for name in ("events", "pause-before-switchover")},
+    return {"capabilities": {name: caps.get(name) for name in CAPABILITIES["src"]},
             "parameters": {name: params.get(name) for name in PARAMETERS}}
 
 

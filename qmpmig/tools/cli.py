@@ -96,10 +96,7 @@ async def _migrate(args) -> int:
         result = _summary_dict(report.summary, report)
         ok = report.ok
     elif args.src:
-        result = await client.call(args.run_dir, "migrate", src=args.src, dst=args.dst, uri=args.uri,
-                                   trace=args.trace and os.path.abspath(args.trace),
-                                   options=_controller_options(args).as_request())
-        ok = result["ok"] and not result["trace_violations"]
+        result, ok = await _ask_migrate(args, args.src, args.dst)
     else:
         result, ok = await _attach_and_migrate(args)
     if args.json:
@@ -122,8 +119,13 @@ async def _attach_and_migrate(args) -> tuple[dict, bool]:
             await client.call(args.run_dir, "attach", name=name, qmp=name, ram=os.path.abspath(ram),
                               devices=[os.path.abspath(spec.split(",")[which]) for spec in args.device],
                               protocol=args.protocol)
-    result = await client.call(args.run_dir, "migrate", src=os.path.abspath(args.src_qmp),
-                               dst=os.path.abspath(args.dst_qmp), uri=args.uri,
+    return await _ask_migrate(args, os.path.abspath(args.src_qmp), os.path.abspath(args.dst_qmp))
+
+
+async def _ask_migrate(args, src: str, dst: str) -> tuple[dict, bool]:
+    """The daemon's migration of attached VM ``src`` to ``dst``: its result,
+    and whether it succeeded with a clean trace."""
+    result = await client.call(args.run_dir, "migrate", src=src, dst=dst, uri=args.uri,
                                trace=args.trace and os.path.abspath(args.trace),
                                options=_controller_options(args).as_request())
     return result, result["ok"] and not result["trace_violations"]
