@@ -71,6 +71,26 @@ def alive(pid: int) -> bool:
         return False
 
 
+def test_one_daemon_per_run_directory_and_only_a_directory_of_its_own(tmp_path, run_dir):
+    """Two daemons never serve one run directory (its lock decides, not a
+    race on the socket); a run directory that is a symbolic link, or whose
+    parent other users may change, is refused before anything is made."""
+    asyncio.run(client.ensure_daemon(run_dir))
+    second = qmpmig(run_dir, "daemon", timeout=30)
+    assert second.returncode == 1 and f"another qmpmig daemon serves {run_dir}" in second.stderr, second
+    assert asyncio.run(client.running(run_dir))
+    link = tmp_path / "link"
+    link.symlink_to(run_dir)
+    done = qmpmig(link, "daemon", timeout=30)
+    assert done.returncode == 1 and "not a directory of uid" in done.stderr, done
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    done = qmpmig(shared / "run", "daemon", timeout=30)
+    assert done.returncode == 1 and "may be changed by other users" in done.stderr, done
+    assert not (shared / "run").exists()
+
+
 def test_control_socket_is_the_daemons_users_alone(public_run_dir):
     run_dir = public_run_dir
     asyncio.run(client.ensure_daemon(run_dir))

@@ -92,16 +92,16 @@ def test_readme_test_command_is_what_ci_runs():
 
 
 def test_launch_killed_leaves_nothing_after_the_next_sweep(guest_image):
-    """``migrate --launch`` SIGKILLed: its QEMUs and device processes die
-    with it, and the next start sweeps its RAM files and its work directory
-    (sockets, consoles)."""
+    """``migrate --launch`` SIGKILLed: its QEMUs, device processes and
+    daemon die with it, and the next start sweeps its RAM files and its work
+    directory (sockets, consoles, the daemon's run directory)."""
     launcher = subprocess.Popen([sys.executable, "-m", "qmpmig", "migrate", "--launch", "--memory", "128"],
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pid = launcher.pid
     workdirs = lambda: list(Path(tempfile.gettempdir()).glob(f"qmpmig-rig-{pid}-*"))
     rams = lambda: list(Path("/dev/shm").glob(f"qmpmig-{pid}-*.ram"))
     deadline = time.monotonic() + 60
-    while not (workdirs() and len(rams()) == 2 and list(workdirs()[0].glob("*.sock"))):
+    while not (workdirs() and len(rams()) == 2 and list(workdirs()[0].glob("daemon/*.sock"))):
         assert time.monotonic() < deadline and launcher.poll() is None, "the launch never set up its rig"
         time.sleep(0.05)
     left = workdirs() + rams()

@@ -42,15 +42,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("qmpmig.controller")
 
 
-async def attempt(c: Controller, running: bool, number: int) -> int | None:
-    """One attempt of a migration; QEMU's own downtime (ms) when it completes."""
+async def migrate(c: Controller, running: bool) -> int | None:
+    """A migration, seed 000's flow from end to end; QEMU's own downtime
+    (ms) when it completes."""
     c.enter("setup")
-    c.walker.paused_timeout = None
+    c.walker.resumed()
     await preflight(c)
     c.run.we_stopped = False
     for pair in c.pairs:
         pair.sent = 0
-    c.trace.emit("phase", name="attempt", attempt=number)
+    c.trace.emit("phase", name="attempt", attempt=1)
     await precopy.hold_switchover(c)
     await prepare_resume(c)
     qemu_downtime = await save(c, running)
@@ -159,7 +160,7 @@ async def resume(c: Controller, running: bool) -> None:
     await c.walker.walk_all(dst, lambda end: MigState.RUNNING)
     await dst.qmp("cont")
     await dst.wait(lambda s: s.runstate == "running", "destination running")
-    c.walker.paused_timeout = None
+    c.walker.resumed()
     c.run.downtime = time.monotonic() - c.run.stopped_at
 
 

@@ -96,8 +96,7 @@ async def converge(c: Controller) -> None:
         pending = [await p.src.device.pending() for p in c.pairs]
         ram = (await c.src.qemu.query_migrate()).ram_remaining
         elapsed = time.monotonic() - start
-        if c.progress:
-            c.progress(c, ram, pending)
+        c.progress(ram, pending)
         if elapsed >= opts.min_precopy and max(pending, default=0) <= opts.threshold:
             return
         if elapsed > opts.max_precopy:
@@ -140,8 +139,7 @@ async def ram_precopy(c: Controller) -> None:
             c.vcpus_stopped()
             return
         ram = (await c.src.qemu.query_migrate()).ram_remaining
-        if c.progress:
-            c.progress(c, ram, [])
+        c.progress(ram, [])
         if ram is not None and ram <= opts.ram_threshold or time.monotonic() > deadline:
             await drain_page_requests(c)
             await stop_vcpus(c)

@@ -27,7 +27,7 @@ RECOVER_TIMEOUT = 15.0
 async def recover(c: Controller, running: bool) -> str:
     """Cancel; returns what the source looks like now."""
     c.enter("recover")
-    c.walker.paused_timeout = None
+    c.walker.resumed()
     src = c.src
     notes = []
     if not src.gone:
@@ -65,7 +65,7 @@ async def go_forward(c: Controller, running: bool) -> str:
     guest's place is the destination now (the journal's rule too), so
     finish there as far as possible, and never start the source again."""
     c.enter("recover")
-    c.walker.paused_timeout = None
+    c.walker.resumed()
     dst, notes = c.dst, ["the guest stays on the destination (every device there had loaded its state)"]
     target = MigState.RUNNING if running else MigState.STOP
     for end in dst.devices:

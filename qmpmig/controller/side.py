@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import MigrationFailed, QemuGone
@@ -109,23 +109,6 @@ class Side:
                 end.outstanding -= 1
             self.trace.emit("page_complete", side=self.name, device=end.name, iova=request.iova)
         return complete
-
-    async def replace_vm(self, start: Callable[[], Awaitable[tuple[Qemu, GuestRam]]]) -> None:
-        """A fresh QEMU in place of the one that is gone: stop following the
-        old one, ``start()`` the new one, follow it and map its RAM into
-        every device instead of the old one's."""
-        await self.unfollow()
-        qemu, ram = await start()
-        old_size = self.ram.size
-        self.ram.close()
-        self.qemu, self.ram = qemu, ram
-        self.vm, self.gone = None, None
-        self.follow()
-        for end in self.devices:
-            with contextlib.suppress(OSError):
-                await end.device.client.dma_unmap(0, old_size)
-            await self.map_ram(end)
-        await self.wait(lambda s: True, f"the new {self.role} to report", timeout=30)
 
     # -- following QEMU ------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -21,6 +22,9 @@ from ..migration.states import V1, MigState, v2_to_v1
 from .side import DeviceEnd, Side
 
 T = TypeVar("T")
+
+#: Seconds between two looks at whether the guest was paused meanwhile.
+RECHECK = 0.05
 
 #: The grace states of each role.
 GRACE = {"source": frozenset({MigState.PRE_COPY_P2P, MigState.RUNNING_P2P}),
@@ -67,6 +71,15 @@ class Walker:
         #: request may take, so that the guest runs again soon enough after
         #: a device stops answering.
         self.paused_timeout: float | None = None
+        self.paused_since = 0.0
+
+    def paused(self, timeout: float) -> None:
+        """The guest is paused from now: every request, the ones under way
+        included, must end within ``timeout`` of now or of its start."""
+        self.paused_timeout, self.paused_since = timeout, time.monotonic()
+
+    def resumed(self) -> None:
+        self.paused_timeout = None
 
     async def call(self, end: DeviceEnd, request: Awaitable[T], what: str) -> T:
         """One request to a device, bounded; a failure of it fails the
@@ -79,15 +92,29 @@ class Walker:
     async def _bounded(self, end: DeviceEnd, request: Awaitable[T], what: str) -> T:
         """A device that stops answering fails the migration instead of
         hanging it, and, while the guest is paused, within the pause the
-        guest may bear; the device's own errors pass through."""
-        timeout, why = self.timeout, ""
-        if self.paused_timeout is not None and self.paused_timeout < timeout:
-            timeout, why = self.paused_timeout, " with the guest paused (--max-pause)"
+        guest may bear (a request begun before the pause included); the
+        device's own errors pass through."""
+        task = asyncio.ensure_future(request)
+        start = time.monotonic()
         try:
-            return await asyncio.wait_for(request, timeout)
-        except asyncio.TimeoutError:
-            raise MigrationFailed(f"{end.side.name} device {end.name} did not answer {what} "
-                                  f"within {timeout:.1f} s{why}") from None
+            while True:
+                timeout, why, deadline = self.timeout, "", start + self.timeout
+                if self.paused_timeout is not None:
+                    paused_deadline = max(start, self.paused_since) + self.paused_timeout
+                    if paused_deadline < deadline:
+                        timeout, why = self.paused_timeout, " with the guest paused (--max-pause)"
+                        deadline = paused_deadline
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MigrationFailed(f"{end.side.name} device {end.name} did not answer {what} "
+                                          f"within {timeout:.1f} s{why}")
+                # Woken now and then: the guest may be paused meanwhile.
+                done, _ = await asyncio.wait({task}, timeout=min(left, RECHECK))
+                if done:
+                    return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
 
     async def walk(self, end: DeviceEnd, target: MigState) -> None:
         """Drive one device to ``target``, one FSM arc per SET, each traced."""

@@ -74,7 +74,7 @@ def _options(value: object) -> bool:
     number = (int, float)
     kinds = {"threshold": int, "ram_threshold": int, "min_precopy": number, "max_precopy": number,
              "downtime_limit": int, "page_request_timeout": number, "device_timeout": number,
-             "timeout": number, "attempts": int, "max_pause": number, "debug": list}
+             "timeout": number, "max_pause": number, "debug": list}
     return isinstance(value, dict) and all(
         key in kinds and isinstance(v, kinds[key]) and not isinstance(v, bool) for key, v in value.items())
 
@@ -86,6 +86,7 @@ ARGUMENTS = {
                "protocol": lambda v: v in (None, "v1", "v2"), "start_ring": _ring},
     "detach": {"name": _name},
     "status": {},
+    "migrations": {},
     "migrate": {"src": _name, "dst": _name, "uri": _uri, "trace": lambda v: v is None or _path(v),
                 "options": lambda v: v is None or _options(v)},
     "shutdown": {},

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import json
 import logging
 import os
 import socket
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,13 +78,15 @@ class Owner:
         self.stopped = asyncio.Event()
         #: control op -> its handler.
         self.ops = {"attach": self.attach, "detach": self.detach, "status": self.status,
-                    "migrate": self.migrate, "shutdown": self.shutdown}
+                    "migrations": self.migrations_now, "migrate": self.migrate, "shutdown": self.shutdown}
         self.journal: journal.Journal | None = None
         self._attaching: set[str] = set()
         #: Set by shutdown: no new VM or migration is taken.
         self.stopping = False
         #: What the start found half done and how it ended it.
         self.recovered: list[dict] = []
+        #: The run directory's lock (flock), held while serving.
+        self._lock = -1
 
     @property
     def socket_path(self) -> Path:
@@ -113,6 +117,7 @@ class Owner:
             self.socket_path.unlink(missing_ok=True)
             (self.run_dir / "daemon.pid").unlink(missing_ok=True)
             self.journal.close()
+            os.close(self._lock)
 
     async def _take_over(self) -> None:
         """What the journal says an earlier daemon left: every unfinished
@@ -147,20 +152,16 @@ class Owner:
 
     def _listen(self) -> socket.socket:
         """The control socket: 0600 in a 0700 directory of our own; refused
-        while another daemon answers on it."""
-        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = self.run_dir.stat()
-        if info.st_uid != os.getuid():
-            raise QmpmigError(f"{self.run_dir} belongs to uid {info.st_uid}, not to this daemon's {os.getuid()}")
-        os.chmod(self.run_dir, 0o700)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        while another daemon holds the directory's lock."""
+        _own_dir(self.run_dir)
+        self._lock = os.open(self.run_dir / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600)
         try:
-            sock.connect(str(self.socket_path))
-        except OSError:
-            self.socket_path.unlink(missing_ok=True)
-        else:
-            sock.close()
-            raise QmpmigError(f"a daemon already serves {self.socket_path}")
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise QmpmigError(f"another qmpmig daemon serves {self.run_dir}") from None
+        self.socket_path.unlink(missing_ok=True)     # a dead daemon's
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         umask = os.umask(0o177)
         try:
@@ -298,8 +299,12 @@ class Owner:
     async def status(self) -> dict:
         return {"pid": os.getpid(), "recovered": self.recovered,
                 "vms": [await self._describe(vm) for vm in list(self.vms.values())],
-                "migrations": [{"id": mid, "src": c.src.qemu.name, "dst": c.dst.qemu.name, "phase": c.phase}
-                               for mid, (c, _) in self.migrations.items()]}
+                **await self.migrations_now()}
+
+    async def migrations_now(self) -> dict:
+        """The migrations under way (the part of ``status`` that asks no
+        device or QEMU anything: a progress line polls it)."""
+        return {"migrations": [_progress(mid, c) for mid, (c, _) in self.migrations.items()]}
 
     async def _describe(self, vm: AttachedVm) -> dict:
         """What a VM looks like now; its devices are asked for their state
@@ -349,6 +354,8 @@ class Owner:
                            running=source.side.vm.runstate == "running")
         controller.note = lambda op, **fields: self.journal.write(op, id=mid, **fields)
         source.busy = destination.busy = mid
+        for vm in (source, destination):
+            vm.side.timeout = controller.options.timeout    # the QMP waits of this migration
         task = asyncio.create_task(self._migrate(mid, controller, source, destination))
         self.migrations[mid] = (controller, task)
         return await asyncio.shield(task)
@@ -363,6 +370,7 @@ class Owner:
             trace.close()
             for vm in (source, destination):
                 vm.side.trace = Trace(keep=False)
+                vm.side.timeout = self.timeout
                 vm.busy = None
             del self.migrations[mid]
             if summary is not None:
@@ -396,6 +404,31 @@ async def _migration_settings(qemu: Qemu) -> dict:
     params = await qemu.execute("query-migrate-parameters")
     return {"capabilities": {name: caps.get(name) for name in CAPABILITIES["src"]},
             "parameters": {name: params.get(name) for name in PARAMETERS}}
+
+
+def _own_dir(path: Path) -> None:
+    """The run directory: made 0700 if missing; refused unless it is a real
+    directory of this user's, in a parent no other user could swap it in
+    (this user's or root's, and sticky if others may write to it)."""
+    me = os.getuid()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    parent = path.parent.stat()
+    if parent.st_uid not in (0, me) or (parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX):
+        raise QmpmigError(f"{path.parent} may be changed by other users: choose another --run-dir")
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    info = path.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != me:
+        raise QmpmigError(f"{path} is not a directory of uid {me} (a symbolic link or another user's)")
+    os.chmod(path, 0o700)
+
+
+def _progress(mid: str, controller: Controller) -> dict:
+    """A migration under way, as ``status`` and the progress line show it."""
+    run = controller.run
+    return {"id": mid, "src": controller.src.qemu.name, "dst": controller.dst.qemu.name, "phase": run.phase,
+            "ram_remaining": run.ram_remaining, "pending": run.pending,
+            "device_bytes": sum(p.sent for p in controller.pairs)}
 
 
 def _trace_result(path: str | None, ok: bool, message: str) -> None:

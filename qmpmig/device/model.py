@@ -17,6 +17,7 @@ import errno
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
@@ -39,7 +40,12 @@ DEFECTS = {
     "accept-illegal-arc": "v2: accept STOP_COPY -> PRE_COPY (the kernel refuses it)",
     "data-size-changes": "v1: data_size changes on a re-read within one iteration",
     "dma-in-ndma": "DMA goes on in NDMA / P2P states",
+    "slow-start": "the first start after a resume takes 3 s, the device answering nothing meanwhile "
+                  "(opens a window between the load and the run for a fault to land in)",
 }
+
+#: Seconds the slow-start defect takes.
+SLOW_START = 3.0
 
 
 @dataclass
@@ -76,6 +82,7 @@ class ReferenceDevice:
         self.error: str | None = None
         self.saver: Saver | None = None
         self.loader: Loader | None = None
+        self.loaded = False
         self.regs = self._fresh_registers()
         self.client_losses = 0
         self.present_pages: set[int] = set()
@@ -111,6 +118,8 @@ class ReferenceDevice:
         if self.saver:
             self.saver.close()
         self.saver = self.loader = None
+        #: A resume loaded a state that has not run yet.
+        self.loaded = False
         self.bits, self.error = V1.RUNNING, None
         self.state = InternalState(self.config.state_size, seed=self.config.device_id)
         self.regs = self._fresh_registers()
@@ -200,12 +209,16 @@ class ReferenceDevice:
             for name in MIGRATED:
                 self.regs[name] = int(regs[name])
             self.state.set_rng_state(regs["rng"])
+            self.loaded = True
         except (StreamError, KeyError, TypeError, ValueError) as err:
             self.error = f"resume refused: {err}"
             log.error("%s", self.error)
 
     def _run(self) -> None:
         """RUNNING: the device may change its state and answers MMIO."""
+        if self.loaded and "slow-start" in self.config.defects:
+            time.sleep(SLOW_START)
+        self.loaded = False
 
     def _allow_dma(self) -> None:
         """!NDMA: DMA may start again (when RUNNING)."""

@@ -1,11 +1,16 @@
-"""``qmpmig migrate --launch``: the whole rig on this machine, migrated and
-then checked.
+"""``qmpmig migrate --launch``: the whole rig on this machine, migrated by
+a qmpmig daemon of its own, and then checked.
 
 Two QEMUs of the test guest, N pairs of reference devices doing DMA into
-the guest's reserved window, one controller migration, and the proofs: the
-guest's heartbeat goes on at the destination, every device's state hash at
-the destination equals its source's at the stop, every DMA record is in the
-destination's guest RAM, and the trace passes its checker.
+the guest's reserved window, and a ``qmpmig daemon`` (its run directory in
+the rig's) that owns every device connection, as the host's daemon would:
+both VMs are attached to it and the migration is a request to it.  The
+rig watches from outside, through each QEMU's second monitor and the
+daemon's ``status``, and proves the result: the guest's heartbeat goes on
+at the destination, every device's state hash at the destination equals
+its source's at the stop, every DMA record is in the destination's guest
+RAM (and the destination device, still owned by the daemon after the
+migration, goes on writing them), and the trace passes its checker.
 """
 
 from __future__ import annotations
@@ -13,14 +18,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from ..controller import Controller, Options, Pair, RemoteDevice, Side, Summary, Trace
+from ..controller import Options, Summary
+from ..daemon import client
+from ..daemon.control import ControlError
 from ..device import records
-from ..device.bar0 import read_register, start_ring
 from ..qemu.guestmem import GuestRam
 from ..tools import tracecheck
 from .pair import Rig
+from .processes import die_with_parent, stop_process
 
 
 @dataclass
@@ -61,78 +70,97 @@ class Report:
         return self.summary.ok and not self.violations and not any(self.checks.values())
 
 
-async def launch(opts: LaunchOptions, progress=None, during=None) -> Report:
-    """Start the rig, migrate it with the controller, check the result.
-    ``during(rig, controller)``, if given, runs alongside the migration
-    (tests use it to cancel, kill or misconfigure things)."""
+class Watch:
+    """The rig's daemon, seen from outside through its control socket."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    async def phase(self) -> str | None:
+        """The phase of the migration under way, None when there is none."""
+        migrations = (await client.call(self.run_dir, "migrations"))["migrations"]
+        return migrations[0]["phase"] if migrations else None
+
+    async def wait_phase(self, *phases: str, timeout: float = 60.0) -> str | None:
+        """Wait until the migration is in one of ``phases`` and return it;
+        None if the migration ended before it got there."""
+        started = False
+        async with asyncio.timeout(timeout):
+            while (phase := await self.phase()) not in phases:
+                if phase is None and started:
+                    return None
+                started = started or phase is not None
+                await asyncio.sleep(0.002)
+        return phase
+
+    async def devices(self, vm: str) -> dict[str, dict] | None:
+        """VM ``vm``'s devices as the daemon describes them (None: not attached)."""
+        for described in (await client.call(self.run_dir, "status"))["vms"]:
+            if described["name"] == vm:
+                return {device["name"]: device for device in described["devices"]}
+        return None
+
+
+async def launch(opts: LaunchOptions, progress: Callable[[dict], None] | None = None,
+                 during: Callable | None = None) -> Report:
+    """Start the rig and its daemon, ask the daemon for the migration, check
+    the result.  ``during(rig, watch)``, if given, runs alongside the
+    migration (tests use it to cancel, kill or misconfigure things at a
+    phase ``watch`` waits for)."""
     rig = Rig(memory_mib=opts.memory_mib, devices=opts.devices, device_options=opts.device_argv())
-    trace = Trace(opts.trace_path)
-    opened: list[RemoteDevice] = []
+    run_dir = rig.workdir / "daemon"
+    trace_path = Path(opts.trace_path or rig.workdir / "trace.jsonl").absolute()
+    watch = Watch(run_dir)
+    daemon = side_task = None
     rams: list[GuestRam] = []
-    sides: list[Side] = []
-    side_task = None
     try:
         await rig.start()
+        daemon = await client.start_daemon(run_dir, preexec_fn=die_with_parent)
         rams = [GuestRam(rig.src.ram_path), GuestRam(rig.dst.ram_path)]
         base, size = rig.src.dma_window
         rams[0].mem[base:base + size] = bytes(size)  # the boot left the compressed kernel there
-        for qemu, ram, procs in ((rig.src_qmp, rams[0], [p[0] for p in rig.devices]),
-                                 (rig.dst_qmp, rams[1], [p[1] for p in rig.devices])):
-            devices = []
-            for i, proc in enumerate(procs):
-                opened.append(await RemoteDevice.open(str(proc.socket), opts.protocol))
-                devices.append((f"dev{i}", opened[-1]))
-            sides.append(Side(qemu, ram, opts.controller.timeout, trace))
-            await sides[-1].attach(devices)
-        controller = Controller(*sides, rig.uri, trace, opts.controller)
-        controller.progress = progress
-
-        async def restart_destination():
-            qemu = await rig.restart_destination()
-            ram = GuestRam(rig.dst.ram_path)
-            rams.append(ram)
-            return qemu, ram
-
-        controller.restart_destination = restart_destination
-        pairs = controller.pairs
-        for i, pair in enumerate(pairs):
-            await start_ring(pair.src.device.client, *rig.ring(i))
+        for vm, index, ring in ((rig.src, 0, [base, size]), (rig.dst, 1, None)):
+            await client.call(run_dir, "attach", name=vm.name, qmp=str(vm.qmp_path), ram=str(vm.ram_path),
+                              devices=[str(pair[index].socket) for pair in rig.devices], protocol=opts.protocol,
+                              start_ring=ring)
         if during:
-            side_task = asyncio.create_task(during(rig, controller))
+            side_task = asyncio.create_task(during(rig, watch))
         await asyncio.sleep(opts.settle)
         last_src_beat = rig.src.last_heartbeat()
         settings = await _settings(rig.src_qmp)
-        summary = await controller.migrate()
+        request = client.call(run_dir, "migrate", src="src", dst="dst", uri=rig.uri, trace=str(trace_path),
+                              options=opts.controller.as_request())
+        result = await client.reporting(run_dir, request, progress, "src")
         if side_task:
             await side_task
-        report = Report(summary)
-        if summary.guest_on == "destination" and controller.dst.vm.runstate != "running":
-            await _verify_paused(report, rig, pairs)
+        report = Report(Summary.from_dict(result))
+        report.records = tracecheck.load(trace_path)
+        hashes = {name: (pair["src_hash"], pair["dst_hash"]) for name, pair in result["devices"].items()}
+        summary = report.summary
+        if summary.guest_on == "destination" and await _dst_paused(rig):
+            await _verify_paused(report, rig, watch, hashes)
         elif summary.guest_on == "destination":
-            await _verify(report, rig, pairs, controller.dst.ram, last_src_beat)
+            await _verify(report, rig, watch, hashes, rams[1], last_src_beat)
             await _verify_source_stopped(report, rig)
         else:
-            await _verify_source_survived(report, rig, pairs, controller.src.ram)
-            if any(r["kind"] == "qmp_command" and r["command"] == "migrate-incoming" for r in trace.records):
+            await _verify_source_survived(report, rig, watch, rams[0])
+            if any(r["kind"] == "qmp_command" and r["command"] == "migrate-incoming" for r in report.records):
                 await _verify_destination_ended(report, rig)
-        if not controller.src.gone:
+        if rig.src.proc.poll() is None:
             now = await _settings(rig.src_qmp)
             report.checks["source QEMU settings"] = None if now == settings else f"{settings} before, {now} after"
-        report.records = trace.records
-        report.violations = tracecheck.check(trace.records)
+        report.violations = tracecheck.check(report.records)
         return report
     finally:
         if side_task and not side_task.done():
             side_task.cancel()
-        for side in sides:
-            await side.unfollow()
-        for dev in opened:
-            with contextlib.suppress(Exception):
-                await dev.close()
+        if daemon:
+            with contextlib.suppress(ControlError, OSError):
+                await client.call(run_dir, "shutdown")
+            await asyncio.to_thread(stop_process, daemon, 10.0)
         for ram in rams:
             with contextlib.suppress(ValueError, OSError):
                 ram.close()
-        trace.close()
         await rig.close()
 
 
@@ -142,6 +170,10 @@ async def _settings(qemu) -> dict:
     params = await qemu.execute("query-migrate-parameters")
     return {"events": caps.get("events"), "pause-before-switchover": caps.get("pause-before-switchover"),
             "max-bandwidth": params.get("max-bandwidth"), "downtime-limit": params.get("downtime-limit")}
+
+
+async def _dst_paused(rig: Rig) -> bool:
+    return not (await rig.dst_qmp.query_status()).running
 
 
 async def _verify_source_stopped(report: Report, rig: Rig) -> None:
@@ -160,48 +192,52 @@ async def _verify_destination_ended(report: Report, rig: Rig) -> None:
         report.checks["destination QEMU ended"] = "the destination QEMU still runs after a failed migration"
 
 
-async def _verify(report: Report, rig: Rig, pairs: list[Pair], dst_ram: GuestRam, last_src_beat: int) -> None:
+async def _verify(report: Report, rig: Rig, watch: Watch, hashes: dict, dst_ram: GuestRam,
+                  last_src_beat: int) -> None:
+    """The guest goes on at the destination; each destination device,
+    still owned by the daemon, has its source's state and goes on writing
+    DMA records into the destination's RAM."""
     try:
         beat = await asyncio.to_thread(rig.dst.wait_heartbeat, last_src_beat, 30)
         report.heartbeat = (last_src_beat, beat)
         report.checks["heartbeat"] = None
     except Exception as err:
         report.checks["heartbeat"] = f"the guest did not go on at the destination: {err}"
-    for i, pair in enumerate(pairs):
-        if pair.src_hash is None or pair.src_hash != pair.dst_hash:
-            report.checks[f"{pair.name} state"] = (f"destination state hash {pair.dst_hash and pair.dst_hash.hex()[:16]}"
-                                                   f" != source {pair.src_hash and pair.src_hash.hex()[:16]}")
-        else:
-            report.checks[f"{pair.name} state"] = None
-        iova, size = rig.ring(i)
-        try:
-            seq = await read_register(pair.dst.device.client, "dma_seq")
-        except OSError as err:
-            report.checks[f"{pair.name} DMA records"] = f"the destination device is unreachable: {err}"
+    first = await watch.devices("dst") or {}
+    await asyncio.sleep(0.3)
+    second = await watch.devices("dst") or {}
+    for i, (name, (src_hash, dst_hash)) in enumerate(sorted(hashes.items())):
+        report.checks[f"{name} state"] = (None if src_hash and src_hash == dst_hash else
+                                          f"destination state hash {dst_hash and dst_hash[:16]}"
+                                          f" != source {src_hash and src_hash[:16]}")
+        seq, later = first.get(name, {}).get("dma_seq"), second.get(name, {}).get("dma_seq")
+        if seq is None or later is None:
+            report.checks[f"{name} DMA records"] = "the daemon cannot reach the destination device"
             continue
-        errors = records.verify(dst_ram.read(iova, size), i + 1, seq)
-        report.checks[f"{pair.name} DMA records"] = (
-            f"{len(errors)} of {min(seq, size // records.SIZE)} records wrong in destination RAM, "
-            f"first: {errors[0]}" if errors else None)
-        if not seq:
-            report.checks[f"{pair.name} DMA records"] = "the device wrote no record"
+        iova, size = rig.ring(i)
+        errors = records.verify(dst_ram.read(iova, size), i + 1, later)
+        report.checks[f"{name} DMA records"] = (
+            f"{len(errors)} of {min(later, size // records.SIZE)} records wrong in destination RAM, "
+            f"first: {errors[0]}" if errors else
+            None if 0 < seq < later else f"the destination device's DMA does not go on (dma_seq {seq} -> {later})")
 
 
-async def _verify_paused(report: Report, rig: Rig, pairs: list[Pair]) -> None:
+async def _verify_paused(report: Report, rig: Rig, watch: Watch, hashes: dict) -> None:
     """A guest paused before the migration stays paused at the destination,
     its devices in STOP with the source's state."""
     beat = rig.dst.last_heartbeat()
     await asyncio.sleep(1.0)
     report.checks["destination paused"] = (None if rig.dst.last_heartbeat() == beat
                                            else "the destination guest runs, the source's was paused")
-    for pair in pairs:
-        state = await pair.dst.device.state()
-        same = pair.src_hash is not None and pair.src_hash == pair.dst_hash
-        report.checks[f"{pair.name} state"] = (None if same and state.name == "STOP"
-                                               else f"destination {state.name}, hashes {'equal' if same else 'differ'}")
+    devices = await watch.devices("dst") or {}
+    for name, (src_hash, dst_hash) in sorted(hashes.items()):
+        state = devices.get(name, {}).get("state")
+        same = src_hash is not None and src_hash == dst_hash
+        report.checks[f"{name} state"] = (None if same and state == "STOP"
+                                          else f"destination {state}, hashes {'equal' if same else 'differ'}")
 
 
-async def _verify_source_survived(report: Report, rig: Rig, pairs: list[Pair], src_ram: GuestRam) -> None:
+async def _verify_source_survived(report: Report, rig: Rig, watch: Watch, src_ram: GuestRam) -> None:
     """After a failed migration: the source guest runs on, and each source
     device runs with the state it had (not reset: its DMA goes on from where
     it was, and every record it wrote is in the source's RAM)."""
@@ -211,17 +247,17 @@ async def _verify_source_survived(report: Report, rig: Rig, pairs: list[Pair], s
         report.checks["source heartbeat"] = None
     except Exception as err:
         report.checks["source heartbeat"] = f"the source guest stopped: {err}"
-    for i, pair in enumerate(pairs):
-        key = f"source {pair.name}"
-        try:
-            src = pair.src.device
-            state = await src.state()
-            first = await read_register(src.client, "dma_seq")
-            await asyncio.sleep(0.3)
-            second = await read_register(src.client, "dma_seq")
-            iova, size = rig.ring(i)
-            errors = records.verify(src_ram.read(iova, size), i + 1, first)
-            report.checks[key] = (None if state.name == "RUNNING" and 0 < first < second and not errors
-                                  else f"state {state.name}, dma_seq {first} -> {second}, {len(errors)} bad records")
-        except Exception as err:
-            report.checks[key] = f"unreachable: {err}"
+    first = await watch.devices("src") or {}
+    await asyncio.sleep(0.3)
+    second = await watch.devices("src") or {}
+    for i, name in enumerate(f"dev{i}" for i in range(len(rig.devices))):
+        key = f"source {name}"
+        seq, later = first.get(name, {}).get("dma_seq"), second.get(name, {}).get("dma_seq")
+        if seq is None or later is None:
+            report.checks[key] = "the daemon cannot reach it"
+            continue
+        state = second[name]["state"]
+        iova, size = rig.ring(i)
+        errors = records.verify(src_ram.read(iova, size), i + 1, seq)
+        report.checks[key] = (None if state == "RUNNING" and 0 < seq < later and not errors
+                              else f"state {state}, dma_seq {seq} -> {later}, {len(errors)} bad records")

@@ -133,7 +133,7 @@ class Rig(QemuPair):
         self.workdir = Path(tempfile.mkdtemp(prefix=f"qmpmig-rig-{os.getpid()}-"))
         self.src = Vm("src", "source", memory_mib=memory_mib, accel=accel, workdir=self.workdir)
         self.dst = Vm("dst", "destination", memory_mib=memory_mib, accel=accel, workdir=self.workdir)
-        super().__init__(str(self.src.qmp_path), str(self.dst.qmp_path),
+        super().__init__(str(self.src.observer_qmp_path), str(self.dst.observer_qmp_path),
                          f"unix:{self.workdir / 'migration.sock'}")
         self.devices = [
             tuple(DeviceProcess(self.workdir / f"{side}-dev{i}.sock", *device_options,
@@ -157,19 +157,6 @@ class Rig(QemuPair):
         await self.attach()
         await asyncio.to_thread(self.src.wait_heartbeat, 0, boot_timeout)
         return self
-
-    async def restart_destination(self) -> Qemu:
-        """A fresh destination QEMU in place of the old one (which exits
-        when its incoming migration fails); returns its QMP session."""
-        await self.dst_qmp.disconnect()
-        self.dst.close()
-        self.dst = Vm("dst", "destination", memory_mib=self.src.memory_mib, accel=self.src.accel,
-                      workdir=self.workdir)
-        self.dst.start()
-        self.dst_qmp = Qemu("dst")
-        await self.dst_qmp.connect(str(self.dst.qmp_path))
-        await self.dst_qmp.set_capabilities(events=True)
-        return self.dst_qmp
 
     async def close(self) -> None:
         await self.detach()

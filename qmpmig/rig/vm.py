@@ -114,7 +114,10 @@ class Vm:
         self.extra_args = extra_args
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"qmpmig-vm-{os.getpid()}-{name}-"))
+        #: The monitor a manager (qmpmig's daemon, libvirt) drives the VM by.
         self.qmp_path = self.workdir / f"{name}.qmp"
+        #: A second monitor, for the rig's own observation and faults.
+        self.observer_qmp_path = self.workdir / f"{name}-observer.qmp"
         self.serial_path = self.workdir / f"{name}.serial"
         self.log_path = self.workdir / f"{name}.log"
         self.ram_path = Path("/dev/shm") / f"qmpmig-{os.getpid()}-{self.workdir.name}-{name}.ram"
@@ -147,6 +150,8 @@ class Vm:
             "-serial", "chardev:serial0",
             "-chardev", f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
             "-mon", "chardev=qmp0,mode=control",
+            "-chardev", f"socket,id=qmp1,path={self.observer_qmp_path},server=on,wait=off",
+            "-mon", "chardev=qmp1,mode=control",
         ]
         if self.role == "destination":
             argv += ["-incoming", "defer", "-S"]
@@ -160,7 +165,7 @@ class Vm:
             self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         deadline = time.monotonic() + 10
-        while not self.qmp_path.exists():
+        while not (self.qmp_path.exists() and self.observer_qmp_path.exists()):
             self.check_alive()
             if time.monotonic() > deadline:
                 raise VmError(f"{self.name}: no QMP socket after 10 s")
@@ -211,6 +216,7 @@ class Vm:
         stop_process(self.proc, timeout)
         self.ram_path.unlink(missing_ok=True)
         self.qmp_path.unlink(missing_ok=True)
+        self.observer_qmp_path.unlink(missing_ok=True)
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

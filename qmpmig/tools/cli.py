@@ -43,14 +43,15 @@ class Progress:
         self.live = stream.isatty()
         self._t0 = time.monotonic()
 
-    def __call__(self, controller, ram_remaining, pending) -> None:
+    def __call__(self, migration: dict) -> None:
+        """One line from a migration as the daemon's ``status`` lists it."""
         if not self.live:
             return
-        sent = sum(p.sent for p in controller.pairs)
+        sent, ram = migration["device_bytes"], migration["ram_remaining"]
         elapsed = max(time.monotonic() - self._t0, 1e-6)
-        ram = "?" if ram_remaining is None else f"{ram_remaining >> 20} MiB"
-        self.stream.write(f"\r{controller.phase:10} RAM left {ram:>8}  devices sent {sent >> 20} MiB, "
-                          f"pending {sum(pending) >> 10} KiB  {sent / elapsed / 2**20:6.1f} MiB/s ")
+        ram = "?" if ram is None else f"{ram >> 20} MiB"
+        self.stream.write(f"\r{migration['phase']:10} RAM left {ram:>8}  devices sent {sent >> 20} MiB, "
+                          f"pending {sum(migration['pending']) >> 10} KiB  {sent / elapsed / 2**20:6.1f} MiB/s ")
         self.stream.flush()
 
     def done(self) -> None:
@@ -91,14 +92,14 @@ async def _migrate(args) -> int:
                              memory_mib=args.memory, dma_rate=args.dma_rate, fault_stride=args.fault_stride,
                              mig_flags=args.mig_flags, trace_path=args.trace,
                              controller=_controller_options(args))
-        report = await launch(opts, progress)
-        progress.done()
+        report = await launch(opts, progress if progress.live else None)
         result = _summary_dict(report.summary, report)
         ok = report.ok
     elif args.src:
-        result, ok = await _ask_migrate(args, args.src, args.dst)
+        result, ok = await _ask_migrate(args, args.src, args.dst, progress)
     else:
-        result, ok = await _attach_and_migrate(args)
+        result, ok = await _attach_and_migrate(args, progress)
+    progress.done()
     if args.json:
         json.dump(result, sys.stdout, indent=1)
         print()
@@ -107,7 +108,7 @@ async def _migrate(args) -> int:
     return 0 if ok else 1
 
 
-async def _attach_and_migrate(args) -> tuple[dict, bool]:
+async def _attach_and_migrate(args, progress: Progress) -> tuple[dict, bool]:
     """Attach mode: hand both VMs and their devices to the host's daemon
     (started if none runs; a VM attached already is taken as it is, by its
     QMP socket), then ask it for the migration."""
@@ -119,15 +120,16 @@ async def _attach_and_migrate(args) -> tuple[dict, bool]:
             await client.call(args.run_dir, "attach", name=name, qmp=name, ram=os.path.abspath(ram),
                               devices=[os.path.abspath(spec.split(",")[which]) for spec in args.device],
                               protocol=args.protocol)
-    return await _ask_migrate(args, os.path.abspath(args.src_qmp), os.path.abspath(args.dst_qmp))
+    return await _ask_migrate(args, os.path.abspath(args.src_qmp), os.path.abspath(args.dst_qmp), progress)
 
 
-async def _ask_migrate(args, src: str, dst: str) -> tuple[dict, bool]:
+async def _ask_migrate(args, src: str, dst: str, progress: Progress) -> tuple[dict, bool]:
     """The daemon's migration of attached VM ``src`` to ``dst``: its result,
     and whether it succeeded with a clean trace."""
-    result = await client.call(args.run_dir, "migrate", src=src, dst=dst, uri=args.uri,
-                               trace=args.trace and os.path.abspath(args.trace),
-                               options=_controller_options(args).as_request())
+    request = client.call(args.run_dir, "migrate", src=src, dst=dst, uri=args.uri,
+                          trace=args.trace and os.path.abspath(args.trace),
+                          options=_controller_options(args).as_request())
+    result = await client.reporting(args.run_dir, request, progress if progress.live else None, src)
     return result, result["ok"] and not result["trace_violations"]
 
 
