@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up qmpmig on a fresh Debian 12 machine (root, package registries only):
 # Debian's QEMU, a Python virtual environment with qmpmig and its test
-# dependencies in .venv/, and the test guest image in vm-images/build/.
+# dependencies in .venv/, the test guest image in vm-images/build/, and
+# libvfio-user's sample server in build/libvfio-user/ (a real peer for tests).
 # Idempotent: what is already there is kept.
 set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -10,6 +11,9 @@ cd "$top"
 apt_packages=()
 command -v qemu-system-x86_64 >/dev/null || apt_packages+=(qemu-system-x86)
 python3 -c 'import ensurepip, venv' 2>/dev/null || apt_packages+=(python3-venv)
+for pkg in meson ninja-build libjson-c-dev libcmocka-dev pkg-config gcc; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || apt_packages+=("$pkg")
+done
 if ((${#apt_packages[@]})); then
     echo "setup: installing ${apt_packages[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -23,4 +27,5 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 
 vm-images/build.sh
+scripts/build-libvfio-user.sh
 echo "setup: ready ($(qemu-system-x86_64 --version | head -1))"
