@@ -338,9 +338,7 @@ MALFORMED = [
     ("command with Error", SERVER, frame(C.DEVICE_RESET, flags=0x20), (), "Error flag"),
     ("command with error_no", SERVER, frame(C.DEVICE_RESET, error_no=5), (), "error_no"),
     ("reply with No_reply", CLIENT, frame(C.DEVICE_RESET, flags=0x11), (), "No_reply"),
-    ("error reply with payload", CLIENT, frame(C.DEVICE_RESET, bytes(4), flags=0x21, error_no=5), (),
-     "header only"),
-    ("error reply with fds", CLIENT, frame(C.DEVICE_RESET, flags=0x21, error_no=5), (4,), "header only"),
+    ("error reply with fds", CLIENT, frame(C.DEVICE_RESET, flags=0x21, error_no=5), (4,), "carries no fds"),
     ("error_no without Error", CLIENT, frame(C.DEVICE_RESET, flags=1, error_no=5), (), "without the Error"),
     ("DMA_MAP flags", SERVER, frame(C.DMA_MAP, struct.pack("<IIQQQ", 32, 4, 0, 0, 0)), (), "reserved flag bits 0x4"),
     ("DMA_UNMAP flags", SERVER, frame(C.DMA_UNMAP, struct.pack("<IIQQ", 24, 1, 0, 0)), (), "reserved flag bits 0x1"),
@@ -477,6 +475,25 @@ def test_largest_message_fits():
 
 def test_error_reply_may_carry_errno_zero():
     assert decode(CLIENT, frame(C.DEVICE_RESET, flags=0x21)) == rep(9, C.DEVICE_RESET, None)
+
+
+# -- What is tolerated from real implementations (PROTOCOL.md) -------------------
+
+def test_tolerated_an_error_reply_with_a_payload_is_an_error_reply():
+    # libvfio-user answers a failed REGION_READ with the request's payload.
+    got = decode(CLIENT, frame(C.REGION_READ, struct.pack("<QII", 0, 0, 4), flags=0x21, error_no=22))
+    assert got == rep(9, C.REGION_READ, None, error_no=22)
+
+
+def test_tolerated_a_mig_data_read_reply_longer_than_its_size_field():
+    # libvfio-user sends the whole requested buffer with size = bytes valid.
+    got = decode(CLIENT, frame(C.MIG_DATA_READ, struct.pack("<II", 16, 4) + b"abcdEXTRA", flags=1))
+    assert got.payload == MigDataRead(16, 4, b"abcd")
+
+
+def test_sent_messages_stay_strict():
+    with pytest.raises(LocalProtocolError, match="for size 4"):
+        Connection(SERVER).send(rep(1, C.MIG_DATA_READ, MigDataRead(16, 4, b"abcdEXTRA")))
 
 
 # -- What send() refuses ------------------------------------------------------

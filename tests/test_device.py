@@ -61,6 +61,11 @@ async def test_every_message_type_v2(spawn_device):
         assert not await c.probe(uapi.Feature.MIGRATION, uapi.FeatureFlags.SET)
         assert await c.migration_flags() == 7
         assert await c.device_state() == S.RUNNING
+        # A GET that carries its 8-byte buffer (zeros: state 0 would be
+        # ERROR as a SET) is a GET all the same.
+        buffer = codec.MigDeviceStateData(0).pack()
+        got = await c.feature(uapi.Feature.MIG_DEVICE_STATE, uapi.FeatureFlags.GET, buffer)
+        assert codec.MigDeviceStateData.unpack(got).device_state == S.RUNNING == await c.device_state()
         assert await c.mig_data_size() > MiB
         with pytest.raises(OSError):
             await c.precopy_info()

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from qmpmig.controller import Options
+from qmpmig.migration.states import MigFlags
 from qmpmig.rig.launch import LaunchOptions, launch
 
 pytestmark = pytest.mark.qemu
@@ -268,3 +269,18 @@ async def test_a_device_hung_in_any_phase(guest_image, side, phase):
             assert "with the guest paused" in summary.message, summary.message
         else:
             assert "within 4.0 s" in summary.message, summary.message
+
+
+async def test_a_connection_cut_mid_reply_fails_the_migration_at_once(guest_image):
+    """The source device closes its connection halfway through a 1 MiB
+    MIG_DATA_READ reply (debug defect): the pending request fails at once
+    with the reason, not at the device timeout (30 s); the source runs on
+    and the destination QEMU is ended."""
+    report = await launch(options(devices=1, state_size="16M", device_defects=("cut-data-reply",),
+                                  controller={"device_flags": int(MigFlags.STOP_COPY | MigFlags.P2P)}))
+    summary = report.summary
+    assert not summary.ok and "src device dev0" in summary.message, summary.message
+    assert "connection closed" in summary.message, summary.message
+    assert summary.phases["stop-copy"] < 1.5, summary.phases
+    assert report.checks["source heartbeat"] is None, report.checks
+    assert report.checks["destination QEMU ended"] is None, report.checks

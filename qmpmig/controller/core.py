@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from ..errors import MigrationFailed, QmpmigError, reason
 from ..migration import lifecycle
-from ..migration.states import MigState
+from ..migration.states import MigFlags, MigState
 from . import flows
 from .pump import Pair, Pump
 from .recovery import go_forward, recover
@@ -38,7 +38,20 @@ DEBUG = {
     "stop-before-ndma": "stop the source vCPUs before the grace state",
     "early-barrier": "let one destination device run before the others reached RUNNING_P2P",
     "no-hold": "leave QEMU's downtime-limit alone during pre-copy, so QEMU may switch over by itself",
+    "scribble-after-load": "overwrite the start of each compared region of the destination devices after "
+                           "their load, so their state differs from the source's",
 }
+
+
+#: Extension, the devices that would use it, what goes unverified without it.
+UNVERIFIED = (
+    ("QMPMIG_STATE_HASH", lambda device: True,
+     "the destination's device state was not compared with the source's"),
+    ("QMPMIG_PRECOPY_INFO", lambda device: device.protocol == "v2" and device.flags & MigFlags.PRE_COPY,
+     "pre-copy convergence was judged by the stream running dry"),
+    ("MIG_DATA_SIZE", lambda device: device.protocol == "v2",
+     "the stop-copy size was not known before reading it"),
+)
 
 
 @dataclass
@@ -59,12 +72,19 @@ class Options:
     #: once the vCPUs are stopped, each device request must end within this
     #: (less a margin for the recovery), or the source runs again.
     max_pause: float = 5.0
+    #: The optional parts of the v2 protocol (MigFlags P2P, PRE_COPY) used
+    #: with the devices, as far as they offer them.
+    device_flags: int = int(MigFlags.STOP_COPY | MigFlags.P2P | MigFlags.PRE_COPY)
+    #: Regions whose contents are compared, source at the stop against
+    #: destination after the load, for devices without QMPMIG_STATE_HASH.
+    compare_regions: tuple[int, ...] = ()
     debug: frozenset[str] = frozenset()
 
     def as_request(self) -> dict:
         """The options as a daemon request carries them (JSON)."""
         fields = dict(self.__dict__)
         fields["debug"] = sorted(self.debug)
+        fields["compare_regions"] = list(self.compare_regions)
         return fields
 
 
@@ -83,6 +103,8 @@ class Summary:
     phases: dict[str, float] = field(default_factory=dict)
     #: Where the guest runs (or would, once started): ``source`` or ``destination``.
     guest_on: str = "source"
+    #: What could not be verified, for want of an extension (one line each).
+    unverified: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         """The summary as ``qmpmig migrate --json`` prints it (seconds, rounded)."""
@@ -90,13 +112,15 @@ class Summary:
                 "downtime_s": self.downtime and round(self.downtime, 3),
                 "qemu_downtime_ms": self.qemu_downtime_ms, "device_bytes": self.device_bytes,
                 "dma_pages_copied": self.dma_pages_copied,
-                "phases_s": {k: round(v, 3) for k, v in self.phases.items()}, "guest_on": self.guest_on}
+                "phases_s": {k: round(v, 3) for k, v in self.phases.items()}, "guest_on": self.guest_on,
+                "unverified": self.unverified}
 
     @classmethod
     def from_dict(cls, d: dict) -> Summary:
         """The summary back from :meth:`as_dict` (a daemon's reply)."""
         return cls(d["ok"], d["message"], d["total_time_s"], d["downtime_s"], d["qemu_downtime_ms"],
-                   d["device_bytes"], d["dma_pages_copied"], dict(d["phases_s"]), d["guest_on"])
+                   d["device_bytes"], d["dma_pages_copied"], dict(d["phases_s"]), d["guest_on"],
+                   list(d.get("unverified", ())))
 
 
 @dataclass
@@ -146,9 +170,11 @@ class Controller:
                                   f"the destination {sorted(theirs)}")
         src.take_part("src", trace)
         dst.take_part("dst", trace)
+        for end in (*src.devices, *dst.devices):
+            end.device.use_only(self.options.device_flags)
         self.pairs = [Pair(end.name, end, theirs[end.name]) for end in src.devices]
         self.walker = Walker(self.options.device_timeout)
-        self.pump = Pump(self.walker)
+        self.pump = Pump(self.walker, tuple(self.options.compare_regions))
         #: note(op, **fields): each step, before it is taken, for a journal.
         self.note: Callable[..., None] = lambda op, **fields: None
         #: The migration under way, or the last one.
@@ -209,9 +235,22 @@ class Controller:
         self.enter("done")
         summary = Summary(True, "migration completed", time.monotonic() - t0, self.run.downtime, qemu_downtime,
                           sum(p.sent for p in self.pairs), self.run.copied, dict(self.run.phases),
-                          guest_on="destination")
+                          guest_on="destination", unverified=self.unverified())
         self.trace.emit("result", ok=True, message=summary.message)
         return summary
+
+    def unverified(self) -> list[str]:
+        """What this migration could not verify, device by device, for want
+        of an extension the device does not offer."""
+        notes = []
+        for pair in self.pairs:
+            device = pair.src.device
+            missing = [f"{meaning} (no {extension})" for extension, uses, meaning in UNVERIFIED
+                       if uses(device) and extension not in device.extensions
+                       and not (extension == "QMPMIG_STATE_HASH" and pair.compared)]
+            if missing:
+                notes.append(f"{pair.name}: " + "; ".join(missing))
+        return notes
 
     def progress(self, ram_remaining: int | None, pending: list[int]) -> None:
         """A pre-copy round's figures, for whoever watches the migration."""

@@ -32,10 +32,19 @@ class RemoteDevice:
     """One device behind a vfio-user client."""
 
     protocol: ClassVar[str]
+    #: Optional DEVICE_FEATUREs used where offered (GET): the uAPI's and
+    #: qmpmig's vendor extensions (qmpmig/device/PROTOCOL.md).
+    OPTIONAL: ClassVar[tuple[Feature, ...]] = (Feature.QMPMIG_STATE_HASH,)
 
     def __init__(self, client: Client, flags: int):
         self.client = client
-        self.flags = flags
+        #: The migration flags the device offers, and those qmpmig uses.
+        self.offered = self.flags = flags
+        #: The optional extensions (uapi.Feature names) it answers PROBE for.
+        self.extensions: frozenset[str] = frozenset()
+        #: Region index -> size, as DEVICE_GET_REGION_INFO gave them at the
+        #: open (libvfio-user answers no REGION_INFO in a stopped state).
+        self.region_sizes: dict[int, int] = {}
         self.chunk_size = min(client.max_transfer, 1 << 20)
 
     @staticmethod
@@ -46,6 +55,8 @@ class RemoteDevice:
         try:
             for cls in (V2Device, V1Device):
                 if protocol in (None, cls.protocol) and (device := await cls.probe(client)):
+                    device.extensions = frozenset([f.name for f in cls.OPTIONAL if await client.probe(f)])
+                    device.region_sizes = await _region_sizes(client)
                     return device
             raise DeviceError(errno.ENOTTY, f"{path}: the device offers no {protocol or 'v1 or v2'} migration")
         except BaseException:
@@ -57,13 +68,21 @@ class RemoteDevice:
         """This protocol's device on ``client``, if the device speaks it."""
         raise NotImplementedError
 
+    def use_only(self, flags: int) -> None:
+        """Use only these optional parts of the protocol (STOP_COPY is not
+        optional), as far as the device offers them."""
+        self.flags = self.offered & (flags | MigFlags.STOP_COPY)
+
     async def close(self) -> None:
         await self.client.close()
 
     async def reset(self) -> None:
         await self.client.reset()
 
-    async def state_hash(self) -> bytes:
+    async def state_hash(self) -> bytes | None:
+        """QMPMIG_STATE_HASH, None where the device does not offer it."""
+        if "QMPMIG_STATE_HASH" not in self.extensions:
+            return None
         return await self.client.state_hash()
 
     async def state(self) -> MigState:
@@ -88,10 +107,28 @@ class RemoteDevice:
         raise NotImplementedError
 
 
+async def _region_sizes(client: Client) -> dict[int, int]:
+    sizes = {}
+    for index in range((await client.device_info()).num_regions):
+        info, fd = await client.region_info(index)
+        if fd is not None:
+            os.close(fd)
+        sizes[index] = info.size
+    return sizes
+
+
 class V2Device(RemoteDevice):
     """DEVICE_FEATURE MIG_DEVICE_STATE and MIG_DATA_READ/WRITE (vfio-user's v2)."""
 
     protocol = "v2"
+
+    OPTIONAL = (Feature.MIG_DATA_SIZE, Feature.QMPMIG_PRECOPY_INFO, Feature.QMPMIG_STATE_HASH)
+
+    def __init__(self, client: Client, flags: int):
+        super().__init__(client, flags)
+        #: The last pre-copy read found nothing to read (the stream's own
+        #: word on pending data where the device has no pre-copy info).
+        self.drained = False
 
     @classmethod
     async def probe(cls, client: Client) -> V2Device | None:
@@ -106,14 +143,26 @@ class V2Device(RemoteDevice):
         await self.client.set_device_state(state)
 
     async def pending(self) -> int:
+        """Pre-copy: QMPMIG_PRECOPY_INFO where offered, else what the last
+        read said (nothing to read now: 0; else a chunk at least).
+        STOP_COPY: MIG_DATA_SIZE where offered, else a chunk until the
+        stream ends."""
         state = await self.state()
         if state in (MigState.PRE_COPY, MigState.PRE_COPY_P2P):
+            if "QMPMIG_PRECOPY_INFO" not in self.extensions:
+                return 0 if self.drained else self.chunk_size
             info = await self.client.precopy_info()
             return info.initial_bytes + info.dirty_bytes
-        return await self.client.mig_data_size() if state is MigState.STOP_COPY else 0
+        if state is not MigState.STOP_COPY:
+            return 0
+        if "MIG_DATA_SIZE" not in self.extensions:
+            return 0 if self.drained else self.chunk_size
+        return await self.client.mig_data_size()
 
     async def read_data(self) -> bytes:
-        return await self.client.mig_data_read(self.chunk_size)
+        data = await self.client.mig_data_read(self.chunk_size)
+        self.drained = not data
+        return data
 
     async def write_data(self, data: bytes) -> None:
         for pos in range(0, len(data), self.chunk_size):
@@ -155,7 +204,7 @@ class V1Device(RemoteDevice):
             return None
         device = cls(client, MigFlags.STOP_COPY | MigFlags.PRE_COPY, region)
         if await device._takes_ndma():
-            device.flags |= MigFlags.P2P
+            device.offered = device.flags = device.flags | MigFlags.P2P
         return device
 
     @staticmethod

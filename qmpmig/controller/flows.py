@@ -25,6 +25,7 @@ time (:class:`~.walk.Walker`), and into the trace.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -122,7 +123,7 @@ async def save(c: Controller, running: bool) -> int | None:
         await precopy.drain_page_requests(c)
         await c.pump.move(pair)
         c.trace.emit("end_of_stream", side="src", device=pair.name, bytes=pair.sent)
-        pair.src_hash = await c.pump.state_hash(pair.src)
+        pair.src_hash = await c.pump.state_hash(pair, pair.src)
         await c.pump.dma_report(pair)
     await src.qmp("migrate-continue", {"state": "pre-switchover"})
 
@@ -147,8 +148,11 @@ async def resume(c: Controller, running: bool) -> None:
     await c.walker.walk_all(dst, lambda end: MigState.STOP)
     c.note("loaded")
     c.run.committed = True
+    if "scribble-after-load" in c.options.debug:
+        for end, index in itertools.product(dst.devices, c.options.compare_regions):
+            await c.walker.call(end, end.device.client.region_write(index, 0, b"\xa5" * 8), "a scribble")
     for pair in c.pairs:
-        pair.dst_hash = await c.pump.state_hash(pair.dst)
+        pair.dst_hash = (await c.pump.state_hash(pair, pair.dst) or await c.pump.region_hash(pair, pair.dst))
     if not running:
         return
     if "early-barrier" in c.options.debug and len(dst.devices) > 1:
@@ -168,6 +172,10 @@ async def finish_save(c: Controller) -> None:
     """Source, once the destination has the guest: devices STOP, logging
     off, QEMU's settings as they were."""
     await c.walker.walk_all(c.src, lambda end: MigState.STOP)
+    for pair in c.pairs:
+        if pair.src_hash is None:
+            with contextlib.suppress(OSError, MigrationFailed):
+                pair.src_hash = await c.pump.region_hash(pair, pair.src)
     for end in c.src.devices:
         with contextlib.suppress(OSError):
             await end.device.client.dma_logging_stop()

@@ -9,6 +9,7 @@ clear) and, once QEMU's RAM load is done, copies those pages itself.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 from ..migration import fsm
@@ -32,13 +33,18 @@ class Pair:
     #: destination once it left RESUMING (None where the device has none).
     src_hash: bytes | None = None
     dst_hash: bytes | None = None
+    #: What the hashes are of: "QMPMIG_STATE_HASH" or "regions I,J".
+    compared: str | None = None
 
 
 class Pump:
     """Moves stream data and reads DMA logs, every request bounded."""
 
-    def __init__(self, walker: Walker):
+    def __init__(self, walker: Walker, regions: tuple[int, ...] = ()):
         self.walker = walker
+        #: Regions whose contents stand for the state of a device without
+        #: QMPMIG_STATE_HASH.
+        self.regions = regions
 
     async def move(self, pair: Pair, limit: int | None = None) -> int:
         """Source data to the destination device until none is available
@@ -64,10 +70,29 @@ class Pump:
         pair.dirty |= pages
         src.side.trace.emit("dma_dirty", side=src.side.name, device=pair.name, pages=len(pages))
 
-    @staticmethod
-    async def state_hash(end: DeviceEnd) -> bytes | None:
-        """The device's QMPMIG_STATE_HASH, or None where it has none."""
+    async def state_hash(self, pair: Pair, end: DeviceEnd) -> bytes | None:
+        """The device's QMPMIG_STATE_HASH, None where it has none."""
         try:
-            return await end.device.state_hash()
+            digest = await self.walker.call(end, end.device.state_hash(), "QMPMIG_STATE_HASH")
         except OSError:
             return None
+        if digest:
+            pair.compared = "QMPMIG_STATE_HASH"
+        return digest
+
+    async def region_hash(self, pair: Pair, end: DeviceEnd) -> bytes | None:
+        """For a device without QMPMIG_STATE_HASH: a SHA-256 of the
+        contents of the regions the options name (what a driver reads
+        through its BARs), taken in STOP (libvfio-user refuses region
+        access in STOP_COPY); None where no region is named."""
+        if not self.regions:
+            return None
+        digest = hashlib.sha256()
+        for index in self.regions:
+            size = end.device.region_sizes.get(index, 0)
+            for offset in range(0, size, end.device.chunk_size):
+                count = min(end.device.chunk_size, size - offset)
+                digest.update(await self.walker.call(end, end.device.client.region_read(index, offset, count),
+                                                     f"a read of region {index}"))
+        pair.compared = "regions " + ",".join(map(str, self.regions))
+        return digest.digest()

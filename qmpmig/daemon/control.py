@@ -70,11 +70,23 @@ def _ring(value: object) -> bool:
                              and all(type(v) is int and v >= 0 for v in value))
 
 
+def _index(value: object) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _hex(value: object) -> bool:
+    try:
+        return isinstance(value, str) and 0 < len(bytes.fromhex(value)) <= 1 << 20
+    except ValueError:
+        return False
+
+
 def _options(value: object) -> bool:
     number = (int, float)
     kinds = {"threshold": int, "ram_threshold": int, "min_precopy": number, "max_precopy": number,
              "downtime_limit": int, "page_request_timeout": number, "device_timeout": number,
-             "timeout": number, "max_pause": number, "debug": list}
+             "timeout": number, "max_pause": number, "device_flags": int, "compare_regions": list,
+             "debug": list}
     return isinstance(value, dict) and all(
         key in kinds and isinstance(v, kinds[key]) and not isinstance(v, bool) for key, v in value.items())
 
@@ -90,6 +102,8 @@ ARGUMENTS = {
     "migrate": {"src": _name, "dst": _name, "uri": _uri, "trace": lambda v: v is None or _path(v),
                 "options": lambda v: v is None or _options(v)},
     "shutdown": {},
+    "region": {"vm": _name, "device": _name, "index": _index, "offset": _index,
+               "count": lambda v: _index(v) and 0 < v <= 1 << 20, "data": _hex},
 }
 
 
@@ -103,7 +117,7 @@ def check_args(op: str, args: dict) -> None:
         if not spec[key](value):
             raise ControlError(f"{key}: {value!r} is not acceptable")
     required = {"attach": ("name", "qmp", "ram", "devices"), "detach": ("name",),
-                "migrate": ("src", "dst", "uri")}.get(op, ())
+                "migrate": ("src", "dst", "uri"), "region": ("vm", "device", "index", "offset")}.get(op, ())
     if missing := [key for key in required if key not in args]:
         raise ControlError(f"missing {', '.join(missing)}")
 

@@ -78,7 +78,8 @@ class Owner:
         self.stopped = asyncio.Event()
         #: control op -> its handler.
         self.ops = {"attach": self.attach, "detach": self.detach, "status": self.status,
-                    "migrations": self.migrations_now, "migrate": self.migrate, "shutdown": self.shutdown}
+                    "migrations": self.migrations_now, "migrate": self.migrate, "shutdown": self.shutdown,
+                    "region": self.region}
         self.journal: journal.Journal | None = None
         self._attaching: set[str] = set()
         #: Set by shutdown: no new VM or migration is taken.
@@ -291,6 +292,25 @@ class Owner:
         await self.release(vm)
         return {"detached": name}
 
+    async def region(self, vm: str, device: str, index: int, offset: int, count: int | None = None,
+                     data: str | None = None) -> dict:
+        """REGION_READ ``count`` bytes, or REGION_WRITE ``data`` (hex), on a
+        device of an attached VM no migration uses: the daemon holds the
+        only connection, so this is how a driver's access gets there."""
+        attached = self._vm(vm)
+        if attached.busy:
+            raise QmpmigError(f"{vm} takes part in migration {attached.busy}")
+        ends = {end.name: end for end in attached.side.devices}
+        if device not in ends:
+            raise QmpmigError(f"{vm} has no device {device!r} (it has {', '.join(ends)})")
+        if (count is None) == (data is None):
+            raise QmpmigError("a region request reads count bytes or writes data, one of the two")
+        client = ends[device].device.client
+        if data is not None:
+            await asyncio.wait_for(client.region_write(index, offset, bytes.fromhex(data)), ASK_DEVICE_TIMEOUT)
+            return {"written": len(data) // 2}
+        return {"data": (await asyncio.wait_for(client.region_read(index, offset, count), ASK_DEVICE_TIMEOUT)).hex()}
+
     def _vm(self, name: str) -> AttachedVm:
         if name not in self.vms:
             raise QmpmigError(f"no VM {name!r} is attached")
@@ -314,14 +334,13 @@ class Owner:
         devices = []
         for end in vm.side.devices:
             device = {"name": end.name, "protocol": end.device.protocol, "flags": int(end.device.flags),
+                      "offered": int(end.device.offered), "extensions": sorted(end.device.extensions),
                       "state": end.state.name}
             if not vm.busy and not vm.side.gone:
-                with contextlib.suppress(OSError, QmpmigError):
-                    device["state_hash"] = (await end.device.state_hash()).hex()
-                if await is_reference(end.device.client):
-                    with contextlib.suppress(OSError, QmpmigError):
-                        for register in ("dma_seq", "client_losses"):
-                            device[register] = await read_register(end.device.client, register)
+                try:
+                    device.update(await asyncio.wait_for(_ask_device(end.device), ASK_DEVICE_TIMEOUT))
+                except (OSError, QmpmigError, TimeoutError) as err:
+                    device["unanswered"] = reason(err) or f"no answer within {ASK_DEVICE_TIMEOUT:g} s"
             devices.append(device)
         described = {"name": vm.name, "qmp": vm.qmp, "runstate": state and state.runstate,
                      "status": state and state.status, "gone": vm.side.gone, "busy": vm.busy, "devices": devices}
@@ -347,6 +366,7 @@ class Owner:
                 raise QmpmigError(f"{vm.name} takes part in migration {vm.busy}")
         opts = dict(options or {})
         opts["debug"] = frozenset(opts.get("debug", ()))
+        opts["compare_regions"] = tuple(opts.get("compare_regions", ()))
         controller = Controller(source.side, destination.side, uri, Trace(trace), Options(**opts))
         mid = f"m{os.getpid()}-{next(self._ids)}"
         self.journal.write("migrate", id=mid, src=source.qmp, dst=destination.qmp, src_vm=source.name,
@@ -387,7 +407,8 @@ class Owner:
         result["id"] = mid
         result["trace_violations"] = [str(v) for v in tracecheck.check(trace.records)]
         result["devices"] = {p.name: {"src_hash": p.src_hash and p.src_hash.hex(),
-                                      "dst_hash": p.dst_hash and p.dst_hash.hex()} for p in controller.pairs}
+                                      "dst_hash": p.dst_hash and p.dst_hash.hex(), "compared": p.compared}
+                             for p in controller.pairs}
         return result
 
     async def shutdown(self) -> dict:
@@ -404,6 +425,23 @@ async def _migration_settings(qemu: Qemu) -> dict:
     params = await qemu.execute("query-migrate-parameters")
     return {"capabilities": {name: caps.get(name) for name in CAPABILITIES["src"]},
             "parameters": {name: params.get(name) for name in PARAMETERS}}
+
+
+#: Seconds a device may take to answer ``status``.
+ASK_DEVICE_TIMEOUT = 2.0
+
+
+async def _ask_device(device: RemoteDevice) -> dict:
+    """What ``status`` shows of a device no migration uses: its state hash
+    where it offers one; the reference device's DMA record count and
+    client losses."""
+    answers = {}
+    if digest := await device.state_hash():
+        answers["state_hash"] = digest.hex()
+    if await is_reference(device.client):
+        for register in ("dma_seq", "client_losses"):
+            answers[register] = await read_register(device.client, register)
+    return answers
 
 
 def _own_dir(path: Path) -> None:

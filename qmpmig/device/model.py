@@ -40,6 +40,8 @@ DEFECTS = {
     "accept-illegal-arc": "v2: accept STOP_COPY -> PRE_COPY (the kernel refuses it)",
     "data-size-changes": "v1: data_size changes on a re-read within one iteration",
     "dma-in-ndma": "DMA goes on in NDMA / P2P states",
+    "cut-data-reply": "v2: the first stop-copy MIG_DATA_READ reply of 1 MiB is cut in the middle and the "
+                      "connection closed",
     "slow-start": "the first start after a resume takes 3 s, the device answering nothing meanwhile "
                   "(opens a window between the load and the run for a fault to land in)",
 }

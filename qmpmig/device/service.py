@@ -38,6 +38,8 @@ IRQS = {PciIrq.INTX: (IrqInfoFlags.EVENTFD | IrqInfoFlags.MASKABLE | IrqInfoFlag
         PciIrq.MSIX: (IrqInfoFlags.EVENTFD | IrqInfoFlags.NORESIZE, 0),
         PciIrq.ERR: (IrqInfoFlags.EVENTFD, 1),
         PciIrq.REQ: (IrqInfoFlags.EVENTFD, 1)}
+#: Features whose GET reads its buffer: the range of a DMA_LOGGING_REPORT.
+GET_TAKES_INPUT = {Feature.DMA_LOGGING_REPORT}
 V2_ONLY = {Feature.MIGRATION, Feature.MIG_DEVICE_STATE, Feature.MIG_DATA_SIZE, Feature.QMPMIG_PRECOPY_INFO}
 PRECOPY = {MigState.PRE_COPY, MigState.PRE_COPY_P2P}
 
@@ -232,7 +234,9 @@ class DeviceService:
             raise DeviceError(errno.EINVAL, f"{feature.name} has no such operation")
         if ops & FF.PROBE:
             return codec.DeviceFeature(req.argsz, req.flags)
-        data = handle(req.data)
+        # A GET's buffer is room for the answer (the kernel ioctl and other
+        # clients send it), except where the GET takes input.
+        data = handle(req.data if ops & FF.SET or feature in GET_TAKES_INPUT else b"")
         if ops & FF.SET:
             return codec.DeviceFeature(req.argsz, req.flags, req.data if data is None else data)
         reply = codec.DeviceFeature.sized(req.flags, data)
@@ -282,6 +286,9 @@ class DeviceService:
         if self.v1 or self.device.device_state not in SAVING_GROUP:
             raise DeviceError(errno.EINVAL, f"MIG_DATA_READ in {self.device.device_state.name}")
         data = self.device.saver.read(msg.payload.size)
+        if ("cut-data-reply" in self.device.config.defects and len(data) == 1 << 20
+                and self.device.device_state is MigState.STOP_COPY):
+            self.endpoint.cut_next_reply = len(data) // 2
         return codec.MigDataRead.sized(len(data), data)
 
     def mig_data_write(self, msg):

@@ -43,6 +43,12 @@ class LaunchOptions:
     mig_flags: str | None = None
     device_defects: tuple[str, ...] = ()
     trace_path: str | None = None
+    #: Device servers of the user's own, a pair each, instead of the
+    #: reference devices: command lines with {sock} for the socket.
+    device_commands: tuple[str, ...] = ()
+    #: (region, offset, bytes) written into each source device once it is
+    #: attached, as its driver would (e.g. a BAR pattern to compare).
+    device_writes: tuple[tuple[int, int, bytes], ...] = ()
     #: Seconds the guest and its devices run before the migration starts.
     settle: float = 1.0
     controller: Options = field(default_factory=Options)
@@ -107,7 +113,8 @@ async def launch(opts: LaunchOptions, progress: Callable[[dict], None] | None = 
     the result.  ``during(rig, watch)``, if given, runs alongside the
     migration (tests use it to cancel, kill or misconfigure things at a
     phase ``watch`` waits for)."""
-    rig = Rig(memory_mib=opts.memory_mib, devices=opts.devices, device_options=opts.device_argv())
+    rig = Rig(memory_mib=opts.memory_mib, devices=0 if opts.device_commands else opts.devices,
+              device_options=opts.device_argv(), device_commands=opts.device_commands)
     run_dir = rig.workdir / "daemon"
     trace_path = Path(opts.trace_path or rig.workdir / "trace.jsonl").absolute()
     watch = Watch(run_dir)
@@ -119,10 +126,15 @@ async def launch(opts: LaunchOptions, progress: Callable[[dict], None] | None = 
         rams = [GuestRam(rig.src.ram_path), GuestRam(rig.dst.ram_path)]
         base, size = rig.src.dma_window
         rams[0].mem[base:base + size] = bytes(size)  # the boot left the compressed kernel there
-        for vm, index, ring in ((rig.src, 0, [base, size]), (rig.dst, 1, None)):
+        ring = None if opts.device_commands else [base, size]
+        for vm, index, start_ring in ((rig.src, 0, ring), (rig.dst, 1, None)):
             await client.call(run_dir, "attach", name=vm.name, qmp=str(vm.qmp_path), ram=str(vm.ram_path),
                               devices=[str(pair[index].socket) for pair in rig.devices], protocol=opts.protocol,
-                              start_ring=ring)
+                              start_ring=start_ring)
+        for i in range(len(rig.devices)):
+            for region, offset, data in opts.device_writes:
+                await client.call(run_dir, "region", vm="src", device=f"dev{i}", index=region, offset=offset,
+                                  data=data.hex())
         if during:
             side_task = asyncio.create_task(during(rig, watch))
         await asyncio.sleep(opts.settle)
@@ -135,15 +147,17 @@ async def launch(opts: LaunchOptions, progress: Callable[[dict], None] | None = 
             await side_task
         report = Report(Summary.from_dict(result))
         report.records = tracecheck.load(trace_path)
-        hashes = {name: (pair["src_hash"], pair["dst_hash"]) for name, pair in result["devices"].items()}
+        hashes = {name: (pair["src_hash"], pair["dst_hash"], pair["compared"])
+                  for name, pair in result["devices"].items()}
+        reference = not opts.device_commands
         summary = report.summary
         if summary.guest_on == "destination" and await _dst_paused(rig):
             await _verify_paused(report, rig, watch, hashes)
         elif summary.guest_on == "destination":
-            await _verify(report, rig, watch, hashes, rams[1], last_src_beat)
+            await _verify(report, rig, watch, hashes, rams[1], last_src_beat, reference)
             await _verify_source_stopped(report, rig)
         else:
-            await _verify_source_survived(report, rig, watch, rams[0])
+            await _verify_source_survived(report, rig, watch, rams[0], reference)
             if any(r["kind"] == "qmp_command" and r["command"] == "migrate-incoming" for r in report.records):
                 await _verify_destination_ended(report, rig)
         if rig.src.proc.poll() is None:
@@ -193,10 +207,11 @@ async def _verify_destination_ended(report: Report, rig: Rig) -> None:
 
 
 async def _verify(report: Report, rig: Rig, watch: Watch, hashes: dict, dst_ram: GuestRam,
-                  last_src_beat: int) -> None:
+                  last_src_beat: int, reference: bool) -> None:
     """The guest goes on at the destination; each destination device,
-    still owned by the daemon, has its source's state and goes on writing
-    DMA records into the destination's RAM."""
+    still owned by the daemon, has its source's state (where it can be
+    compared), answers, and (the reference device) goes on writing DMA
+    records into the destination's RAM."""
     try:
         beat = await asyncio.to_thread(rig.dst.wait_heartbeat, last_src_beat, 30)
         report.heartbeat = (last_src_beat, beat)
@@ -206,11 +221,17 @@ async def _verify(report: Report, rig: Rig, watch: Watch, hashes: dict, dst_ram:
     first = await watch.devices("dst") or {}
     await asyncio.sleep(0.3)
     second = await watch.devices("dst") or {}
-    for i, (name, (src_hash, dst_hash)) in enumerate(sorted(hashes.items())):
-        report.checks[f"{name} state"] = (None if src_hash and src_hash == dst_hash else
-                                          f"destination state hash {dst_hash and dst_hash[:16]}"
-                                          f" != source {src_hash and src_hash[:16]}")
-        seq, later = first.get(name, {}).get("dma_seq"), second.get(name, {}).get("dma_seq")
+    for i, (name, (src_hash, dst_hash, compared)) in enumerate(sorted(hashes.items())):
+        if compared:
+            report.checks[f"{name} state"] = (None if src_hash and src_hash == dst_hash else
+                                              f"destination {compared} {dst_hash and dst_hash[:16]}"
+                                              f" != source {src_hash and src_hash[:16]}")
+        now = second.get(name, {})
+        if not reference:
+            report.checks[f"{name} answers"] = (None if now.get("state") == "RUNNING" and "unanswered" not in now
+                                                else f"destination device: {now}")
+            continue
+        seq, later = first.get(name, {}).get("dma_seq"), now.get("dma_seq")
         if seq is None or later is None:
             report.checks[f"{name} DMA records"] = "the daemon cannot reach the destination device"
             continue
@@ -230,17 +251,19 @@ async def _verify_paused(report: Report, rig: Rig, watch: Watch, hashes: dict) -
     report.checks["destination paused"] = (None if rig.dst.last_heartbeat() == beat
                                            else "the destination guest runs, the source's was paused")
     devices = await watch.devices("dst") or {}
-    for name, (src_hash, dst_hash) in sorted(hashes.items()):
+    for name, (src_hash, dst_hash, compared) in sorted(hashes.items()):
         state = devices.get(name, {}).get("state")
-        same = src_hash is not None and src_hash == dst_hash
+        same = not compared or src_hash == dst_hash
         report.checks[f"{name} state"] = (None if same and state == "STOP"
                                           else f"destination {state}, hashes {'equal' if same else 'differ'}")
 
 
-async def _verify_source_survived(report: Report, rig: Rig, watch: Watch, src_ram: GuestRam) -> None:
+async def _verify_source_survived(report: Report, rig: Rig, watch: Watch, src_ram: GuestRam,
+                                  reference: bool) -> None:
     """After a failed migration: the source guest runs on, and each source
-    device runs with the state it had (not reset: its DMA goes on from where
-    it was, and every record it wrote is in the source's RAM)."""
+    device runs with the state it had (not reset: the reference device's
+    DMA goes on from where it was, and every record it wrote is in the
+    source's RAM)."""
     try:
         beat = rig.src.last_heartbeat()
         await asyncio.to_thread(rig.src.wait_heartbeat, beat + 1, 20)
@@ -251,13 +274,16 @@ async def _verify_source_survived(report: Report, rig: Rig, watch: Watch, src_ra
     await asyncio.sleep(0.3)
     second = await watch.devices("src") or {}
     for i, name in enumerate(f"dev{i}" for i in range(len(rig.devices))):
-        key = f"source {name}"
-        seq, later = first.get(name, {}).get("dma_seq"), second.get(name, {}).get("dma_seq")
+        key, now = f"source {name}", second.get(name, {})
+        if not reference:
+            report.checks[key] = (None if now.get("state") == "RUNNING" and "unanswered" not in now
+                                  else f"source device: {now}")
+            continue
+        seq, later = first.get(name, {}).get("dma_seq"), now.get("dma_seq")
         if seq is None or later is None:
             report.checks[key] = "the daemon cannot reach it"
             continue
-        state = second[name]["state"]
         iova, size = rig.ring(i)
         errors = records.verify(src_ram.read(iova, size), i + 1, seq)
-        report.checks[key] = (None if state == "RUNNING" and 0 < seq < later and not errors
-                              else f"state {state}, dma_seq {seq} -> {later}, {len(errors)} bad records")
+        report.checks[key] = (None if now["state"] == "RUNNING" and 0 < seq < later and not errors
+                              else f"state {now['state']}, dma_seq {seq} -> {later}, {len(errors)} bad records")

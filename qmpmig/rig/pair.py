@@ -128,7 +128,7 @@ class Rig(QemuPair):
     ``device_options``."""
 
     def __init__(self, *, memory_mib: int = 256, accel: str | None = None,
-                 devices: int = 0, device_options: tuple[str, ...] = ()):
+                 devices: int = 0, device_options: tuple[str, ...] = (), device_commands: tuple[str, ...] = ()):
         sweep_stale()
         self.workdir = Path(tempfile.mkdtemp(prefix=f"qmpmig-rig-{os.getpid()}-"))
         self.src = Vm("src", "source", memory_mib=memory_mib, accel=accel, workdir=self.workdir)
@@ -138,7 +138,10 @@ class Rig(QemuPair):
         self.devices = [
             tuple(DeviceProcess(self.workdir / f"{side}-dev{i}.sock", *device_options,
                                 "--device-id", str(i + 1), nice=DEVICE_NICE) for side in ("src", "dst"))
-            for i in range(devices)]
+            for i in range(devices)] + [
+            tuple(DeviceProcess(self.workdir / f"{side}-dev{i}.sock", command=command, nice=DEVICE_NICE)
+                  for side in ("src", "dst"))
+            for i, command in enumerate(device_commands, start=devices)]
 
     def ring(self, index: int) -> tuple[int, int]:
         """The slice of the guest's DMA window that device ``index`` owns."""

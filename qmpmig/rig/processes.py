@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -34,27 +35,40 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 5.0) -> None:
 
 
 class DeviceProcess:
-    """``qmpmig-device --socket PATH [options]`` in its own process."""
+    """``qmpmig-device --socket PATH [options]`` in its own process; or,
+    given ``command``, any vfio-user server: the command line with
+    ``{sock}`` standing for the socket's path."""
 
-    def __init__(self, socket: str | Path, *options: str, log: Path | None = None, nice: int = 0):
+    def __init__(self, socket: str | Path, *options: str, log: Path | None = None, nice: int = 0,
+                 command: str | None = None):
         self.socket = Path(socket)
         self.options = options
         self.log_path = log or self.socket.with_suffix(".log")
         self.nice = nice
+        self.command = command
         self.proc: subprocess.Popen | None = None
+
+    def argv(self) -> list[str]:
+        if self.command:
+            return [part.replace("{sock}", str(self.socket)) for part in shlex.split(self.command)]
+        return [sys.executable, "-m", "qmpmig.device.cli", "--socket", str(self.socket), *self.options]
+
+    @property
+    def name(self) -> str:
+        return Path(self.argv()[0]).name if self.command else "qmpmig-device"
 
     def start(self, timeout: float = 10.0) -> "DeviceProcess":
         self.socket.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "qmpmig.device.cli", "--socket", str(self.socket), *self.options]
+        argv = self.argv()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          preexec_fn=self._child_setup)
         deadline = time.monotonic() + timeout
         while not self.socket.exists():
             if self.proc.poll() is not None:
-                raise QmpmigError(f"qmpmig-device exited ({self.proc.returncode}): {self.log_tail()}")
+                raise QmpmigError(f"{self.name} exited ({self.proc.returncode}): {self.log_tail()}")
             if time.monotonic() > deadline:
-                raise QmpmigError(f"qmpmig-device: no socket at {self.socket} after {timeout} s")
+                raise QmpmigError(f"{self.name}: no socket at {self.socket} after {timeout} s")
             time.sleep(0.01)
         return self
 

@@ -61,7 +61,24 @@ class Progress:
 
 def _controller_options(args) -> Options:
     return Options(threshold=args.threshold, downtime_limit=args.downtime_limit,
-                   timeout=args.timeout, max_pause=args.max_pause, debug=frozenset(args.debug))
+                   timeout=args.timeout, max_pause=args.max_pause, debug=frozenset(args.debug),
+                   device_flags=int(args.device_flags), compare_regions=tuple(args.compare_regions))
+
+
+def _region_write(text: str) -> tuple[int, int, bytes]:
+    """``REGION:OFFSET:HEX`` (numbers in any base Python reads)."""
+    try:
+        region, offset, data = text.split(":")
+        return int(region, 0), int(offset, 0), bytes.fromhex(data)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not REGION:OFFSET:HEXBYTES") from None
+
+
+def _indices(text: str) -> list[int]:
+    try:
+        return [int(i, 0) for i in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of region indices") from None
 
 
 def _summary_dict(summary, report=None) -> dict:
@@ -79,6 +96,8 @@ def _print_summary(d: dict) -> None:
           f"(QEMU's own downtime {d['qemu_downtime_ms']} ms), device data {d['device_bytes']} bytes, "
           f"DMA-dirty pages copied {d['dma_pages_copied']}")
     print("  phases: " + ", ".join(f"{k} {v}s" for k, v in d["phases_s"].items()))
+    for note in d.get("unverified", ()):
+        print(f"  not verified: {note}")
     for name, result in d.get("checks", {}).items():
         print(f"  check {name}: {result}")
     if "trace_violations" in d:
@@ -91,6 +110,7 @@ async def _migrate(args) -> int:
         opts = LaunchOptions(devices=args.devices, protocol=args.protocol or "v2", state_size=args.state_size,
                              memory_mib=args.memory, dma_rate=args.dma_rate, fault_stride=args.fault_stride,
                              mig_flags=args.mig_flags, trace_path=args.trace,
+                             device_commands=tuple(args.device_cmd), device_writes=tuple(args.device_write),
                              controller=_controller_options(args))
         report = await launch(opts, progress if progress.live else None)
         result = _summary_dict(report.summary, report)
@@ -214,6 +234,14 @@ def _recover(args) -> int:
     return 0
 
 
+def _region(args) -> int:
+    request = {"count": args.read} if args.read is not None else {"data": args.write}
+    result = asyncio.run(client.call(args.run_dir, "region", vm=args.vm, device=args.device, index=args.index,
+                                     offset=args.offset, **request))
+    print(result.get("data", f"{result.get('written')} bytes written"))
+    return 0
+
+
 def _detach(args) -> int:
     asyncio.run(client.call(args.run_dir, "detach", name=args.name))
     return 0
@@ -243,7 +271,13 @@ def _describe_vm(vm: dict) -> str:
 def _flags(text: str) -> int:
     value = 0
     for name in text.replace(",", "|").split("|"):
-        value |= MigFlags[name.strip().upper()] if not name.strip().isdigit() else int(name)
+        name = name.strip().upper()
+        if name.isdigit():
+            value |= int(name)
+        elif name in MigFlags.__members__:
+            value |= MigFlags[name]
+        else:
+            raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(MigFlags.__members__)}")
     return value
 
 
@@ -271,6 +305,17 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--fault-stride", type=int, default=0, help="with --launch: IO page faults every N pages")
     m.add_argument("--mig-flags", help="with --launch: v2 flags, e.g. STOP_COPY,P2P,PRE_COPY")
     m.add_argument("--memory", type=int, default=256, help="with --launch: guest MiB")
+    m.add_argument("--device-cmd", action="append", default=[], metavar="TEMPLATE",
+                   help="with --launch: your own vfio-user server instead of the reference device, a pair "
+                        "per template; {sock} stands for its socket, e.g. 'server -v {sock}'")
+    m.add_argument("--device-write", action="append", default=[], type=_region_write,
+                   metavar="REGION:OFFSET:HEX", help="with --launch: bytes each source device gets written "
+                                                     "into a region before the migration, as its driver would")
+    m.add_argument("--device-flags", type=_flags, default=ALL_FLAGS, metavar="STOP_COPY[,P2P,PRE_COPY]",
+                   help="use only these parts of the v2 protocol with the devices (default: all they offer)")
+    m.add_argument("--compare-regions", type=_indices, default=[], metavar="I[,J...]",
+                   help="for devices without qmpmig's state hash: compare these regions' contents, "
+                        "source at the stop against destination after the load")
     m.add_argument("--threshold", type=int, default=1 << 20, help="device bytes pending to end pre-copy")
     m.add_argument("--downtime-limit", type=int, default=300, help="QEMU downtime-limit (ms) after the vCPU stop")
     m.add_argument("--timeout", type=float, default=300.0)
@@ -298,6 +343,16 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true")
     a.set_defaults(run=_attach)
 
+    rg = sub.add_parser("region", help="read or write a region of an attached VM's device (as its driver would)")
+    rg.add_argument("vm")
+    rg.add_argument("device", help="dev0, dev1, ... (the order of attach's --device)")
+    rg.add_argument("index", type=lambda v: int(v, 0), help="region index (BAR0 is 0)")
+    rg.add_argument("offset", type=lambda v: int(v, 0))
+    how = rg.add_mutually_exclusive_group(required=True)
+    how.add_argument("--read", type=lambda v: int(v, 0), metavar="COUNT")
+    how.add_argument("--write", metavar="HEX")
+    rg.set_defaults(run=_region)
+
     dt = sub.add_parser("detach", help="the daemon lets go of a VM (its devices reset)")
     dt.add_argument("name")
     dt.set_defaults(run=_detach)
@@ -310,7 +365,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.set_defaults(run=_recover)
 
-    for each in (m, d, a, dt, st, r):
+    for each in (m, d, a, rg, dt, st, r):
         each.add_argument("--run-dir", type=Path, default=default_run_dir(),
                           help="the daemon's directory (control socket, log); default %(default)s")
 

@@ -41,6 +41,14 @@ Where the spec leaves room, this codec:
 - applies ``max_data_xfer_size`` and ``max_msg_fds`` to both directions; they
   are plain attributes, to be set to the negotiated values after VERSION;
 - adds QMPMIG_PAGE_REQUEST (see :class:`PageRequest`).
+
+Where a real implementation departs from the spec's letter and its meaning
+is clear, a received message is taken for what it means (sent ones stay
+strict); PROTOCOL.md names the implementation that needs each:
+
+- an error reply with a payload is an error reply; the payload is dropped;
+- a MIG_DATA_READ reply carrying more bytes than its ``size`` field holds
+  ``size`` bytes of data; the rest is dropped.
 """
 
 from __future__ import annotations
@@ -1019,14 +1027,17 @@ class Connection:
             raise ValueError("Error flag or error_no set on a command")
         cls = _payload_class(cmd, reply, sender=self.role.peer)
         if error:
-            if body or fds:
-                raise ValueError("an error reply carries the header only")
-            return Message(msg_id, Command(cmd), None, reply=True, error_no=error_no)
+            if fds:
+                raise ValueError("an error reply carries no fds")
+            return Message(msg_id, Command(cmd), None, reply=True, error_no=error_no)   # body: tolerated
         if error_no:
             raise ValueError("error_no without the Error flag")
         if (cmd, reply) == (_C.DMA_WRITE, True) and len(body) == _SHORT_DMA_WRITE_REPLY:
             body += bytes(_QQ.size - _SHORT_DMA_WRITE_REPLY)   # u32 count, little-endian
-        msg = Message(msg_id, Command(cmd), cls._decode(body), reply,
+        payload = cls._decode(body)
+        if (cmd, reply) == (_C.MIG_DATA_READ, True) and len(payload.data) > payload.size:
+            payload = replace(payload, data=payload.data[:payload.size])      # tolerated
+        msg = Message(msg_id, Command(cmd), payload, reply,
                       no_reply=bool(flags & HeaderFlags.NO_REPLY), fds=fds)
         self._check(msg)
         return msg

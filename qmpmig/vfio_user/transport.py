@@ -5,8 +5,10 @@ It moves bytes and SCM_RIGHTS fds between the socket and a sans-IO
 :class:`~.codec.Connection`, matches replies to requests by msg_id (FIFO
 per id: ids may repeat), and hands commands from the peer to
 :meth:`Endpoint.handle_command`.  It takes no protocol decision of its own.
-When the socket closes, every waiter gets
-:class:`~qmpmig.errors.Disconnected`.
+A reply that cannot be decoded fails its
+request at once with the reason; when the socket closes or the framing is
+lost, every waiter gets :class:`~qmpmig.errors.Disconnected` at once, with
+the reason.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import socket
 from typing import Any
 
-from ..errors import Disconnected, ErrorReply, LocalProtocolError, ProtocolError
+from ..errors import DeviceError, Disconnected, ErrorReply, LocalProtocolError, ProtocolError
 from . import codec
 from .codec import BadMessage, Message
 
@@ -50,8 +52,12 @@ class Endpoint:
         self._reader: asyncio.Task | None = None
         self._send_lock = asyncio.Lock()
         self.closed = asyncio.Event()
+        self.closed_because = ""
         #: Close the connection once the reply being sent has gone out.
         self.hangup_after_reply = False
+        #: Send only this many bytes of the next reply, then close (a
+        #: device's debug defect: a connection cut mid-message).
+        self.cut_next_reply: int | None = None
 
     # -- bytes and fds ------------------------------------------------------
 
@@ -107,7 +113,7 @@ class Endpoint:
         """Send a command and wait for its reply; raise ErrorReply for an
         error reply, Disconnected if the socket closes first."""
         if self.closed.is_set():
-            raise Disconnected("vfio-user connection is closed")
+            raise Disconnected(f"vfio-user connection closed: {self.closed_because}")
         msg_id = self._next_id
         self._next_id = (self._next_id + 1) & 0xFFFF
         waiter = asyncio.get_running_loop().create_future()
@@ -123,6 +129,7 @@ class Endpoint:
         return reply
 
     async def _read_loop(self) -> None:
+        why = "the peer closed the connection"
         try:
             while True:
                 event = self.conn.next_event()
@@ -137,6 +144,7 @@ class Endpoint:
                 if isinstance(event, BadMessage):
                     await self._bad_message(event)
                     if event.fatal:
+                        why = f"malformed message from the peer: {event.reason}"
                         break
                 elif event.reply:
                     self._deliver(event)
@@ -148,8 +156,9 @@ class Endpoint:
                     task.add_done_callback(self._tasks.discard)
         except (ConnectionError, OSError, ProtocolError) as err:
             log.info("vfio-user connection ends: %s", err)
+            why = str(err) or type(err).__name__
         finally:
-            self._shutdown()
+            self._shutdown(why)
 
     def _deliver(self, reply: Message) -> None:
         queue = self._waiters.get(reply.msg_id)
@@ -166,6 +175,8 @@ class Endpoint:
         for fd in bad.fds:
             os.close(fd)
         log.warning("malformed message %d (cmd %s): %s", bad.msg_id, bad.cmd, bad.reason)
+        if bad.reply and not bad.fatal:
+            self._fail(bad.msg_id, DeviceError(errno.EPROTO, f"malformed reply: {bad.reason}"))
         if not bad.reply:
             with contextlib.suppress(OSError, ProtocolError):
                 await self.send(codec.error_reply(bad, bad.errno))
@@ -183,6 +194,9 @@ class Endpoint:
             else:
                 log.exception("%s: handler failed", getattr(msg.cmd, "name", msg.cmd))
             reply = codec.error_reply(msg, getattr(err, "errno", None) or errno.EIO)
+        if self.cut_next_reply is not None:
+            await self._send_whole(self.conn.send(reply)[:self.cut_next_reply], ())
+            raise ConnectionAbortedError("cut mid-reply on purpose")
         if not msg.no_reply or reply.error_no:
             try:
                 await self.send(reply)
@@ -197,12 +211,22 @@ class Endpoint:
         OSError(errno) for an error reply."""
         raise OSError(errno.EINVAL, "no commands accepted from this peer")
 
-    def _shutdown(self) -> None:
+    def _fail(self, msg_id: int, err: Exception) -> None:
+        """The oldest request of ``msg_id`` ends with ``err``."""
+        queue = self._waiters.get(msg_id)
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.done():
+                waiter.set_exception(err)
+                return
+
+    def _shutdown(self, why: str = "closed by this side") -> None:
         self.closed.set()
+        self.closed_because = why
         for queue in self._waiters.values():
             for waiter in queue:
                 if not waiter.done():
-                    waiter.set_exception(Disconnected("vfio-user connection closed"))
+                    waiter.set_exception(Disconnected(f"vfio-user connection closed: {why}"))
         self._waiters.clear()
         self.sock.close()
         self.on_disconnect()
