@@ -6,6 +6,7 @@ shown here against the library itself."""
 import asyncio
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from qmpmig.rig.launch import LaunchOptions, launch
 from qmpmig.rig.processes import DeviceProcess
 from qmpmig.rig.vm import Vm
 from qmpmig.vfio_user.client import Client
+from qmpmig.vfio_user.codec import HEADER, Command, HeaderFlags
 
 from test_daemon import qmpmig, stop_daemon
 
@@ -60,16 +62,39 @@ def driver_writes() -> tuple[tuple[int, int, bytes], ...]:
 
 # -- the tolerances, against the library ------------------------------------------------
 
+def raw_reply(path: Path, cmd: int, payload: bytes) -> tuple[int, int, bytes]:
+    """One command on a raw connection after VERSION: the reply's flags,
+    error_no and payload, as the server sent them."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        version = json.dumps({"capabilities": {"max_msg_fds": 1}}).encode() + b"\0"
+        body = struct.pack("<HH", 0, 1) + version
+        sock.sendall(HEADER.pack(1, Command.VERSION, HEADER.size + len(body), 0, 0) + body)
+        replies = []
+        for msg_id, frame in ((1, None), (2, HEADER.pack(2, cmd, HEADER.size + len(payload), 0, 0) + payload)):
+            if frame:
+                sock.sendall(frame)
+            head = sock.recv(HEADER.size, socket.MSG_WAITALL)
+            _, _, size, flags, error_no = HEADER.unpack(head)
+            replies.append((flags, error_no, sock.recv(size - HEADER.size, socket.MSG_WAITALL) if size > HEADER.size
+                            else b""))
+    return replies[1]
+
+
 async def test_an_error_reply_with_a_payload_is_taken_as_the_error(server):
-    """libvfio-user answers a refused REGION_READ with an error reply that
-    carries a payload: the request fails with the server's errno and the
+    """libvfio-user answers a REGION_READ its device callback refuses (BAR0
+    takes 8-byte accesses only) with an error reply that carries the
+    reply's payload: the request fails with the server's errno and the
     connection goes on."""
+    flags, error_no, payload = raw_reply(server("raw").socket, Command.REGION_READ, struct.pack("<QII", 0, 0, 4))
+    assert flags & HeaderFlags.ERROR and error_no and payload, "the library no longer sends the payload"
     dev = server()
     client = await Client.connect(str(dev.socket))
     try:
         with pytest.raises(ErrorReply) as err:
-            await client.region_read(1, BAR1_SIZE - 4, 8)          # past BAR1's end
-        assert err.value.errno != 0
+            await client.region_read(0, 0, 4)
+        assert err.value.errno == error_no
         assert (await client.device_info()).num_regions >= 9
     finally:
         await client.close()
@@ -158,3 +183,52 @@ def test_attach_mode_migrates_a_libvfio_user_device_pair(server, tmp_path, guest
         stop_daemon(run_dir)
         src.close()
         dst.close()
+
+
+# -- qmpmig check against the library --------------------------------------------------------
+
+def run_check(*argv: str) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "qmpmig", "check", "--json", *argv],
+                          capture_output=True, text=True, timeout=90)
+    return done, time.monotonic() - t0
+
+
+def test_check_starts_the_sample_server_and_reports_what_it_gets_wrong(sample_server):
+    """``--server-cmd``: a server started again whenever a connection needs
+    one; well under 60 s, a row for every rule, and the sample's own faults
+    named with the rule and how the server ended."""
+    from qmpmig.tools.check import RULES
+    done, seconds = run_check("--server-cmd", sample_server)
+    assert done.returncode == 1 and seconds < 60, (done.stderr, seconds)
+    report = json.loads(done.stdout)
+    results = {r["id"]: r for r in report["results"]}
+    assert list(results) == [rule.id for rule in RULES]
+    # Its state machine aborts (assert) on arcs the uAPI allows.
+    assert results["v2-arcs"]["status"] == "FAIL" and "SIGABRT" in results["v2-arcs"]["detail"]
+    # Its pre-copy data and its stop-copy data overlap: the stream saved with
+    # pre-copy is longer than what its destination takes.
+    assert results["peer-resume"]["status"] == "FAIL" and "MIG_DATA_WRITE" in results["peer-resume"]["detail"]
+    # It does not validate what it loads.
+    assert results["peer-corrupt-resume"]["status"] == "FAIL"
+    assert "accepted a stream" in results["peer-corrupt-resume"]["detail"]
+    # What it does right is said too.
+    for rule in ("dma-logging", "malformed"):
+        assert results[rule]["status"] == "PASS", results[rule]
+    assert all(r["status"] == "SKIP" for i, r in results.items() if i.startswith(("v1-", "ref-")))
+
+
+def test_check_against_a_server_of_one_client_ends_and_says_why(server):
+    """Without --server-cmd the sample serves the one connection and exits:
+    check never hangs and never tracebacks; the rule that lost the device
+    says how, the rules after it say they could not run."""
+    dev = server()
+    done, seconds = run_check("--socket", str(dev.socket))
+    assert done.returncode == 1 and seconds < 60 and "Traceback" not in done.stderr, done.stderr
+    results = json.loads(done.stdout)["results"]
+    failed = [r for r in results if r["status"] == "FAIL"]
+    assert failed and "cannot be brought back to RUNNING" in failed[0]["detail"], failed
+    assert "--server-cmd" in failed[0]["detail"]
+    assert all("no connection" in r["detail"] or "needs connections" in r["detail"]
+               for r in results[results.index(failed[0]) + 1:] if r["status"] == "SKIP"
+               and not r["id"].startswith(("v1-", "ref-", "peer-")))

@@ -34,6 +34,24 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 5.0) -> None:
         proc.wait()
 
 
+#: /proc/net/unix Flags of a listening socket (__SO_ACCEPTCON).
+ACCEPTCON = 0x10000
+
+
+def listening(path: Path) -> bool:
+    """A UNIX socket at ``path`` takes connections, seen without connecting
+    (a server of one client would take the probe for its client): bound is
+    not enough, a server that has not yet called listen() refuses them.  A
+    socket bound under another name and renamed into place (as qmpmig's
+    device does, once it listens) is not in the table under ``path``."""
+    if not path.exists():
+        return False
+    with open("/proc/net/unix") as table:
+        next(table)
+        bound = [int(fields[3], 16) for fields in map(str.split, table) if len(fields) >= 8 and fields[7] == str(path)]
+    return not bound or any(flags & ACCEPTCON for flags in bound)
+
+
 class DeviceProcess:
     """``qmpmig-device --socket PATH [options]`` in its own process; or,
     given ``command``, any vfio-user server: the command line with
@@ -64,7 +82,7 @@ class DeviceProcess:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          preexec_fn=self._child_setup)
         deadline = time.monotonic() + timeout
-        while not self.socket.exists():
+        while not listening(self.socket):
             if self.proc.poll() is not None:
                 raise QmpmigError(f"{self.name} exited ({self.proc.returncode}): {self.log_tail()}")
             if time.monotonic() > deadline:

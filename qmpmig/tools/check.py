@@ -5,14 +5,20 @@ offer for it to apply, the rule in one sentence, where the rule comes from
 (a seed file, a section of ``reference/vfio-uapi.md`` or
 ``reference/vfio-user.md``, the reference device's PROTOCOL.md), and the
 coroutine that checks it on the live device.  :func:`run` probes the device
-once, then runs every row on a connection of its own: the server serves one
-client at a time and resets the device when a client leaves, so one rule's
-damage does not leak into the next.
+once, then runs every row over that one connection, as a client would:
+many servers (libvfio-user's samples among them) serve one client and exit
+when it leaves.  Each rule starts from RUNNING (DEVICE_RESET; a SET to
+RUNNING where the server refuses the reset).  The malformed-message rule
+needs connections of its own: it is skipped, with the reason, when the
+server is gone by then.  Given ``--server-cmd``, check starts the server
+itself, again whenever a connection needs one, and says how each one that
+died ended (its exit status, and the case it was in).
 
 A check returns a short detail when the device keeps the rule and raises
 :class:`Fail` with what it saw otherwise.  Checks that walk many cases (arcs,
 device_state values) try them all, then fail once naming each bad case
-(``STOP_COPY -> PRE_COPY: accepted, device_state now PRE_COPY``).
+(``STOP_COPY -> PRE_COPY: accepted, device_state now PRE_COPY``).  Every
+rule has a time limit; a row is printed as soon as it is decided.
 
 Everything goes through :class:`qmpmig.controller.RemoteDevice` (v1 or v2 behind
 the v2 words) and its vfio-user client, except the malformed-message rule,
@@ -23,15 +29,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import errno
 import functools
 import json
 import mmap
 import os
+import signal
 import socket as socketlib
 import struct
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -43,6 +53,7 @@ from ..errors import Disconnected, InvalidTransition, QmpmigError, reason
 from ..migration import fsm
 from ..migration.fsm import v1_requestable
 from ..migration.states import V1, MigFlags, MigState, v1_normalize
+from ..rig.processes import DeviceProcess
 from ..vfio_user import codec
 from ..vfio_user.codec import HEADER, Command, HeaderFlags
 from ..vfio_user.uapi import PAGE_SIZE, Feature, PciRegion, FeatureFlags, bitmap_pages, dirty_bitmap_size
@@ -50,6 +61,9 @@ from ..vfio_user.uapi import PAGE_SIZE, Feature, PciRegion, FeatureFlags, bitmap
 ERROR, STOP, RUNNING, STOP_COPY, RESUMING, RUNNING_P2P, PRE_COPY, PRE_COPY_P2P = MigState
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 
+#: Seconds a server whose client left is given to exit before check
+#: starts another (--server-cmd).
+EXIT_GRACE = 2.0
 #: A rule that has no verdict by then fails.
 RULE_TIMEOUT = 60.0
 #: How long a raw connection waits for one reply.
@@ -92,6 +106,15 @@ class Fail(QmpmigError):
     """The device broke the rule; the message says how."""
 
 
+class Skip(QmpmigError):
+    """The rule cannot be checked now; the message says why."""
+
+
+#: The case the running rule is in (set by :func:`_try`): what a dying server
+#: was doing.
+CASE: contextvars.ContextVar[list[str]] = contextvars.ContextVar("case", default=[""])
+
+
 @dataclass(frozen=True)
 class Rule:
     id: str
@@ -113,7 +136,8 @@ class Result:
 
 @dataclass
 class Context:
-    """What the probe found out, shared by every check."""
+    """What the probe found out, shared by every check, and the connections
+    the checks share: one to the device, one to the peer."""
 
     socket: str
     peer: str | None
@@ -121,62 +145,181 @@ class Context:
     flags: int
     facts: frozenset[str]
     state_hash: bool
+    servers: Servers
     _stream: bytes | None = None
+    _connections: dict[str, Connection] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    async def probe(cls, socket: str, peer: str | None = None, protocol: str | None = None) -> Context:
+    async def probe(cls, socket: str, peer: str | None = None, protocol: str | None = None,
+                    servers: Servers | None = None) -> Context:
+        servers = servers or Servers()
         if peer and os.path.exists(peer) and os.path.exists(socket) and os.path.samefile(peer, socket):
             raise CheckError("--peer must be another device than --socket")
-        async with _open(socket, protocol, probing=True) as dev:
-            facts = {dev.protocol, *(("peer",) if peer else ())}
-            if dev.flags & MigFlags.P2P:
-                facts.add("quiesce")
-            if all([await dev.client.probe(feature, op) for feature, op in LOGGING_OPS]):
-                facts.add("dma-logging")
-            if await is_reference(dev.client) and await read_register(dev.client, "magic") == MAGIC:
-                facts.add("reference")
-            ctx = cls(socket, peer, dev.protocol, dev.flags, frozenset(facts),
-                      await dev.client.probe(Feature.QMPMIG_STATE_HASH))
+        dev = await _connect(socket, protocol, servers, probing=True)
+        facts = {dev.protocol, *(("peer",) if peer else ())}
+        if dev.flags & MigFlags.P2P:
+            facts.add("quiesce")
+        if all([await dev.client.probe(feature, op) for feature, op in LOGGING_OPS]):
+            facts.add("dma-logging")
+        if await is_reference(dev.client) and await read_register(dev.client, "magic") == MAGIC:
+            facts.add("reference")
+        ctx = cls(socket, peer, dev.protocol, dev.flags, frozenset(facts),
+                  await dev.client.probe(Feature.QMPMIG_STATE_HASH), servers)
+        ctx._connections[socket] = Connection(ctx, socket, dev)
         if peer:
-            async with _open(peer, ctx.protocol, probing=True):
-                pass
+            ctx._connections[peer] = Connection(ctx, peer, await _connect(peer, ctx.protocol, servers, probing=True))
         return ctx
 
-    def open(self, path: str | None = None) -> contextlib.AbstractAsyncContextManager[RemoteDevice]:
-        """A connection of its own to the device (or ``path``, the peer)."""
-        return _open(path or self.socket, self.protocol)
+    @contextlib.asynccontextmanager
+    async def open(self, path: str | None = None) -> AsyncIterator[Connection]:
+        """The shared connection to the device (or ``path``, the peer),
+        back in RUNNING; a new one if the last closed (Skip if the server is
+        gone)."""
+        path = path or self.socket
+        conn = self._connections.get(path)
+        if conn is None:
+            conn = self._connections[path] = Connection(self, path, None)
+            await conn.renew()
+        await _fresh(conn)
+        yield conn
+
+    async def hang_up(self, path: str) -> None:
+        """Close the shared connection to ``path`` (a rule needs new ones)."""
+        if (conn := self._connections.pop(path, None)) and conn.device:
+            await conn.device.close()
+
+    async def close(self) -> None:
+        for path in list(self._connections):
+            await self.hang_up(path)
+        self.servers.stop()
 
     async def saved_stream(self, dev: RemoteDevice) -> bytes:
         """A whole stop-copy stream of the device freshly reset, saved once:
         valid data for the checks that must leave RESUMING."""
         if self._stream is None:
-            await dev.reset()
+            await _fresh(dev)
             self._stream = await _save(dev, RUNNING)
-            await dev.reset()
+            await _fresh(dev)
         return self._stream
 
 
-@contextlib.asynccontextmanager
-async def _open(path: str, protocol: str | None, probing: bool = False) -> AsyncIterator[RemoteDevice]:
+class Connection:
+    """The shared connection to one server, standing for the device behind
+    it; renewed (a fresh connection resets the device, as closing a VFIO
+    device fd does) when nothing else brings the device back to RUNNING."""
+
+    def __init__(self, ctx: Context, path: str, device: RemoteDevice | None):
+        self.ctx, self.path, self.device = ctx, path, device
+
+    def __getattr__(self, name: str):
+        return getattr(self.device, name)
+
+    async def renew(self) -> None:
+        """A new connection (Skip if the server takes none)."""
+        if self.device:
+            await self.device.close()
+            self.ctx.servers.ensure(self.path, after_close=True)
+        self.device = None
+        try:
+            self.device = await _connect(self.path, self.ctx.protocol, self.ctx.servers)
+        except (OSError, ValueError, TimeoutError, QmpmigError) as err:
+            raise Skip(f"no connection to {self.path}: {reason(err)}{self.ctx.servers.ended(self.path)}") from None
+
+
+class Servers:
+    """With ``--server-cmd``: the server processes check starts, one per
+    socket, started again when a connection needs one and the last has
+    exited; and what became of each that exited."""
+
+    def __init__(self, command: str | None = None):
+        self.command = command
+        self.procs: dict[str, DeviceProcess] = {}
+        #: socket -> how its servers ended, in order.
+        self.endings: dict[str, list[str]] = {}
+
+    def ensure(self, path: str, after_close: bool = False) -> None:
+        """A server listening on ``path`` (when check starts them); with
+        ``after_close``, one whose client just left is first given a moment
+        to exit, as a server of one client does."""
+        if not self.command:
+            return
+        self.settle(path, after_close)
+        if path not in self.procs:
+            self.procs[path] = DeviceProcess(path, command=self.command).start()
+
+    def settle(self, path: str, lost: bool) -> None:
+        """Note how the server of ``path`` ended if it has; when its client
+        was ``lost``, first give it a moment to exit."""
+        proc = self.procs.get(path)
+        if proc is not None and lost:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.proc.wait(EXIT_GRACE)
+        self.ended(path)
+
+    def ended(self, path: str) -> str:
+        """How the servers of ``path`` that failed (a signal, a non-zero
+        exit status) ended, for a message."""
+        proc = self.procs.get(path)
+        if proc is not None and not proc.alive():
+            del self.procs[path]
+            code = proc.proc.returncode
+            if code:
+                how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+                last = proc.log_tail(1)
+                self.endings.setdefault(path, []).append(f"the server {how}" + (f": {last}" if last else ""))
+        endings = self.endings.get(path)
+        return f" ({'; '.join(dict.fromkeys(endings))})" if endings else ""
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.close()
+        self.procs.clear()
+
+
+async def _connect(path: str, protocol: str | None, servers: Servers, probing: bool = False) -> RemoteDevice:
     """A RemoteDevice on ``path``; when ``probing``, failing to open it is
     CheckError (exit status 2), not a failed rule."""
     try:
-        dev = await asyncio.wait_for(RemoteDevice.open(path, protocol), REPLY_TIMEOUT)
+        servers.ensure(path)
+        return await asyncio.wait_for(RemoteDevice.open(path, protocol), REPLY_TIMEOUT)
     except (OSError, ValueError, TimeoutError, QmpmigError) as err:
         if not probing:
             raise
         why = str(err) or type(err).__name__
-        raise CheckError(why if path in why else f"{path}: {why}") from err
+        raise CheckError((why if path in why else f"{path}: {why}") + servers.ended(path)) from err
+
+
+async def _fresh(dev: RemoteDevice | Connection) -> None:
+    """Back to RUNNING, as a client would: DEVICE_RESET; where the server
+    refuses it (libvfio-user in STOP), a SET to RUNNING; where that fails
+    too, a new connection (Fail if there is none to be had: the device
+    could not be brought back)."""
+    if isinstance(dev, Connection) and (dev.device is None or dev.device.client.closed.is_set()):
+        await dev.renew()
+    refusals = []
+    for name, step in (("DEVICE_RESET", dev.reset), ("a SET to RUNNING", lambda: dev.set_state(RUNNING))):
+        try:
+            await step()
+            return
+        except Disconnected as err:
+            refusals.append(f"{name}: {err}")
+            break
+        except OSError as err:
+            refusals.append(f"{name}: {err}")
+    why = f"the device cannot be brought back to RUNNING ({'; '.join(refusals)})"
+    if not isinstance(dev, Connection):
+        raise Fail(why)
     try:
-        yield dev
-    finally:
-        await dev.close()
+        await dev.renew()
+    except Skip as err:
+        raise Fail(f"{why}, and {err}: a server of one client? (--server-cmd lets check start it anew)") from None
 
 
 # -- case bookkeeping -----------------------------------------------------------
 
 async def _try(label: str, step: Awaitable[object]) -> list[str]:
     """Run one case: [] if it holds, else ["label: what went wrong"]."""
+    CASE.get()[0] = label
     try:
         await step
     except Disconnected:
@@ -223,9 +366,9 @@ async def _walk(dev: RemoteDevice, cur: MigState, target: MigState) -> None:
 
 
 async def _reach(dev: RemoteDevice, *path: MigState, stream: bytes = b"") -> None:
-    """Reset, then walk through ``path``; in RESUMING write ``stream``, so
-    that leaving it loads valid data."""
-    await dev.reset()
+    """Back to RUNNING, then walk through ``path``; in RESUMING write
+    ``stream``, so that leaving it loads valid data."""
+    await _fresh(dev)
     cur = RUNNING
     for state in path:
         await _walk(dev, cur, state)
@@ -527,7 +670,6 @@ async def v1_stop_copy_end(ctx: Context) -> str:
 async def peer_resume(ctx: Context) -> str:
     async with ctx.open() as src, ctx.open(ctx.peer) as dst:
         precopy = bool(src.flags & MigFlags.PRE_COPY)
-        await src.reset()
         stream = await _save(src, RUNNING, precopy)
         await _resume(dst, stream)
         hashes = "state hash not offered by both"
@@ -544,7 +686,7 @@ async def peer_corrupt_resume(ctx: Context) -> str:
         stream = await ctx.saved_stream(src)
     async with ctx.open(ctx.peer) as dst:
         state = await _resume_corrupt(dst, stream)
-        await dst.reset()
+        await dst.reset()  # the rule: a reset gives RUNNING
         await _expect_state(dst, RUNNING, "peer after DEVICE_RESET")
     return f"byte {len(stream) // 2} of {len(stream)} flipped: refused, peer in {state.name}; reset -> RUNNING"
 
@@ -626,7 +768,6 @@ async def _ring(ctx: Context) -> AsyncIterator[Ring]:
     """A reset reference device writing records into a mapped ring, with
     DMA logging over it, the engine seen to run."""
     async with ctx.open() as dev, _memory(dev, RING_IOVA, RING_SIZE) as mem:
-        await dev.reset()
         ring = Ring(dev, mem)
         for name, value in (("ring_iova", RING_IOVA), ("ring_size", RING_SIZE), ("dma_rate", DMA_RATE)):
             await ring.set_reg(name, value)
@@ -720,7 +861,7 @@ async def ref_records(ctx: Context) -> str:
 async def _reset_from(dev: RemoteDevice, enter: Callable[[], Awaitable[None]] | None) -> None:
     if enter:
         await enter()
-    await dev.reset()
+    await dev.reset()  # the rule itself: no fallback
     await _expect_state(dev, RUNNING, "after DEVICE_RESET")
 
 
@@ -770,13 +911,19 @@ async def _recv(sock: socketlib.socket) -> tuple[tuple[int, ...], bytes]:
 
 
 @contextlib.asynccontextmanager
-async def _raw(path: str) -> AsyncIterator[tuple[socketlib.socket, dict]]:
-    """A raw connection after VERSION: the socket and the server's capabilities."""
+async def _raw(ctx: Context) -> AsyncIterator[tuple[socketlib.socket, dict]]:
+    """A raw connection of its own after VERSION: the socket and the
+    server's capabilities; Skip if no server takes one."""
     loop = asyncio.get_running_loop()
     sock = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
     sock.setblocking(False)
     try:
-        await loop.sock_connect(sock, path)
+        try:
+            ctx.servers.ensure(ctx.socket, after_close=True)
+            await loop.sock_connect(sock, ctx.socket)
+        except (OSError, QmpmigError) as err:
+            raise Skip(f"needs connections of its own, and the server takes no more ({reason(err)})"
+                       f"{ctx.servers.ended(ctx.socket)}") from None
         conn = codec.Connection(codec.Party.CLIENT)
         caps = {"max_msg_fds": 1, "max_data_xfer_size": 1 << 20}
         await loop.sock_sendall(sock, conn.send(codec.Message(1, Command.VERSION, codec.Version(0, 1, caps))))
@@ -799,8 +946,8 @@ MALFORMED: tuple[tuple[str, int, Callable[[int], bytes]], ...] = (
 )
 
 
-async def _malformed(path: str, msg_id: int, cmd: int, payload: Callable[[int], bytes]) -> str:
-    async with _raw(path) as (sock, caps):
+async def _malformed(ctx: Context, msg_id: int, cmd: int, payload: Callable[[int], bytes]) -> str:
+    async with _raw(ctx) as (sock, caps):
         limit = caps.get("max_data_xfer_size", 1 << 20)
         data = payload(limit if isinstance(limit, int) else 1 << 20)
         frame = HEADER.pack(msg_id, cmd, HEADER.size + len(data), 0, 0) + data
@@ -814,10 +961,18 @@ async def _malformed(path: str, msg_id: int, cmd: int, payload: Callable[[int], 
 
 
 async def malformed(ctx: Context) -> str:
+    """Each message on a connection of its own (the shared one closed
+    first): a server of one client may be gone after the first."""
+    await ctx.hang_up(ctx.socket)
     problems, answers = [], []
     for n, (label, cmd, payload) in enumerate(MALFORMED):
         try:
-            answers.append(await _malformed(ctx.socket, 0x4D00 + n, cmd, payload))
+            answers.append(await _malformed(ctx, 0x4D00 + n, cmd, payload))
+        except Skip as err:
+            if not answers and not problems:
+                raise
+            raise Skip(f"{len(answers)} of {len(MALFORMED)} malformed messages got error replies "
+                       f"({', '.join(answers)}){'; ' + '; '.join(problems) if problems else ''}; then: {err}") from None
         except (Fail, OSError, TimeoutError) as err:
             problems.append(f"{label}: {reason(err)}")
     async with ctx.open() as dev:
@@ -890,7 +1045,7 @@ RULES: tuple[Rule, ...] = (
          "seed 000 ERROR and reset; uAPI §1.5, §3", reset_everywhere),
     Rule("malformed", (),
          "an unknown command, a truncated payload, a REGION_READ over max_data_xfer_size get error "
-         "replies with their msg_id; a new client works afterwards",
+         "replies with their msg_id; a new client works afterwards (needs connections of its own)",
          "vfio-user §1 errors, malformed; §2; §6", malformed),
 )
 
@@ -899,26 +1054,49 @@ async def _run_rule(ctx: Context, rule: Rule) -> Result:
     start = time.monotonic()
     missing = [need for need in rule.needs if need not in ctx.facts]
     if missing:
-        status, detail = SKIP, "; ".join(NEEDS[need] for need in missing)
-    else:
-        try:
-            status, detail = PASS, await asyncio.wait_for(rule.check(ctx), RULE_TIMEOUT)
-        except Fail as err:
-            status, detail = FAIL, str(err)
-        except TimeoutError:
-            status, detail = FAIL, f"no verdict within {RULE_TIMEOUT:g} s"
-        except Exception as err:                # a checker reports, whatever the device does
-            status, detail = FAIL, f"{type(err).__name__}: {err}"
+        return Result(rule.id, SKIP, rule.text, rule.source, "; ".join(NEEDS[need] for need in missing), 0.0)
+    case = [""]
+    CASE.set(case)
+    ended = len(ctx.servers.endings.get(ctx.socket, ()))
+    try:
+        status, detail = PASS, await asyncio.wait_for(rule.check(ctx), RULE_TIMEOUT)
+    except Fail as err:
+        status, detail = FAIL, str(err)
+    except Skip as err:
+        status, detail = SKIP, str(err)
+    except TimeoutError:
+        status, detail = FAIL, f"no verdict within {RULE_TIMEOUT:g} s" + (f" (in {case[0]})" if case[0] else "")
+    except Exception as err:                # a checker reports, whatever the device does
+        status, detail = FAIL, f"{type(err).__name__}: {reason(err)}" + (f" (in {case[0]})" if case[0] else "")
+    conn = ctx._connections.get(ctx.socket)
+    ctx.servers.settle(ctx.socket, lost=conn is None or conn.device is None or conn.device.client.closed.is_set())
+    if died := ctx.servers.endings.get(ctx.socket, [])[ended:]:
+        status = FAIL
+        detail = f"{detail}; the server died in this rule, first at {case[0] or 'its start'}: {died[0]}" + (
+            f" ({len(died) - 1} more times)" if len(died) > 1 else "")
     return Result(rule.id, status, rule.text, rule.source, detail, round(time.monotonic() - start, 3))
 
 
-async def check_all(ctx: Context, rules: tuple[Rule, ...] = RULES) -> list[Result]:
-    return [await _run_rule(ctx, rule) for rule in rules]
+async def check_all(ctx: Context, rules: tuple[Rule, ...] = RULES,
+                    each: Callable[[Result], None] | None = None) -> list[Result]:
+    """Every rule in turn; ``each`` is shown each result as it is decided."""
+    results = []
+    for rule in rules:
+        results.append(await _run_rule(ctx, rule))
+        if each:
+            each(results[-1])
+    return results
 
 
-async def run(socket: str, peer: str | None = None, protocol: str | None = None) -> list[Result]:
-    """Probe the device (CheckError if it cannot be used), then check every rule."""
-    return await check_all(await Context.probe(socket, peer, protocol))
+async def run(socket: str, peer: str | None = None, protocol: str | None = None,
+              server_cmd: str | None = None, each: Callable[[Result], None] | None = None) -> list[Result]:
+    """Probe the device (CheckError if it cannot be used), then check every
+    rule; ``server_cmd`` (with {sock}) starts the servers."""
+    ctx = await Context.probe(socket, peer, protocol, Servers(server_cmd))
+    try:
+        return await check_all(ctx, each=each)
+    finally:
+        await ctx.close()
 
 
 # -- the command ------------------------------------------------------------------------------------
@@ -928,38 +1106,58 @@ def _describe(ctx: Context) -> str:
     return f"{ctx.socket}: {ctx.protocol}, flags {flags}, offers {', '.join(sorted(ctx.facts))}"
 
 
-def table(results: list[Result]) -> str:
-    width = max(len(r.id) for r in results)
-    lines = [f"{r.status:4}  {r.id:<{width}}  {r.text}  [{r.source}]  {r.detail} ({r.seconds:.2f} s)"
-             for r in results]
+WIDTH = max(len(rule.id) for rule in RULES)
+
+
+def row(r: Result) -> str:
+    return f"{r.status:4}  {r.id:<{WIDTH}}  {r.text}  [{r.source}]  {r.detail} ({r.seconds:.2f} s)"
+
+
+def totals(results: list[Result]) -> str:
     counts = {s: sum(r.status == s for r in results) for s in (PASS, FAIL, SKIP)}
     total = sum(r.seconds for r in results)
-    lines.append(f"{len(results)} rules: {counts[PASS]} pass, {counts[FAIL]} fail, {counts[SKIP]} skipped "
-                 f"({total:.1f} s)")
-    return "\n".join(lines)
+    return (f"{len(results)} rules: {counts[PASS]} pass, {counts[FAIL]} fail, {counts[SKIP]} skipped "
+            f"({total:.1f} s)")
 
 
-async def _command(args) -> tuple[Context, list[Result]]:
-    ctx = await Context.probe(args.socket, args.peer, args.protocol)
-    return ctx, await check_all(ctx)
+def table(results: list[Result]) -> str:
+    return "\n".join([*map(row, results), totals(results)])
+
+
+async def _command(args, each: Callable[[Result], None] | None) -> tuple[Context, list[Result]]:
+    with tempfile.TemporaryDirectory(prefix="qmpmig-check-") as tmp:
+        socket, peer = args.socket, args.peer
+        if args.server_cmd:
+            socket = socket or os.path.join(tmp, "device.sock")
+            peer = peer or os.path.join(tmp, "peer.sock")
+        ctx = await Context.probe(socket, peer, args.protocol, Servers(args.server_cmd))
+        if each:
+            print(_describe(ctx), flush=True)
+        try:
+            return ctx, await check_all(ctx, each=each)
+        finally:
+            await ctx.close()
 
 
 def command(args) -> int:
     """``qmpmig check``: 0 if every rule passes, 1 if one fails, 2 if the
     device or peer cannot be used."""
+    if not (args.socket or args.server_cmd):
+        print("qmpmig check: give --socket, or --server-cmd to start the server", file=sys.stderr)
+        return 2
+    each = None if args.json else lambda r: print(row(r), flush=True)
     try:
-        ctx, results = asyncio.run(_command(args))
+        ctx, results = asyncio.run(_command(args, each))
     except CheckError as err:
         print(f"qmpmig check: {err}", file=sys.stderr)
         return 2
     failed = any(r.status == FAIL for r in results)
     if args.json:
         device = {"socket": ctx.socket, "peer": ctx.peer, "protocol": ctx.protocol, "flags": int(ctx.flags),
-                  "offers": sorted(ctx.facts)}
+                  "offers": sorted(ctx.facts), "server_cmd": args.server_cmd}
         json.dump({"device": device, "passed": not failed,
                    "results": [dataclasses.asdict(r) for r in results]}, sys.stdout, indent=1)
         print()
     else:
-        print(_describe(ctx))
-        print(table(results))
+        print(totals(results))
     return 1 if failed else 0

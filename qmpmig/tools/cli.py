@@ -388,8 +388,11 @@ def parser() -> argparse.ArgumentParser:
     pl.set_defaults(run=_plan)
 
     c = sub.add_parser("check", help="conformance run against a vfio-user device server")
-    c.add_argument("--socket", required=True, help="the device's vfio-user socket")
+    c.add_argument("--socket", help="the device's vfio-user socket")
     c.add_argument("--peer", help="a second device of the same kind to resume into")
+    c.add_argument("--server-cmd", metavar="TEMPLATE",
+                   help="start the server (and a peer) here, again whenever a connection needs one: "
+                        "a command line with {sock} for the socket, e.g. 'server -v {sock}'")
     c.add_argument("--protocol", choices=("v1", "v2"), help="migrate by v1 or v2 (default: what the device offers)")
     c.add_argument("--json", action="store_true", help="print the results as JSON")
     c.set_defaults(run=check.command)
