@@ -196,6 +196,31 @@ async def fresh_registers(path) -> tuple[int, int]:
 
 
 @pytest.mark.qemu
+def test_a_silent_device_fails_its_attach_by_name_within_the_bound(run_dir, tmp_path, guest_image):
+    """A device that is alive but answers nothing (SIGSTOP) fails the attach
+    within the bound, naming it; the daemon goes on serving."""
+    vm = Vm("quiet", "destination", workdir=tmp_path).start()
+    dev = DeviceProcess(tmp_path / "quiet.sock").start()
+    try:
+        os.kill(dev.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        done = qmpmig(run_dir, "attach", "quiet", "--qmp", str(vm.qmp_path), "--ram", str(vm.ram_path),
+                      "--device", str(dev.socket))
+        assert done.returncode == 1 and "dev0" in done.stderr and "no answer within" in done.stderr, done.stderr
+        assert time.monotonic() - t0 < 30
+        assert vms_of(run_dir) == []
+    finally:
+        os.kill(dev.pid, signal.SIGCONT)
+        dev.close()
+        vm.close()
+
+
+def vms_of(run_dir: Path) -> list:
+    done = qmpmig(run_dir, "status", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["vms"]
+
+
 def test_short_soak_the_daemon_does_not_grow(tmp_path, guest_image):
     """scripts/soak-daemon.py, three migrations in a row through one daemon
     (twenty by hand): each succeeds, the destination device never loses its

@@ -232,10 +232,11 @@ class Owner:
         try:
             await qemu.connect(qmp)
             guest_ram = GuestRam(ram)
-            for path in devices:
-                opened.append(await RemoteDevice.open(path, protocol))
+            for i, path in enumerate(devices):
+                opened.append(await _bounded(RemoteDevice.open(path, protocol), f"dev{i} ({path}) opening"))
             side = Side(qemu, guest_ram, self.timeout)
-            await side.attach([(f"dev{i}", device) for i, device in enumerate(opened)])
+            await _bounded(side.attach([(f"dev{i}", device) for i, device in enumerate(opened)]),
+                           "the devices taking its guest RAM")
             if start_ring:
                 await _drive_rings(opened, *start_ring)
         except BaseException:
@@ -429,6 +430,18 @@ async def _migration_settings(qemu: Qemu) -> dict:
 
 #: Seconds a device may take to answer ``status``.
 ASK_DEVICE_TIMEOUT = 2.0
+
+
+#: Seconds a device may take over one step of an attach.
+ATTACH_TIMEOUT = 10.0
+
+
+async def _bounded(step, what: str):
+    """An attach step a silent device must not hang: given up on, named."""
+    try:
+        return await asyncio.wait_for(step, ATTACH_TIMEOUT)
+    except TimeoutError:
+        raise QmpmigError(f"{what}: no answer within {ATTACH_TIMEOUT:g} s") from None
 
 
 async def _ask_device(device: RemoteDevice) -> dict:
