@@ -11,6 +11,7 @@ what that migration learns in a fresh :class:`Run`, and answers with a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -198,8 +199,19 @@ class Controller:
     def vcpus_stopped(self) -> None:
         """The guest is paused from now: device requests count against
         :attr:`Options.max_pause` until it runs again."""
+        if self.walker.paused_timeout is not None:
+            return
         self.run.stopped_at = time.monotonic()
         self.walker.paused(max(0.5, self.options.max_pause - PAUSE_MARGIN))
+
+    async def _notice_vcpu_stop(self) -> None:
+        """QEMU may stop the source vCPUs itself (at pre-switchover, once
+        its RAM converged) while a device request is under way: the guest
+        is paused from then on, whoever noticed it first."""
+        with contextlib.suppress(MigrationFailed):
+            await self.src.wait(lambda s: s.runstate != "running", "a vCPU stop", timeout=self.options.timeout)
+            if self.run.phase not in ("recover", "done", "failed"):
+                self.vcpus_stopped()
 
     def lifecycle_target(self, end: DeviceEnd) -> MigState:
         """The device_state the lifecycle table gives for its VM's state now."""
@@ -217,9 +229,12 @@ class Controller:
             {"name": end.name, "side": end.side.name, "protocol": end.device.protocol, "flags": int(end.device.flags)}
             for p in self.pairs for end in (p.src, p.dst)])
         running = self.src.vm.runstate == "running"
+        noticing = asyncio.create_task(self._notice_vcpu_stop()) if running else None
         try:
             qemu_downtime = await flows.migrate(self, running)
         except (Exception, asyncio.CancelledError, KeyboardInterrupt) as err:
+            if noticing:
+                noticing.cancel()
             interrupted = isinstance(err, (asyncio.CancelledError, KeyboardInterrupt))
             if not interrupted and not isinstance(err, (QmpmigError, OSError, ValueError)):
                 log.exception("migration flow failed")
@@ -232,6 +247,8 @@ class Controller:
             if interrupted:
                 raise
             return summary
+        if noticing:
+            noticing.cancel()
         self.enter("done")
         summary = Summary(True, "migration completed", time.monotonic() - t0, self.run.downtime, qemu_downtime,
                           sum(p.sent for p in self.pairs), self.run.copied, dict(self.run.phases),
