@@ -284,3 +284,50 @@ async def test_a_connection_cut_mid_reply_fails_the_migration_at_once(guest_imag
     assert summary.phases["stop-copy"] < 1.5, summary.phases
     assert report.checks["source heartbeat"] is None, report.checks
     assert report.checks["destination QEMU ended"] is None, report.checks
+
+
+async def test_devices_run_during_qemus_ram_precopy_and_pause_only_at_its_end(guest_image):
+    """The devices keep doing DMA (logged, and the dirtied pages copied)
+    while QEMU sends guest RAM; QEMU is held only near the end of its
+    first pass, and the grace state (no DMA) comes after that hold; the
+    figures are QEMU's own (STOP and RESUME event timestamps) and the
+    devices' acknowledgements."""
+    report = await launch(options(devices=2, memory_mib=512, dma_rate=2000))
+    assert report.summary.ok and report.violations == [], report.summary.message
+    records = report.records
+    migrate = next(r["seq"] for r in records if r["kind"] == "qmp_command" and r["command"] == "migrate")
+    hold = next(r["seq"] for r in records if r["kind"] == "qmp_command" and r["command"] == "migrate-set-parameters"
+                and r["arguments"].get("max-bandwidth") == 4 << 20)
+    grace = next(r["seq"] for r in records if r["kind"] == "device_state" and r["to"] == "PRE_COPY_P2P")
+    assert migrate < hold < grace
+    during = [r for r in records if migrate < r["seq"] < grace and r["kind"] == "dma_dirty"]
+    assert sum(r["pages"] for r in during) > 0, "no DMA logged while QEMU sent RAM"
+    assert report.summary.dma_pages_copied > 0
+    summary = report.summary
+    stop = next(r["qemu_time"] for r in records if r["kind"] == "qmp_event" and r["side"] == "src"
+                and r["event"] == "STOP")
+    resume = next(r["qemu_time"] for r in records if r["kind"] == "qmp_event" and r["side"] == "dst"
+                  and r["event"] == "RESUME")
+    assert summary.downtime == pytest.approx(resume - stop, abs=1e-3) and summary.downtime > 0
+    assert set(summary.device_outages) == {"dev0", "dev1"}
+    assert summary.device_outage >= max(summary.device_outages.values()) > 0
+
+
+async def test_a_device_that_does_not_converge_fails_with_the_figures_before_its_grace(guest_image):
+    """A device that rewrites its state faster than its pre-copy moves it
+    (100,000 pages a second): while the devices' pending data stops
+    falling, the budget is raised step by step (300 -> 600 ms, the most
+    allowed here); then the migration fails saying what was left, at what
+    rates, against what budget, before any device stopped its DMA; the
+    source runs on with its devices, the destination QEMU is ended."""
+    report = await launch(options(devices=1, state_size="64M", mutate_rate=100_000,
+                                  controller={"max_downtime_limit": 600}))
+    summary = report.summary
+    assert not summary.ok and "pre-copy does not converge" in summary.message, summary.message
+    assert "KiB pending" in summary.message and "MiB/s" in summary.message and "budget of 600 ms" in summary.message
+    budgets = [r["budget_ms"] for r in report.records if r["kind"] == "phase" and r["name"] == "budget"]
+    assert budgets == [600], budgets
+    states = {r["to"] for r in report.records if r["kind"] == "device_state" and r["side"] == "src"}
+    assert "PRE_COPY_P2P" not in states and "STOP_COPY" not in states
+    assert not any(report.checks.values()), report.checks
+    assert report.checks["destination QEMU ended"] is None

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ..errors import MigrationFailed, QmpmigError, reason
 from ..migration import lifecycle
 from ..migration.states import MigFlags, MigState
-from . import flows
+from . import flows, precopy
 from .pump import Pair, Pump
 from .recovery import go_forward, recover
 from .side import DeviceEnd, Side
@@ -59,12 +59,13 @@ UNVERIFIED = (
 class Options:
     #: Go to the grace state once every device has at most this much pending.
     threshold: int = 1 << 20
-    #: ... and QEMU has at most this much RAM left.
-    ram_threshold: int = 16 << 20
     min_precopy: float = 0.5
     max_precopy: float = 60.0
-    #: downtime-limit (ms) QEMU gets once the vCPUs are stopped.
+    #: The downtime budget (ms): the vCPUs stop once QEMU's RAM and the
+    #: devices' data left fit it at this migration's rates.
     downtime_limit: int = 300
+    #: How far the budget may be raised when pre-copy stalls (ms).
+    max_downtime_limit: int = 2000
     page_request_timeout: float = 10.0
     #: Seconds one device request may take in the flow.
     device_timeout: float = 30.0
@@ -94,8 +95,8 @@ class Summary:
     ok: bool
     message: str
     total_time: float = 0.0
-    #: Seconds from the source vCPU stop to the destination running (the
-    #: guest's pause as the controller saw it).
+    #: The guest's pause: seconds from the source's STOP event to the
+    #: destination's RESUME event, by QEMU's own event timestamps.
     downtime: float | None = None
     #: QEMU's own downtime (query-migrate), in milliseconds.
     qemu_downtime_ms: int | None = None
@@ -106,6 +107,11 @@ class Summary:
     guest_on: str = "source"
     #: What could not be verified, for want of an extension (one line each).
     unverified: list[str] = field(default_factory=list)
+    #: The devices' I/O outage: seconds from the first source device's
+    #: acknowledging a state without DMA to the last destination device's
+    #: acknowledging RUNNING; and each pair's own.
+    device_outage: float | None = None
+    device_outages: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         """The summary as ``qmpmig migrate --json`` prints it (seconds, rounded)."""
@@ -114,14 +120,16 @@ class Summary:
                 "qemu_downtime_ms": self.qemu_downtime_ms, "device_bytes": self.device_bytes,
                 "dma_pages_copied": self.dma_pages_copied,
                 "phases_s": {k: round(v, 3) for k, v in self.phases.items()}, "guest_on": self.guest_on,
-                "unverified": self.unverified}
+                "unverified": self.unverified,
+                "device_outage_s": self.device_outage and round(self.device_outage, 3),
+                "device_outages_s": {k: round(v, 3) for k, v in self.device_outages.items()}}
 
     @classmethod
     def from_dict(cls, d: dict) -> Summary:
         """The summary back from :meth:`as_dict` (a daemon's reply)."""
         return cls(d["ok"], d["message"], d["total_time_s"], d["downtime_s"], d["qemu_downtime_ms"],
                    d["device_bytes"], d["dma_pages_copied"], dict(d["phases_s"]), d["guest_on"],
-                   list(d.get("unverified", ())))
+                   list(d.get("unverified", ())), d.get("device_outage_s"), dict(d.get("device_outages_s", {})))
 
 
 @dataclass
@@ -135,8 +143,7 @@ class Run:
     phase_started: float = field(default_factory=time.monotonic)
     #: The controller stopped the source vCPUs (not QEMU by itself).
     we_stopped: bool = False
-    stopped_at: float = 0.0
-    #: The source vCPU stop to the destination running, as seen here.
+    #: The guest's pause by QEMU's event timestamps (Summary.downtime).
     downtime: float | None = None
     #: DMA-dirty pages copied to the destination guest.
     copied: int = 0
@@ -144,6 +151,12 @@ class Run:
     #: pre-copy round (what a progress line shows).
     ram_remaining: int | None = None
     pending: list[int] = field(default_factory=list)
+    #: QEMU's RAM rate, measured while it runs unheld.
+    ram_rate: precopy.Rate = field(default_factory=precopy.Rate)
+    #: QEMU's bandwidth is held near the end of its first pass.
+    held: bool = False
+    #: The downtime budget (ms): Options.downtime_limit, raised on a stall.
+    budget: int = 0
     #: migrate-set-parameters that give QEMU back its switchover.
     release: dict = field(default_factory=dict)
     #: side -> the capabilities and parameters before the flow changed them.
@@ -201,7 +214,6 @@ class Controller:
         :attr:`Options.max_pause` until it runs again."""
         if self.walker.paused_timeout is not None:
             return
-        self.run.stopped_at = time.monotonic()
         self.walker.paused(max(0.5, self.options.max_pause - PAUSE_MARGIN))
 
     async def _notice_vcpu_stop(self) -> None:
@@ -253,6 +265,7 @@ class Controller:
         summary = Summary(True, "migration completed", time.monotonic() - t0, self.run.downtime, qemu_downtime,
                           sum(p.sent for p in self.pairs), self.run.copied, dict(self.run.phases),
                           guest_on="destination", unverified=self.unverified())
+        self.outage(summary)
         self.trace.emit("result", ok=True, message=summary.message)
         return summary
 
@@ -268,6 +281,14 @@ class Controller:
             if missing:
                 notes.append(f"{pair.name}: " + "; ".join(missing))
         return notes
+
+    def outage(self, summary: Summary) -> None:
+        """The devices' I/O outage, from the ends the walker noted."""
+        off = {p.name: p.src.dma_off_at for p in self.pairs if p.src.dma_off_at is not None}
+        on = {p.name: p.dst.running_at for p in self.pairs if p.dst.running_at is not None}
+        if off and on:
+            summary.device_outage = max(on.values()) - min(off.values())
+            summary.device_outages = {name: on[name] - off[name] for name in off if name in on}
 
     def progress(self, ram_remaining: int | None, pending: list[int]) -> None:
         """A pre-copy round's figures, for whoever watches the migration."""

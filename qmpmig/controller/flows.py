@@ -24,10 +24,10 @@ time (:class:`~.walk.Walker`), and into the trace.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
-import time
 from typing import TYPE_CHECKING
 
 from ..errors import MigrationFailed
@@ -51,9 +51,10 @@ async def migrate(c: Controller, running: bool) -> int | None:
     await preflight(c)
     c.run.we_stopped = False
     for pair in c.pairs:
-        pair.sent = 0
+        pair.sent, pair.moved_seconds = 0, 0.0
+        pair.src.dma_off_at = pair.dst.running_at = None
     c.trace.emit("phase", name="attempt", attempt=1)
-    await precopy.hold_switchover(c)
+    await precopy.prepare_switchover(c)
     await prepare_resume(c)
     qemu_downtime = await save(c, running)
     await resume(c, running)
@@ -165,7 +166,21 @@ async def resume(c: Controller, running: bool) -> None:
     await dst.qmp("cont")
     await dst.wait(lambda s: s.runstate == "running", "destination running")
     c.walker.resumed()
-    c.run.downtime = time.monotonic() - c.run.stopped_at
+    c.run.downtime = await _pause(c)
+
+
+async def _pause(c: Controller) -> float | None:
+    """The guest's pause by QEMU's own clocks: the source's STOP event to
+    the destination's RESUME event (their monitors may deliver the events a
+    little after the state is seen: up to a second is waited for)."""
+    stop = c.src.event_times.get("STOP")
+    for _ in range(100):
+        resume = c.dst.event_times.get("RESUME")
+        if stop is not None and resume is not None and resume >= stop:
+            return resume - stop
+        await asyncio.sleep(0.01)
+    log.warning("no STOP and RESUME events to measure the pause by")
+    return None
 
 
 async def finish_save(c: Controller) -> None:

@@ -1,18 +1,29 @@
-"""Pre-copy and the grace state: holding QEMU's switchover while the
-devices converge, NDMA with the vCPUs running, and the vCPU stop.
+"""Pre-copy and the grace state: the devices running (DMA logged) while
+QEMU sends guest RAM, QEMU held only near the end, the grace state (NDMA)
+with the vCPUs running, and the vCPU stop once what is left fits the
+downtime budget.
 
 QEMU switches over whenever what it has left, after a dirty-bitmap sync, is
-under bandwidth x downtime-limit; no setting stops that once its first RAM
-pass is done and the guest happens to dirty little (with downtime-limit 0,
-QEMU 7.2 does not even sync again: it switches over right after the first
-pass; reference/qemu-migration-qmp.md).  So the hold keeps the first pass
-from ending: max-bandwidth is held low until every device has converged and
-reached the grace state; then QEMU gets its bandwidth back.
+under its measured bandwidth x downtime-limit; no setting stops that once
+its first RAM pass is done and the guest happens to dirty little (with
+downtime-limit 0, QEMU 7.2 does not even sync again: it switches over right
+after the first pass; reference/qemu-migration-qmp.md), and max-bandwidth
+takes effect at once.  So QEMU sends RAM at full speed, downtime-limit at
+1 ms, while the devices run in PRE_COPY with their DMA logged (the
+controller copies the pages they write: seed 000's reason for the dirty
+log); a watcher holds QEMU's bandwidth low once its first pass is near its
+end, so the pass cannot end on its own; once the devices have converged
+too they enter the grace state, QEMU gets its bandwidth back with the
+budget as downtime-limit, and the vCPUs stop as soon as QEMU's RAM and the
+devices' pending data fit the budget at the rates measured in this
+migration.  The devices' DMA outage is then that last stretch, whatever
+the size of guest RAM.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -30,18 +41,58 @@ log = logging.getLogger("qmpmig.controller")
 
 HOLD_BANDWIDTH = 4 << 20
 HOLD_DOWNTIME_MS = 1
+#: QEMU is held once its first pass has this little left: what it sends in
+#: APPROACH_LEAD seconds at the measured rate, never less than APPROACH_MIN.
+APPROACH_LEAD = 0.25
+APPROACH_MIN = 32 << 20
+#: Seconds between two looks at QEMU's RAM.
+WATCH_EVERY = 0.02
+#: The estimate of what is left must improve within this many seconds, or
+#: the budget is raised (up to Options.max_downtime_limit).
+STALL_WINDOW = 1.0
 #: The migration capabilities the flow turns on, per side.
 CAPABILITIES = {"src": ("events", "pause-before-switchover"), "dst": ("events",)}
 #: The migration parameters the hold changes (on the source).
 PARAMETERS = ("max-bandwidth", "downtime-limit")
-#: Bytes a device may move per pre-copy round before convergence is looked at again.
+#: Bytes, and seconds, a device may move per pre-copy round before
+#: convergence is looked at again.
 PRECOPY_ROUND = 64 << 20
+PRECOPY_SLICE = 0.25
 
 
-async def hold_switchover(c: Controller) -> None:
-    """Capabilities for the flow, and QEMU's switchover held (unless the
-    no-hold negative control says otherwise); :attr:`Run.release` gives it
-    back, :func:`restore_settings` puts back what was there before."""
+class Rate:
+    """Bytes per second over the last ``window`` seconds of samples of a
+    growing count (bytes transferred)."""
+
+    def __init__(self, window: float = 0.5):
+        self.window = window
+        self.samples: list[tuple[float, int]] = []
+
+    def add(self, count: int | None) -> None:
+        if count is None:
+            return
+        now = time.monotonic()
+        self.samples.append((now, count))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
+            self.samples.pop(0)
+
+    def reset(self) -> None:
+        self.samples.clear()
+
+    @property
+    def per_second(self) -> float | None:
+        if len(self.samples) < 2 or self.samples[-1][0] - self.samples[0][0] <= 0:
+            return None
+        (t0, c0), (t1, c1) = self.samples[0], self.samples[-1]
+        return (c1 - c0) / (t1 - t0)
+
+
+async def prepare_switchover(c: Controller) -> None:
+    """Capabilities for the flow, downtime-limit at 1 ms for the pre-copy
+    (unless the no-hold negative control says otherwise); the bandwidth is
+    left as it is until the watcher holds it.  :attr:`Run.release` gives
+    QEMU its bandwidth back with the budget, :func:`restore_settings` puts
+    back what was there before."""
     for side in (c.src, c.dst):
         caps = {cap["capability"]: cap["state"] for cap in await side.qemu.execute("query-migrate-capabilities")}
         c.run.settings[side.name] = {"capabilities": [
@@ -52,11 +103,31 @@ async def hold_switchover(c: Controller) -> None:
     for side in (c.src, c.dst):
         await side.qmp("migrate-set-capabilities", {"capabilities": [
             {"capability": name, "state": True} for name in CAPABILITIES[side.name]]})
+    c.run.budget = c.options.downtime_limit
     c.run.release = {"max-bandwidth": params.get("max-bandwidth", 128 << 20),
                      "downtime-limit": c.options.downtime_limit}
     if "no-hold" not in c.options.debug:
-        await c.src.qmp("migrate-set-parameters", {"downtime-limit": HOLD_DOWNTIME_MS,
-                                                   "max-bandwidth": HOLD_BANDWIDTH})
+        await c.src.qmp("migrate-set-parameters", {"downtime-limit": HOLD_DOWNTIME_MS})
+
+
+async def watch_ram(c: Controller) -> None:
+    """While QEMU sends its first pass at full speed: its rate, and the hold
+    (max-bandwidth low) once what is left is near its end."""
+    rate = c.run.ram_rate
+    while not c.run.held:
+        info = await c.src.qemu.query_migrate()
+        if info.status not in PRECOPY:
+            return
+        rate.add(info.ram_transferred)
+        c.run.ram_remaining = left = info.ram_remaining
+        near = max(APPROACH_MIN, (rate.per_second or 0) * APPROACH_LEAD)
+        if left is not None and left <= near and "no-hold" not in c.options.debug:
+            await c.src.qmp("migrate-set-parameters", {"max-bandwidth": HOLD_BANDWIDTH})
+            c.run.held = True
+            log.info("QEMU held with %d MiB of its first pass left (%.0f MiB/s)", left >> 20,
+                     (rate.per_second or 0) / 2**20)
+            return
+        await asyncio.sleep(WATCH_EVERY)
 
 
 async def restore_settings(c: Controller) -> list[str]:
@@ -85,25 +156,71 @@ async def put_back(execute, saved: dict) -> None:
 
 
 async def converge(c: Controller) -> None:
-    """Pre-copy until every device and QEMU's RAM have converged."""
+    """Pre-copy, the devices running, until QEMU is held near the end of its
+    first pass (or, without the hold, has sent as much as it would) and
+    every device has converged: at most ``threshold`` pending, or all of
+    it within the budget at the rate it moves.  Where the devices stop
+    converging, the budget is raised (:class:`Stall`), or the migration
+    fails before any device left PRE_COPY."""
     opts = c.options
     start = time.monotonic()
-    while True:
-        await asyncio.gather(*(c.pump.move(p, PRECOPY_ROUND) for p in c.pairs))
-        for pair in c.pairs:
-            await c.pump.dma_report(pair)
-        await check_still_precopy(c)
-        pending = [await p.src.device.pending() for p in c.pairs]
-        ram = (await c.src.qemu.query_migrate()).ram_remaining
-        elapsed = time.monotonic() - start
-        c.progress(ram, pending)
-        if elapsed >= opts.min_precopy and max(pending, default=0) <= opts.threshold:
+    stall = Stall(c)
+    watcher = asyncio.create_task(watch_ram(c))
+    try:
+        while True:
+            await asyncio.gather(*(c.pump.move(p, PRECOPY_ROUND, PRECOPY_SLICE) for p in c.pairs))
+            for pair in c.pairs:
+                await c.pump.dma_report(pair)
+            await check_still_precopy(c)
+            if watcher.done():
+                watcher.result()            # its failure, if it failed
+            pending = [await p.src.device.pending() for p in c.pairs]
+            c.progress(c.run.ram_remaining, pending)
+            devices_ms = _devices_ms(c, pending)
+            fits = max(pending, default=0) <= opts.threshold or (devices_ms is not None
+                                                                 and devices_ms <= c.run.budget)
+            if not (c.run.held or "no-hold" in opts.debug):
+                await asyncio.sleep(0.05)
+                continue
+            if time.monotonic() - start >= opts.min_precopy and fits:
+                return
+            await stall.check(devices_ms, f"the devices have {sum(pending) >> 10} KiB pending "
+                                          f"({_rates(c)}), QEMU is held")
+            await asyncio.sleep(0.05)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError, QmpmigError):
+            await watcher
+
+
+class Stall:
+    """What is left (an estimate in ms) must keep falling: where it has not
+    improved for STALL_WINDOW, the budget doubles, up to
+    max_downtime_limit; past that, or past max_precopy, the migration fails
+    with the figures."""
+
+    def __init__(self, c: Controller):
+        self.c = c
+        self.best, self.since = float("inf"), time.monotonic()
+        self.deadline = self.since + c.options.max_precopy
+
+    async def check(self, left_ms: float | None, figures: str) -> None:
+        c, now = self.c, time.monotonic()
+        if left_ms is not None and left_ms < 0.95 * self.best:
+            self.best, self.since = left_ms, now
             return
-        if elapsed > opts.max_precopy:
-            log.warning("pre-copy did not converge in %.0f s (pending %s, RAM %s): going on",
-                        elapsed, pending, ram)
+        if now - self.since <= STALL_WINDOW and now <= self.deadline:
             return
-        await asyncio.sleep(0.1)
+        limit = c.options.max_downtime_limit
+        if c.run.budget >= limit or now > self.deadline:
+            raise MigrationFailed(f"pre-copy does not converge: {figures}; estimated "
+                                  f"{'?' if left_ms is None else round(left_ms)} ms against a budget of "
+                                  f"{c.run.budget} ms (--max-downtime-limit {limit} ms)")
+        c.run.budget = min(2 * c.run.budget, limit)
+        log.warning("pre-copy stalls (%s): downtime budget raised to %d ms", figures, c.run.budget)
+        c.trace.emit("phase", name="budget", budget_ms=c.run.budget)
+        await _release(c)
+        self.best, self.since = float("inf"), now
 
 
 async def grace(c: Controller) -> None:
@@ -120,31 +237,75 @@ async def grace(c: Controller) -> None:
     await drain_page_requests(c)
     if not c.run.we_stopped:
         await check_still_precopy(c)
-        await ram_precopy(c)
+        await switch_over(c)
 
 
-async def ram_precopy(c: Controller) -> None:
-    """Every device is in the grace state: release QEMU, let its RAM
-    pre-copy converge while the devices stream what still changes, and stop
-    the vCPUs once it has (unless QEMU stopped them itself, which is the
-    reference flow's vCPU stop too now that every device is in NDMA)."""
-    opts = c.options
-    await c.src.qmp("migrate-set-parameters", c.run.release)
-    deadline = time.monotonic() + opts.max_precopy
+async def switch_over(c: Controller) -> None:
+    """Every device is in the grace state: release QEMU with the budget,
+    let the rest of its RAM and the devices' data go, and stop the vCPUs
+    once what is left fits the budget at this migration's rates (unless
+    QEMU stopped them itself, its own judgement of the same).  A stall
+    raises the budget, or fails (:class:`Stall`)."""
+    c.run.held = False
+    await _release(c)
+    stall = Stall(c)
     while True:
-        await asyncio.gather(*(c.pump.move(p, PRECOPY_ROUND) for p in c.pairs))
+        await asyncio.gather(*(c.pump.move(p, PRECOPY_ROUND, PRECOPY_SLICE) for p in c.pairs))
         if c.src.vm.status in ENDING or c.src.gone or c.dst.gone:
             await check_still_precopy(c)
         if c.src.vm.runstate != "running":
             c.vcpus_stopped()
             return
-        ram = (await c.src.qemu.query_migrate()).ram_remaining
-        c.progress(ram, [])
-        if ram is not None and ram <= opts.ram_threshold or time.monotonic() > deadline:
+        info = await c.src.qemu.query_migrate()
+        c.run.ram_rate.add(info.ram_transferred)
+        c.run.ram_remaining = info.ram_remaining
+        pending = [await p.src.device.pending() for p in c.pairs]
+        c.progress(info.ram_remaining, pending)
+        left_ms = _estimate_ms(c, info.ram_remaining, pending)
+        if left_ms is not None and left_ms <= c.run.budget:
             await drain_page_requests(c)
             await stop_vcpus(c)
             return
-        await asyncio.sleep(0.02)
+        await stall.check(left_ms, f"QEMU has {(info.ram_remaining or 0) >> 20} MiB of RAM left, "
+                                   f"the devices {sum(pending) >> 10} KiB ({_rates(c)})")
+        await asyncio.sleep(0.05)
+
+
+async def _release(c: Controller) -> None:
+    """QEMU's downtime-limit: the budget less what the devices' pending data
+    will take at their rates; and, unless held, its bandwidth back."""
+    pending = [await p.src.device.pending() for p in c.pairs]
+    c.run.release["downtime-limit"] = max(HOLD_DOWNTIME_MS, int(c.run.budget - (_devices_ms(c, pending) or 0)))
+    if not c.run.held:
+        await c.src.qmp("migrate-set-parameters", c.run.release)
+        c.run.ram_rate.reset()
+
+
+def _rates(c: Controller) -> str:
+    """The throughputs measured so far, for a message."""
+    ram = c.run.ram_rate.per_second
+    devices = ", ".join(f"{p.name} {(p.rate or 0) / 2**20:.0f} MiB/s" for p in c.pairs)
+    return f"QEMU {'?' if ram is None else f'{ram / 2**20:.0f}'} MiB/s, {devices}"
+
+
+def _devices_ms(c: Controller, pending: list[int]) -> float | None:
+    """Milliseconds the devices' pending data takes at their rates so far
+    (one after another, as stop-copy reads them)."""
+    total = 0.0
+    for pair, left in zip(c.pairs, pending):
+        rate = pair.rate
+        if left and not rate:
+            return None
+        total += left / rate * 1000 if left else 0.0
+    return total
+
+
+def _estimate_ms(c: Controller, ram_left: int | None, pending: list[int]) -> float | None:
+    """Milliseconds QEMU's RAM and the devices' data left would take."""
+    rate, devices = c.run.ram_rate.per_second, _devices_ms(c, pending)
+    if ram_left is None or not rate or devices is None:
+        return None
+    return ram_left / rate * 1000 + devices
 
 
 async def check_still_precopy(c: Controller) -> None:

@@ -10,6 +10,7 @@ clear) and, once QEMU's RAM load is done, copies those pages itself.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 
 from ..migration import fsm
@@ -27,14 +28,21 @@ class Pair:
     dst: DeviceEnd
     #: Guest pages (by number) the source device wrote by DMA this migration.
     dirty: set[int] = field(default_factory=set)
-    #: Stream bytes moved from source to destination this migration.
+    #: Stream bytes moved from source to destination this migration, and
+    #: the seconds spent moving them.
     sent: int = 0
+    moved_seconds: float = 0.0
     #: QMPMIG_STATE_HASH of the source at the end of its stream and of the
     #: destination once it left RESUMING (None where the device has none).
     src_hash: bytes | None = None
     dst_hash: bytes | None = None
     #: What the hashes are of: "QMPMIG_STATE_HASH" or "regions I,J".
     compared: str | None = None
+
+    @property
+    def rate(self) -> float | None:
+        """Bytes per second the stream has moved at, this migration."""
+        return self.sent / self.moved_seconds if self.moved_seconds else None
 
 
 class Pump:
@@ -46,19 +54,22 @@ class Pump:
         #: QMPMIG_STATE_HASH.
         self.regions = regions
 
-    async def move(self, pair: Pair, limit: int | None = None) -> int:
+    async def move(self, pair: Pair, limit: int | None = None, seconds: float | None = None) -> int:
         """Source data to the destination device until none is available
-        (or ``limit`` bytes moved: pre-copy comes back up for air)."""
+        (or ``limit`` bytes, or ``seconds``, have gone: pre-copy comes back
+        up for air)."""
         src, dst = pair.src, pair.dst
         if src.state not in fsm.SAVING_GROUP:
             return 0
-        moved = 0
-        while (limit is None or moved < limit) and (
+        moved, start = 0, time.monotonic()
+        until = start + seconds if seconds is not None else float("inf")
+        while (limit is None or moved < limit) and time.monotonic() < until and (
                 data := await self.walker.call(src, src.device.read_data(), "a data read")):
             await self.walker.call(dst, dst.device.write_data(data), "a data write")
             moved += len(data)
         if moved:
             pair.sent += moved
+            pair.moved_seconds += time.monotonic() - start
             src.side.trace.emit("data", side=src.side.name, device=pair.name, bytes=moved)
         return moved
 

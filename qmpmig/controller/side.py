@@ -39,6 +39,10 @@ class DeviceEnd:
     state: MigState = MigState.ERROR
     #: IO page requests raised and not yet completed.
     outstanding: int = 0
+    #: This migration: when (monotonic) the device acknowledged leaving the
+    #: states where it may do DMA (source), or entering RUNNING (destination).
+    dma_off_at: float | None = None
+    running_at: float | None = None
 
 
 class Side:
@@ -61,6 +65,8 @@ class Side:
         #: How many (run state, migration status) changes QEMU has reported.
         self.updates = 0
         self.vcpus_running = asyncio.Event()
+        #: QMP event name -> QEMU's timestamp of its latest one (host clock, s).
+        self.event_times: dict[str, float] = {}
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task] = []
 
@@ -143,7 +149,11 @@ class Side:
     async def _record_events(self) -> None:
         with self.qemu.listener(()) as events:
             async for event in events:
-                self.trace.emit("qmp_event", side=self.name, event=event["event"], data=event.get("data", {}))
+                stamp = event.get("timestamp", {})
+                qemu_time = stamp.get("seconds", 0) + stamp.get("microseconds", 0) / 1e6
+                self.event_times[event["event"]] = qemu_time
+                self.trace.emit("qmp_event", side=self.name, event=event["event"], data=event.get("data", {}),
+                                qemu_time=qemu_time)
 
     async def wait(self, pred: Callable[[VmState], bool], what: str, timeout: float | None = None) -> VmState:
         """Wait until the (run state, migration status) satisfies ``pred``;

@@ -43,6 +43,19 @@ def past_grace(role: str, state: MigState) -> bool:
     return state is MigState.RUNNING
 
 
+#: The states in which a device may do DMA (seed 000: not NDMA, not stopped).
+DMA_CAPABLE = frozenset({MigState.RUNNING, MigState.PRE_COPY})
+
+
+def _outage(end: DeviceEnd, state: MigState) -> None:
+    """Note the ends of a device's I/O outage: the source device's first
+    state without DMA, the destination device's RUNNING."""
+    if end.side.role == "source" and state not in DMA_CAPABLE and end.dma_off_at is None:
+        end.dma_off_at = time.monotonic()
+    elif end.side.role == "destination" and state is MigState.RUNNING:
+        end.running_at = time.monotonic()
+
+
 def grace_target(end: DeviceEnd) -> MigState:
     """Where a device waits out a grace state: the P2P state next to where it
     is; a device without P2P stays where it is (seed 000: the NDMA states are
@@ -131,6 +144,7 @@ class Walker:
                 raise MigrationFailed(f"{side} device {end.name}: {cur.name} -> {step.name} failed: {err}") from err
             trace.emit("device_state", side=side, device=end.name, **{"from": cur, "to": step})
             end.state = cur = step
+            _outage(end, step)
 
     async def reset(self, end: DeviceEnd) -> None:
         """DEVICE_RESET: RUNNING from any state."""

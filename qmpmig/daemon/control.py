@@ -83,8 +83,8 @@ def _hex(value: object) -> bool:
 
 def _options(value: object) -> bool:
     number = (int, float)
-    kinds = {"threshold": int, "ram_threshold": int, "min_precopy": number, "max_precopy": number,
-             "downtime_limit": int, "page_request_timeout": number, "device_timeout": number,
+    kinds = {"threshold": int, "min_precopy": number, "max_precopy": number,
+             "downtime_limit": int, "max_downtime_limit": int, "page_request_timeout": number, "device_timeout": number,
              "timeout": number, "max_pause": number, "device_flags": int, "compare_regions": list,
              "debug": list}
     return isinstance(value, dict) and all(

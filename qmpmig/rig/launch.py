@@ -39,6 +39,8 @@ class LaunchOptions:
     state_size: str = "16M"
     memory_mib: int = 256
     dma_rate: int = 500
+    #: Internal pages each reference device rewrites per second.
+    mutate_rate: int = 200
     fault_stride: int = 0
     mig_flags: str | None = None
     device_defects: tuple[str, ...] = ()
@@ -55,7 +57,8 @@ class LaunchOptions:
 
     def device_argv(self) -> tuple[str, ...]:
         argv = ["--migration", self.protocol, "--state-size", self.state_size,
-                "--dma-rate", str(self.dma_rate), "--fault-stride", str(self.fault_stride)]
+                "--dma-rate", str(self.dma_rate), "--mutate-rate", str(self.mutate_rate),
+                "--fault-stride", str(self.fault_stride)]
         if self.mig_flags:
             argv += ["--mig-flags", self.mig_flags]
         for defect in self.device_defects:
@@ -98,6 +101,13 @@ class Watch:
                 started = started or phase is not None
                 await asyncio.sleep(0.002)
         return phase
+
+    async def devices_over(self, vm: str, seconds: float = 0.3) -> tuple[dict, dict]:
+        """VM ``vm``'s devices now and ``seconds`` later (their DMA going on
+        shows between the two)."""
+        first = await self.devices(vm) or {}
+        await asyncio.sleep(seconds)
+        return first, await self.devices(vm) or {}
 
     async def devices(self, vm: str) -> dict[str, dict] | None:
         """VM ``vm``'s devices as the daemon describes them (None: not attached)."""
@@ -218,9 +228,7 @@ async def _verify(report: Report, rig: Rig, watch: Watch, hashes: dict, dst_ram:
         report.checks["heartbeat"] = None
     except Exception as err:
         report.checks["heartbeat"] = f"the guest did not go on at the destination: {err}"
-    first = await watch.devices("dst") or {}
-    await asyncio.sleep(0.3)
-    second = await watch.devices("dst") or {}
+    first, second = await watch.devices_over("dst")
     for i, (name, (src_hash, dst_hash, compared)) in enumerate(sorted(hashes.items())):
         if compared:
             report.checks[f"{name} state"] = (None if src_hash and src_hash == dst_hash else
@@ -270,9 +278,7 @@ async def _verify_source_survived(report: Report, rig: Rig, watch: Watch, src_ra
         report.checks["source heartbeat"] = None
     except Exception as err:
         report.checks["source heartbeat"] = f"the source guest stopped: {err}"
-    first = await watch.devices("src") or {}
-    await asyncio.sleep(0.3)
-    second = await watch.devices("src") or {}
+    first, second = await watch.devices_over("src")
     for i, name in enumerate(f"dev{i}" for i in range(len(rig.devices))):
         key, now = f"source {name}", second.get(name, {})
         if not reference:

@@ -61,6 +61,7 @@ class Progress:
 
 def _controller_options(args) -> Options:
     return Options(threshold=args.threshold, downtime_limit=args.downtime_limit,
+                   max_downtime_limit=max(args.max_downtime_limit, args.downtime_limit),
                    timeout=args.timeout, max_pause=args.max_pause, debug=frozenset(args.debug),
                    device_flags=int(args.device_flags), compare_regions=tuple(args.compare_regions))
 
@@ -92,9 +93,11 @@ def _summary_dict(summary, report=None) -> dict:
 
 def _print_summary(d: dict) -> None:
     print(("OK: " if d["ok"] else "FAILED: ") + d["message"])
-    print(f"  total {d['total_time_s']} s, guest paused {d['downtime_s']} s "
-          f"(QEMU's own downtime {d['qemu_downtime_ms']} ms), device data {d['device_bytes']} bytes, "
-          f"DMA-dirty pages copied {d['dma_pages_copied']}")
+    print(f"  total {d['total_time_s']} s; guest paused {d['downtime_s']} s (QEMU's STOP to RESUME events; "
+          f"QEMU's own downtime {d['qemu_downtime_ms']} ms); device I/O outage {d.get('device_outage_s')} s "
+          f"(first device without DMA to last destination device RUNNING)")
+    print(f"  device data {d['device_bytes']} bytes, DMA-dirty pages copied {d['dma_pages_copied']}"
+          + "".join(f"; {name} outage {s} s" for name, s in d.get("device_outages_s", {}).items()))
     print("  phases: " + ", ".join(f"{k} {v}s" for k, v in d["phases_s"].items()))
     for note in d.get("unverified", ()):
         print(f"  not verified: {note}")
@@ -317,7 +320,11 @@ def parser() -> argparse.ArgumentParser:
                    help="for devices without qmpmig's state hash: compare these regions' contents, "
                         "source at the stop against destination after the load")
     m.add_argument("--threshold", type=int, default=1 << 20, help="device bytes pending to end pre-copy")
-    m.add_argument("--downtime-limit", type=int, default=300, help="QEMU downtime-limit (ms) after the vCPU stop")
+    m.add_argument("--max-downtime", "--downtime-limit", dest="downtime_limit", type=int, default=300,
+                   metavar="MS", help="the downtime budget: the vCPUs stop once QEMU's RAM and the devices' data "
+                                      "left fit it at this migration's rates (default %(default)s ms)")
+    m.add_argument("--max-downtime-limit", type=int, default=2000, metavar="MS",
+                   help="how far the budget may be raised when pre-copy stalls (default %(default)s ms)")
     m.add_argument("--timeout", type=float, default=300.0)
     m.add_argument("--max-pause", type=float, default=5.0,
                    help="seconds a device that fails to answer may keep the guest paused (default %(default)s)")
