@@ -20,7 +20,8 @@ from . import savestream
 from .savestream import CHUNK
 from .state import InternalState
 
-RUN_PAGES = 16
+#: Pages per PAGE chunk of the first pass (1 MiB: savestream.MAX_PAYLOAD).
+RUN_PAGES = 256
 #: What the register and end chunks add to the stream, at most.
 REGS_ESTIMATE = 4096
 
@@ -70,10 +71,9 @@ class Saver:
         state = self.state
         if self._next < state.pages:
             n = min(RUN_PAGES, state.pages - self._next)
-            for page in range(self._next, self._next + n):
-                state.clear_dirty(page)
-            data = state.data[self._next * PAGE_SIZE:(self._next + n) * PAGE_SIZE]
-            self._pending += savestream.encode(b"PAGE", self._next, bytes(data))
+            state.clear_dirty(self._next, n)
+            data = memoryview(state.data)[self._next * PAGE_SIZE:(self._next + n) * PAGE_SIZE]
+            self._pending += savestream.encode(b"PAGE", self._next, data)
             self._next += n
         elif state.dirty_pages:
             for page in state.take_dirty(RUN_PAGES):

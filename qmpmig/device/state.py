@@ -74,10 +74,10 @@ class InternalState:
         self._ndirty -= len(taken)
         return taken
 
-    def clear_dirty(self, page: int) -> None:
-        if self._dirty[page]:
-            self._dirty[page] = 0
-            self._ndirty -= 1
+    def clear_dirty(self, first: int, count: int = 1) -> None:
+        """Pages [first, first + count) clean again."""
+        self._ndirty -= self._dirty.count(1, first, first + count)
+        self._dirty[first:first + count] = bytes(count)
 
     def page(self, n: int) -> bytes:
         return bytes(self.data[n * PAGE_SIZE:(n + 1) * PAGE_SIZE])

@@ -247,6 +247,19 @@ class Servers:
         if path not in self.procs:
             self.procs[path] = DeviceProcess(path, command=self.command).start()
 
+    def restart(self, path: str) -> bool:
+        """A fresh server on ``path`` after the one there refused a
+        connection (a server of one client that is still on its way out);
+        False when check does not start the servers."""
+        if not self.command:
+            return False
+        self.ended(path)
+        proc = self.procs.pop(path, None)
+        if proc is not None:
+            proc.close()
+        self.procs[path] = DeviceProcess(path, command=self.command).start()
+        return True
+
     def settle(self, path: str, lost: bool) -> None:
         """Note how the server of ``path`` ended if it has; when its client
         was ``lost``, first give it a moment to exit."""
@@ -281,7 +294,12 @@ async def _connect(path: str, protocol: str | None, servers: Servers, probing: b
     CheckError (exit status 2), not a failed rule."""
     try:
         servers.ensure(path)
-        return await asyncio.wait_for(RemoteDevice.open(path, protocol), REPLY_TIMEOUT)
+        try:
+            return await asyncio.wait_for(RemoteDevice.open(path, protocol), REPLY_TIMEOUT)
+        except (ConnectionRefusedError, FileNotFoundError):
+            if not servers.restart(path):
+                raise
+            return await asyncio.wait_for(RemoteDevice.open(path, protocol), REPLY_TIMEOUT)
     except (OSError, ValueError, TimeoutError, QmpmigError) as err:
         if not probing:
             raise
@@ -920,7 +938,12 @@ async def _raw(ctx: Context) -> AsyncIterator[tuple[socketlib.socket, dict]]:
     try:
         try:
             ctx.servers.ensure(ctx.socket, after_close=True)
-            await loop.sock_connect(sock, ctx.socket)
+            try:
+                await loop.sock_connect(sock, ctx.socket)
+            except (ConnectionRefusedError, FileNotFoundError):
+                if not ctx.servers.restart(ctx.socket):
+                    raise
+                await loop.sock_connect(sock, ctx.socket)
         except (OSError, QmpmigError) as err:
             raise Skip(f"needs connections of its own, and the server takes no more ({reason(err)})"
                        f"{ctx.servers.ended(ctx.socket)}") from None
