@@ -11,9 +11,11 @@ region's mmap'd window where it offers one.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import mmap
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -312,9 +314,29 @@ class V1Device(RemoteDevice):
 async def drain(src: RemoteDevice, dst: RemoteDevice | None = None) -> int:
     """Read the source's data until it has none (now, or ever), writing each
     piece to ``dst``; return the bytes moved."""
-    moved = 0
-    while data := await src.read_data():
-        if dst is not None:
-            await dst.write_data(data)
-        moved += len(data)
+    return await relay(src.read_data, dst.write_data if dst is not None else None)
+
+
+async def relay(read: Callable[[], Awaitable[bytes]], write: Callable[[bytes], Awaitable[None]] | None,
+                more: Callable[[int], bool] = lambda moved: True) -> int:
+    """Read until a read brings nothing (or ``more(moved)`` says enough),
+    writing each piece in order, pipelined: the next read is in flight
+    while the last piece is written.  The bytes moved."""
+    moved, writing = 0, None
+    try:
+        while more(moved):
+            data = await read()
+            if writing is not None:
+                await writing
+                writing = None
+            if not data:
+                break
+            if write is not None:
+                writing = asyncio.ensure_future(write(data))
+            moved += len(data)
+        if writing is not None:
+            await writing
+    finally:
+        if writing is not None and not writing.done():
+            writing.cancel()
     return moved

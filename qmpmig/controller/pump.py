@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ..migration import fsm
 from ..vfio_user.uapi import PAGE_SIZE, bitmap_pages
+from .devices import relay
 from .side import DeviceEnd
 from .walk import Walker
 
@@ -61,12 +62,11 @@ class Pump:
         src, dst = pair.src, pair.dst
         if src.state not in fsm.SAVING_GROUP:
             return 0
-        moved, start = 0, time.monotonic()
+        start = time.monotonic()
         until = start + seconds if seconds is not None else float("inf")
-        while (limit is None or moved < limit) and time.monotonic() < until and (
-                data := await self.walker.call(src, src.device.read_data(), "a data read")):
-            await self.walker.call(dst, dst.device.write_data(data), "a data write")
-            moved += len(data)
+        moved = await relay(lambda: self.walker.call(src, src.device.read_data(), "a data read"),
+                            lambda data: self.walker.call(dst, dst.device.write_data(data), "a data write"),
+                            lambda moved: (limit is None or moved < limit) and time.monotonic() < until)
         if moved:
             pair.sent += moved
             pair.moved_seconds += time.monotonic() - start
