@@ -117,7 +117,8 @@ async def save(c: Controller, running: bool) -> int | None:
     # SAVING|!RUNNING (STOP_COPY) at pre-switchover: the rest of each
     # stream to its end, the last DMA log, then QEMU finishes.
     c.enter("stop-copy")
-    await src.qmp("migrate-set-parameters", c.run.release)
+    if c.run.held:                      # the vCPUs stopped with QEMU still held
+        await src.qmp("migrate-set-parameters", c.run.release)
     await src.status("pre-switchover")
     await c.walker.walk_all(src, c.lifecycle_target)
     for pair in c.pairs:

@@ -268,7 +268,7 @@ async def switch_over(c: Controller) -> None:
             return
         await stall.check(left_ms, f"QEMU has {(info.ram_remaining or 0) >> 20} MiB of RAM left, "
                                    f"the devices {sum(pending) >> 10} KiB ({_rates(c)})")
-        await asyncio.sleep(0.05)
+        await c.src.next_update(0.05)
 
 
 async def _release(c: Controller) -> None:

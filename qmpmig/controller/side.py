@@ -171,6 +171,14 @@ class Side:
             raise MigrationFailed(f"{self.name} QEMU died ({self.gone}) waiting for {what}")
         return self.vm
 
+    async def next_update(self, timeout: float) -> None:
+        """Until QEMU reports a change of (run state, migration status), or
+        goes away, or ``timeout`` passes: a poll that wakes at once."""
+        seen = self.updates
+        with contextlib.suppress(asyncio.TimeoutError):
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self.updates != seen or self.gone), timeout)
+
     async def wait_gone(self, timeout: float) -> bool:
         """Whether QEMU's monitor closes within ``timeout`` seconds."""
         with contextlib.suppress(asyncio.TimeoutError):
