@@ -25,6 +25,6 @@ def test_bench_smoke_prints_every_figure_beside_its_baseline(guest_image):
     data = out["data_path"]
     assert data["hashes_equal"] and data["bytes"] > 16 << 20
     assert data["relay_s"] > 0 and data["raw_socket_s"] > 0 and data["memory_copy_s"] > 0
-    assert out["reaction"]["samples"] >= 2 and out["reaction"]["median_s"] > 0
+    assert out["reaction"]["samples"] >= 1 and out["reaction"]["median_s"] > 0
     (devices,) = out["devices"]
     assert devices["devices"] == 1 and devices["ok"]

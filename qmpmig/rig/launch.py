@@ -227,7 +227,8 @@ async def _verify(report: Report, rig: Rig, watch: Watch, hashes: dict, dst_ram:
         report.heartbeat = (last_src_beat, beat)
         report.checks["heartbeat"] = None
     except Exception as err:
-        report.checks["heartbeat"] = f"the guest did not go on at the destination: {err}"
+        status = await rig.dst_qmp.query_status()
+        report.checks["heartbeat"] = f"the guest did not go on at the destination ({status.runstate}): {err}"
     first, second = await watch.devices_over("dst")
     for i, (name, (src_hash, dst_hash, compared)) in enumerate(sorted(hashes.items())):
         if compared:
