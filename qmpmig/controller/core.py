@@ -245,8 +245,6 @@ class Controller:
         try:
             qemu_downtime = await flows.migrate(self, running)
         except (Exception, asyncio.CancelledError, KeyboardInterrupt) as err:
-            if noticing:
-                noticing.cancel()
             interrupted = isinstance(err, (asyncio.CancelledError, KeyboardInterrupt))
             if not interrupted and not isinstance(err, (QmpmigError, OSError, ValueError)):
                 log.exception("migration flow failed")
@@ -259,8 +257,9 @@ class Controller:
             if interrupted:
                 raise
             return summary
-        if noticing:
-            noticing.cancel()
+        finally:
+            if noticing:                # idle once recovery or the end has begun
+                noticing.cancel()
         self.enter("done")
         summary = Summary(True, "migration completed", time.monotonic() - t0, self.run.downtime, qemu_downtime,
                           sum(p.sent for p in self.pairs), self.run.copied, dict(self.run.phases),

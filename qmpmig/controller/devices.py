@@ -150,15 +150,14 @@ class V2Device(RemoteDevice):
         STOP_COPY: MIG_DATA_SIZE where offered, else a chunk until the
         stream ends."""
         state = await self.state()
-        if state in (MigState.PRE_COPY, MigState.PRE_COPY_P2P):
-            if "QMPMIG_PRECOPY_INFO" not in self.extensions:
-                return 0 if self.drained else self.chunk_size
+        precopy = state in (MigState.PRE_COPY, MigState.PRE_COPY_P2P)
+        if not precopy and state is not MigState.STOP_COPY:
+            return 0
+        if ("QMPMIG_PRECOPY_INFO" if precopy else "MIG_DATA_SIZE") not in self.extensions:
+            return 0 if self.drained else self.chunk_size
+        if precopy:
             info = await self.client.precopy_info()
             return info.initial_bytes + info.dirty_bytes
-        if state is not MigState.STOP_COPY:
-            return 0
-        if "MIG_DATA_SIZE" not in self.extensions:
-            return 0 if self.drained else self.chunk_size
         return await self.client.mig_data_size()
 
     async def read_data(self) -> bytes:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from ..errors import EarlySwitchover, MigrationFailed, QmpmigError
 from ..migration import fsm
 from ..migration.states import MigState
-from ..qemu.qmp import ENDING, PRECOPY
+from ..qemu.qmp import ENDING, PRECOPY, Qemu
 from .walk import grace_target
 
 if TYPE_CHECKING:
@@ -128,6 +128,15 @@ async def watch_ram(c: Controller) -> None:
                      (rate.per_second or 0) / 2**20)
             return
         await asyncio.sleep(WATCH_EVERY)
+
+
+async def settings_now(qemu: Qemu) -> dict:
+    """The source capabilities and the parameters a migration changes, as
+    QEMU has them now."""
+    caps = {c["capability"]: c["state"] for c in await qemu.execute("query-migrate-capabilities")}
+    params = await qemu.execute("query-migrate-parameters")
+    return {"capabilities": {name: caps.get(name) for name in CAPABILITIES["src"]},
+            "parameters": {name: params.get(name) for name in PARAMETERS}}
 
 
 async def restore_settings(c: Controller) -> list[str]:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..controller import Controller, Options, RemoteDevice, Side, Trace
-from ..controller.precopy import CAPABILITIES, PARAMETERS
+from ..controller.precopy import settings_now
 from ..device.bar0 import is_reference, read_register, start_ring
 from ..errors import QmpmigError, reason
 from ..qemu.guestmem import GuestRam
@@ -347,7 +347,7 @@ class Owner:
                      "status": state and state.status, "gone": vm.side.gone, "busy": vm.busy, "devices": devices}
         if not vm.busy and not vm.side.gone:
             with contextlib.suppress(QmpmigError):
-                described["settings"] = await _migration_settings(vm.side.qemu)
+                described["settings"] = await settings_now(vm.side.qemu)
         return described
 
     # -- migrations ----------------------------------------------------------
@@ -418,14 +418,6 @@ class Owner:
         self.stopping = True
         self.stopped.set()
         return {"stopping": os.getpid()}
-
-
-async def _migration_settings(qemu: Qemu) -> dict:
-    """The capabilities and parameters a migration changes, as QEMU has them now."""
-    caps = {c["capability"]: c["state"] for c in await qemu.execute("query-migrate-capabilities")}
-    params = await qemu.execute("query-migrate-parameters")
-    return {"capabilities": {name: caps.get(name) for name in CAPABILITIES["src"]},
-            "parameters": {name: params.get(name) for name in PARAMETERS}}
 
 
 #: Seconds a device may take to answer ``status``.

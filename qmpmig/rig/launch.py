@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..controller import Options, Summary
+from ..controller.precopy import settings_now
 from ..daemon import client
 from ..daemon.control import ControlError
 from ..device import records
@@ -149,7 +150,7 @@ async def launch(opts: LaunchOptions, progress: Callable[[dict], None] | None = 
             side_task = asyncio.create_task(during(rig, watch))
         await asyncio.sleep(opts.settle)
         last_src_beat = rig.src.last_heartbeat()
-        settings = await _settings(rig.src_qmp)
+        settings = await settings_now(rig.src_qmp)
         request = client.call(run_dir, "migrate", src="src", dst="dst", uri=rig.uri, trace=str(trace_path),
                               options=opts.controller.as_request())
         result = await client.reporting(run_dir, request, progress, "src")
@@ -171,7 +172,7 @@ async def launch(opts: LaunchOptions, progress: Callable[[dict], None] | None = 
             if any(r["kind"] == "qmp_command" and r["command"] == "migrate-incoming" for r in report.records):
                 await _verify_destination_ended(report, rig)
         if rig.src.proc.poll() is None:
-            now = await _settings(rig.src_qmp)
+            now = await settings_now(rig.src_qmp)
             report.checks["source QEMU settings"] = None if now == settings else f"{settings} before, {now} after"
         report.violations = tracecheck.check(report.records)
         return report
@@ -186,14 +187,6 @@ async def launch(opts: LaunchOptions, progress: Callable[[dict], None] | None = 
             with contextlib.suppress(ValueError, OSError):
                 ram.close()
         await rig.close()
-
-
-async def _settings(qemu) -> dict:
-    """The source's migration settings qmpmig may change."""
-    caps = {c["capability"]: c["state"] for c in await qemu.execute("query-migrate-capabilities")}
-    params = await qemu.execute("query-migrate-parameters")
-    return {"events": caps.get("events"), "pause-before-switchover": caps.get("pause-before-switchover"),
-            "max-bandwidth": params.get("max-bandwidth"), "downtime-limit": params.get("downtime-limit")}
 
 
 async def _dst_paused(rig: Rig) -> bool:
