@@ -28,7 +28,7 @@ async def test_every_message_type_v2(spawn_device):
     dev = spawn_device("--state-size", "1M")
     c = await Client.connect(str(dev.socket))
     try:
-        assert c.capabilities["max_data_xfer_size"] == MiB
+        assert c.capabilities["max_data_xfer_size"] == codec.QMPMIG_MAX_DATA_XFER
         info = await c.device_info()
         assert (info.flags, info.num_regions, info.num_irqs) == (3, 9, 5)
         bar0, fd = await c.region_info(0)

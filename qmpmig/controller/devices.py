@@ -12,6 +12,7 @@ region's mmap'd window where it offers one.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import mmap
 import os
@@ -29,6 +30,10 @@ from ..vfio_user.uapi import MIGRATION_INFO, MIGRATION_REGION_TYPE, PCI_NUM_REGI
 #: nothing while pending_bytes says more is coming.  Give it this many tries.
 V1_EMPTY_ITERATIONS = 100
 
+#: MIG_DATA_WRITEs sent before the oldest one's reply is awaited: the server
+#: answers in order, so a refusal still stops the stream within this many.
+WRITE_AHEAD = 3
+
 
 class RemoteDevice:
     """One device behind a vfio-user client."""
@@ -37,6 +42,8 @@ class RemoteDevice:
     #: Optional DEVICE_FEATUREs used where offered (GET): the uAPI's and
     #: qmpmig's vendor extensions (qmpmig/device/PROTOCOL.md).
     OPTIONAL: ClassVar[tuple[Feature, ...]] = (Feature.QMPMIG_STATE_HASH,)
+    #: Data reads that may be in flight at once (see :func:`relay`).
+    read_ahead: ClassVar[int] = 1
 
     def __init__(self, client: Client, flags: int):
         self.client = client
@@ -47,7 +54,7 @@ class RemoteDevice:
         #: Region index -> size, as DEVICE_GET_REGION_INFO gave them at the
         #: open (libvfio-user answers no REGION_INFO in a stopped state).
         self.region_sizes: dict[int, int] = {}
-        self.chunk_size = min(client.max_transfer, 1 << 20)
+        self.chunk_size = client.max_transfer
 
     @staticmethod
     async def open(path: str, protocol: str | None = None) -> RemoteDevice:
@@ -106,7 +113,16 @@ class RemoteDevice:
 
     async def write_data(self, data: bytes) -> None:
         """load_state: one piece of the stream, in the order it was read."""
+        await self.send_data(data)
+        await self.flush()
+
+    async def send_data(self, data: bytes) -> None:
+        """:meth:`write_data`, but its acknowledgement may come later: a
+        refusal surfaces at a later send_data or at :meth:`flush`."""
         raise NotImplementedError
+
+    async def flush(self) -> None:
+        """Every piece sent is acknowledged; the first refusal raised."""
 
 
 async def _region_sizes(client: Client) -> dict[int, int]:
@@ -125,12 +141,18 @@ class V2Device(RemoteDevice):
     protocol = "v2"
 
     OPTIONAL = (Feature.MIG_DATA_SIZE, Feature.QMPMIG_PRECOPY_INFO, Feature.QMPMIG_STATE_HASH)
+    #: Each MIG_DATA_READ is one request and the server answers in order
+    #: (spec: commands are processed in order), so reads queue up on the
+    #: socket and the device never waits for the next one.
+    read_ahead = 3
 
     def __init__(self, client: Client, flags: int):
         super().__init__(client, flags)
         #: The last pre-copy read found nothing to read (the stream's own
         #: word on pending data where the device has no pre-copy info).
         self.drained = False
+        #: MIG_DATA_WRITE replies still to come, oldest first.
+        self._unacked: collections.deque[asyncio.Future] = collections.deque()
 
     @classmethod
     async def probe(cls, client: Client) -> V2Device | None:
@@ -165,9 +187,20 @@ class V2Device(RemoteDevice):
         self.drained = not data
         return data
 
-    async def write_data(self, data: bytes) -> None:
+    async def send_data(self, data: bytes) -> None:
         for pos in range(0, len(data), self.chunk_size):
-            await self.client.mig_data_write(data[pos:pos + self.chunk_size])
+            while len(self._unacked) >= WRITE_AHEAD:
+                await self._unacked.popleft()
+            self._unacked.append(await self.client.submit_mig_data_write(data[pos:pos + self.chunk_size]))
+
+    async def flush(self) -> None:
+        try:
+            while self._unacked:
+                await self._unacked.popleft()
+        finally:
+            for reply in self._unacked:
+                reply.cancel()
+            self._unacked.clear()
 
 
 @dataclass
@@ -296,7 +329,7 @@ class V1Device(RemoteDevice):
                 return await self.window_read(offset, size)
         return b""
 
-    async def write_data(self, data: bytes) -> None:
+    async def send_data(self, data: bytes) -> None:
         pos = 0
         while pos < len(data):
             offset = await self.get("data_offset")
@@ -313,29 +346,37 @@ class V1Device(RemoteDevice):
 async def drain(src: RemoteDevice, dst: RemoteDevice | None = None) -> int:
     """Read the source's data until it has none (now, or ever), writing each
     piece to ``dst``; return the bytes moved."""
-    return await relay(src.read_data, dst.write_data if dst is not None else None)
+    if dst is None:
+        return await relay(src.read_data, None, depth=src.read_ahead)
+    return await relay(src.read_data, dst.send_data, flush=dst.flush, depth=src.read_ahead)
 
 
 async def relay(read: Callable[[], Awaitable[bytes]], write: Callable[[bytes], Awaitable[None]] | None,
-                more: Callable[[int], bool] = lambda moved: True) -> int:
+                more: Callable[[int], bool] = lambda moved: True, depth: int = 1,
+                flush: Callable[[], Awaitable[None]] | None = None) -> int:
     """Read until a read brings nothing (or ``more(moved)`` says enough),
-    writing each piece in order, pipelined: the next read is in flight
-    while the last piece is written.  The bytes moved."""
-    moved, writing = 0, None
+    writing each piece in order, then ``flush()``.  Pipelined: up to
+    ``depth`` reads are in flight while a piece is written (and ``write``
+    may return before its piece is acknowledged).  A read that brings
+    nothing stops new ones; those in flight are still written.  The bytes
+    moved."""
+    moved, reads = 0, collections.deque()
     try:
-        while more(moved):
-            data = await read()
-            if writing is not None:
-                await writing
-                writing = None
-            if not data:
+        while True:
+            while len(reads) < depth and more(moved):
+                reads.append(asyncio.ensure_future(read()))
+            if not reads:
                 break
-            if write is not None:
-                writing = asyncio.ensure_future(write(data))
+            data = await reads.popleft()
+            if not data:
+                depth = 0
+            elif write is not None:
+                await write(data)
             moved += len(data)
-        if writing is not None:
-            await writing
+        if flush is not None:
+            await flush()
     finally:
-        if writing is not None and not writing.done():
-            writing.cancel()
+        for task in reads:
+            if not task.cancel() and not task.cancelled():
+                task.exception()            # retrieved: the first failure is raised
     return moved

@@ -65,8 +65,10 @@ class Pump:
         start = time.monotonic()
         until = start + seconds if seconds is not None else float("inf")
         moved = await relay(lambda: self.walker.call(src, src.device.read_data(), "a data read"),
-                            lambda data: self.walker.call(dst, dst.device.write_data(data), "a data write"),
-                            lambda moved: (limit is None or moved < limit) and time.monotonic() < until)
+                            lambda data: self.walker.call(dst, dst.device.send_data(data), "a data write"),
+                            lambda moved: (limit is None or moved < limit) and time.monotonic() < until,
+                            depth=src.device.read_ahead,
+                            flush=lambda: self.walker.call(dst, dst.device.flush(), "a data write"))
         if moved:
             pair.sent += moved
             pair.moved_seconds += time.monotonic() - start

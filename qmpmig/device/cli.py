@@ -10,6 +10,7 @@ import sys
 
 from ..migration.states import MigFlags
 from .model import DEFECTS, DeviceConfig, ReferenceDevice
+from ..vfio_user.transport import keep_large_buffers
 from .service import run
 
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -45,18 +46,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device-id", type=int, default=1)
     p.add_argument("--defect", action="append", default=[], choices=sorted(DEFECTS),
                    help="break one rule on purpose (for checkers' negative controls)")
+    p.add_argument("--null-stream", type=size, default=0, metavar="SIZE",
+                   help="bench mode: the stop-copy stream is SIZE bytes served from memory and a resume "
+                        "discards it (no state migrates; measures the data path alone)")
     p.add_argument("--log-level", default="WARNING")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    keep_large_buffers()
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="qmpmig-device[%(process)d] %(levelname)s %(message)s")
     config = DeviceConfig(state_size=args.state_size, migration=args.migration, mig_flags=args.mig_flags,
                           ndma=args.ndma, mutate_rate=args.mutate_rate, dma_rate=args.dma_rate,
                           fault_stride=args.fault_stride, device_id=args.device_id,
-                          defects=frozenset(args.defect))
+                          defects=frozenset(args.defect), null_stream=args.null_stream)
 
     async def serve() -> None:
         task = asyncio.create_task(run(args.socket, ReferenceDevice(config)))

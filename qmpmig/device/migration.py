@@ -12,26 +12,38 @@ RESUMING and validates it when RESUMING is left.
 from __future__ import annotations
 
 import json
+import zlib
+from collections import deque
 from typing import Callable
 
 from ..errors import StreamError
+from ..vfio_user import codec
 from ..vfio_user.uapi import PAGE_SIZE
 from . import savestream
 from .savestream import CHUNK
-from .state import InternalState
+from .state import BLOCK_PAGES, InternalState
 
-#: Pages per PAGE chunk of the first pass (1 MiB: savestream.MAX_PAYLOAD).
-RUN_PAGES = 256
+#: Pages per PAGE chunk of the first pass: one block of the state's digest
+#: (1 MiB: savestream.MAX_PAYLOAD), whose CRC the digest then reuses.
+RUN_PAGES = BLOCK_PAGES
 #: What the register and end chunks add to the stream, at most.
 REGS_ESTIMATE = 4096
 
 
 class Saver:
-    """The data a saving device streams out, produced on demand."""
+    """The data a saving device streams out, produced on demand.
+
+    What is produced waits in ``_out`` as pieces: chunk headers and page
+    runs.  In stop-copy the state is frozen and a page run is a view of it,
+    copied once, into the reply; in pre-copy the device may rewrite a page
+    before the piece goes out, so the run is copied when produced (its CRC
+    must match what is sent; the rewrite is in the dirty log)."""
 
     def __init__(self, state: InternalState, config: dict, precopy: bool):
         self.state = state
-        self._pending = bytearray(savestream.header(config))
+        self._out: deque[bytes | memoryview] = deque()
+        self._queued = 0
+        self._emit(savestream.header(config))
         self._next = 0
         self._chunks = 1
         self._final: Callable[[], dict] | None = None
@@ -46,11 +58,19 @@ class Saver:
         the first pass, the dirty pages, ``registers()`` and the end."""
         self._final = registers
 
+    def _emit(self, *pieces: bytes | memoryview) -> None:
+        self._out.extend(pieces)
+        self._queued += sum(map(len, pieces))
+
+    def _chunk(self, tag: bytes, arg: int, payload: bytes | memoryview, payload_crc: int | None = None) -> None:
+        self._emit(savestream.chunk_header(tag, arg, payload, payload_crc), payload)
+        self._chunks += 1
+
     @property
     def initial_bytes(self) -> int:
         """Pre-copy: bytes left of the first pass (PRECOPY_INFO initial_bytes)."""
         left = self.state.pages - self._next
-        return len(self._pending) + left * PAGE_SIZE + -(-left // RUN_PAGES) * CHUNK.size
+        return self._queued + left * PAGE_SIZE + -(-left // RUN_PAGES) * CHUNK.size
 
     @property
     def dirty_bytes(self) -> int:
@@ -63,43 +83,54 @@ class Saver:
     def pending_bytes(self) -> int:
         """What is left to read: in stop-copy, to the end of the stream."""
         if self.ended:
-            return len(self._pending)
+            return self._queued
         tail = REGS_ESTIMATE if self._final else 0
         return self.initial_bytes + self.dirty_bytes + tail
+
+    def _page_chunk(self, first: int, count: int = 1) -> None:
+        """A PAGE chunk of the pages as they are now (a copy in pre-copy,
+        where they may change before they go out)."""
+        run = self.state.pages_at(first, count)
+        if not self._final:
+            run = run.tobytes()
+        crc = zlib.crc32(run)
+        self.state.known_crc(first, count, crc)
+        self._chunk(b"PAGE", first, run, crc)
 
     def _produce(self) -> bool:
         state = self.state
         if self._next < state.pages:
             n = min(RUN_PAGES, state.pages - self._next)
             state.clear_dirty(self._next, n)
-            data = memoryview(state.data)[self._next * PAGE_SIZE:(self._next + n) * PAGE_SIZE]
-            self._pending += savestream.encode(b"PAGE", self._next, data)
+            self._page_chunk(self._next, n)
             self._next += n
         elif state.dirty_pages:
             for page in state.take_dirty(RUN_PAGES):
-                self._pending += savestream.encode(b"PAGE", page, state.page(page))
-                self._chunks += 1
-            return True
+                self._page_chunk(page)
         elif self._final and not self.ended:
-            regs = json.dumps(self._final(), sort_keys=True).encode()
-            self._pending += savestream.encode(b"REGS", 0, regs)
-            self._chunks += 1
-            self._pending += savestream.encode(b"DONE", self._chunks, state.digest())
+            self._chunk(b"REGS", 0, json.dumps(self._final(), sort_keys=True).encode())
+            self._chunk(b"DONE", self._chunks, state.digest())
             self.ended = True
             state.stop_logging()
-            return True
         else:
             return False
-        self._chunks += 1
         return True
 
     def read(self, size: int) -> bytes:
         """Up to ``size`` bytes; fewer only when no more is available now
         (pre-copy) or ever (stop-copy)."""
-        while len(self._pending) < size and self._produce():
+        while self._queued < size and self._produce():
             pass
-        out = bytes(self._pending[:size])
-        del self._pending[:size]
+        parts, want = [], size
+        while want and self._out:
+            piece = self._out.popleft()
+            if len(piece) > want:
+                self._out.appendleft(memoryview(piece)[want:])
+                piece = memoryview(piece)[:want]
+            parts.append(piece)
+            want -= len(piece)
+        out = b"".join(parts)
+        self._queued -= len(out)
         self.bytes_read += len(out)
         return out
 
@@ -120,14 +151,14 @@ class Loader:
         self.bytes_written += len(data)
         for chunk in self.reader.feed(data):
             if chunk.tag == b"PAGE":
-                n, rem = divmod(len(chunk.payload), PAGE_SIZE)
+                n, rem = divmod(len(chunk), PAGE_SIZE)
                 if rem or not n or chunk.arg + n > self.state.pages:
                     self.reader.error = f"page chunk {chunk.arg}+{n} outside the state"
                     raise StreamError(self.reader.error)
-                self.state.data[chunk.arg * PAGE_SIZE:(chunk.arg + n) * PAGE_SIZE] = chunk.payload
+                self.state.store(chunk.arg, chunk.parts, chunk.payload_crc)
             elif chunk.tag == b"REGS":
                 try:
-                    self.registers = json.loads(chunk.payload)
+                    self.registers = json.loads(bytes(chunk.payload))
                 except ValueError as err:
                     self.reader.error = f"unreadable registers: {err}"
                     raise StreamError(self.reader.error) from None
@@ -141,3 +172,51 @@ class Loader:
         if self.state.digest() != done.payload:
             raise StreamError("loaded state differs from the source's (digest mismatch)")
         return self.registers
+
+
+class NullSaver:
+    """Bench mode (``--null-stream``): a stop-copy stream of ``size`` bytes
+    served from one constant buffer, no copy and no check; nothing in
+    pre-copy.  It measures the path the data takes, not the device."""
+
+    BUFFER = memoryview(bytes(range(256)) * (codec.QMPMIG_MAX_DATA_XFER // 256))
+
+    def __init__(self, size: int):
+        self.left = size
+        self.precopy = False
+        self.ended = False
+        self._final = False
+        self.bytes_read = 0
+        self.initial_bytes = self.dirty_bytes = 0
+
+    def stop_copy(self, registers: Callable[[], dict]) -> None:
+        self._final = True
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.left if self._final else 0
+
+    def read(self, size: int) -> memoryview:
+        n = min(size, self.left, len(self.BUFFER)) if self._final else 0
+        self.left -= n
+        self.ended = self._final and not self.left
+        self.bytes_read += n
+        return self.BUFFER[:n]
+
+    def close(self) -> None:
+        pass
+
+
+class NullLoader:
+    """Bench mode: a resume that counts what it is given and loads nothing;
+    leaving RESUMING keeps the device's own registers."""
+
+    def __init__(self, registers: Callable[[], dict]):
+        self.registers = registers
+        self.bytes_written = 0
+
+    def write(self, data: bytes) -> None:
+        self.bytes_written += len(data)
+
+    def finish(self) -> dict:
+        return self.registers()

@@ -29,7 +29,7 @@ from ..vfio_user.uapi import PAGE_SIZE, field_at
 from . import records
 from .bar0 import CTRL_DMA_ENABLE, MAGIC, REGISTERS, WRITABLE
 from .dma import DmaLog, DmaSpace
-from .migration import Loader, Saver
+from .migration import Loader, NullLoader, NullSaver, Saver
 from .state import InternalState
 
 log = logging.getLogger("qmpmig.device")
@@ -40,7 +40,7 @@ DEFECTS = {
     "accept-illegal-arc": "v2: accept STOP_COPY -> PRE_COPY (the kernel refuses it)",
     "data-size-changes": "v1: data_size changes on a re-read within one iteration",
     "dma-in-ndma": "DMA goes on in NDMA / P2P states",
-    "cut-data-reply": "v2: the first stop-copy MIG_DATA_READ reply of 1 MiB is cut in the middle and the "
+    "cut-data-reply": "v2: the first stop-copy MIG_DATA_READ reply of 1 MiB or more is cut in the middle and the "
                       "connection closed",
     "slow-start": "the first start after a resume takes 3 s, the device answering nothing meanwhile "
                   "(opens a window between the load and the run for a fault to land in)",
@@ -61,6 +61,9 @@ class DeviceConfig:
     fault_stride: int = 0
     device_id: int = 1
     defects: frozenset[str] = field(default_factory=frozenset)
+    #: Bench mode: the stop-copy stream is this many bytes from memory and a
+    #: resume discards what it gets (0: off; the state does not migrate).
+    null_stream: int = 0
 
     def stream_config(self) -> dict:
         """What a resume stream must agree on (savestream header)."""
@@ -195,13 +198,18 @@ class ReferenceDevice:
 
     def _stop_copy(self) -> None:
         """SAVING|!RUNNING: what logging did not cover, plus logged changes."""
-        if self.saver is None or not self.saver.precopy or self.saver.ended:
+        if self.config.null_stream:
+            self.saver = NullSaver(self.config.null_stream)
+        elif self.saver is None or not self.saver.precopy or self.saver.ended:
             self.saver = Saver(self.state, self.config.stream_config(), precopy=False)
         self.saver.stop_copy(self.migrated_registers)
 
     def _resume(self) -> None:
         """RESUMING: open a cleared window for the incoming stream."""
-        self.loader = Loader(self.state, self.config.stream_config())
+        if self.config.null_stream:
+            self.loader = NullLoader(self.migrated_registers)
+        else:
+            self.loader = Loader(self.state, self.config.stream_config())
 
     def _load(self) -> None:
         """!RESUMING: load and validate what was written; ERROR if invalid."""

@@ -14,8 +14,9 @@ self-checking so that a destination never loads what it should refuse
   digest of the source's final internal state, which the destination
   recomputes after loading.
 
-Every chunk is ``<4sIQI`` (tag, payload length, argument, CRC-32 over the
-other three fields and the payload) followed by the payload.  Bytes may be
+Every chunk is ``<4sIQI`` (tag, payload length, argument, CRC-32) followed
+by the payload; the CRC-32 is the payload's, continued over tag, argument
+and length (``<4sQI``), so that the payload's own CRC is there to reuse.  Bytes may be
 cut anywhere between reads and writes (v2 keeps only the byte order).
 """
 
@@ -26,10 +27,11 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from ..bytequeue import ByteQueue
 from ..errors import StreamError
 
 CHUNK = struct.Struct("<4sIQI")
-VERSION = 1
+VERSION = 2
 MODEL = "qmpmig-reference-dma"
 MAX_PAYLOAD = 1 << 20
 TAGS = (b"QHDR", b"PAGE", b"REGS", b"DONE")
@@ -39,15 +41,32 @@ TAGS = (b"QHDR", b"PAGE", b"REGS", b"DONE")
 class Chunk:
     tag: bytes
     arg: int
-    payload: bytes
+    #: The payload as views of the pieces it arrived in (not joined).
+    parts: tuple[memoryview, ...]
+    #: CRC-32 of the payload alone.
+    payload_crc: int
+
+    @property
+    def payload(self) -> bytes:
+        return b"".join(self.parts)
+
+    def __len__(self) -> int:
+        return sum(map(len, self.parts))
 
 
-def _crc(tag: bytes, arg: int, payload: bytes) -> int:
-    return zlib.crc32(payload, zlib.crc32(struct.pack("<4sQI", tag, arg, len(payload))))
+def _crc(tag: bytes, arg: int, length: int, payload_crc: int) -> int:
+    """The chunk's CRC-32: the payload's, continued over tag, arg, length."""
+    return zlib.crc32(struct.pack("<4sQI", tag, arg, length), payload_crc)
+
+
+def chunk_header(tag: bytes, arg: int, payload: bytes | memoryview, payload_crc: int | None = None) -> bytes:
+    if payload_crc is None:
+        payload_crc = zlib.crc32(payload)
+    return CHUNK.pack(tag, len(payload), arg, _crc(tag, arg, len(payload), payload_crc))
 
 
 def encode(tag: bytes, arg: int, payload: bytes) -> bytes:
-    return CHUNK.pack(tag, len(payload), arg, _crc(tag, arg, payload)) + payload
+    return chunk_header(tag, arg, payload) + payload
 
 
 def header(config: dict) -> bytes:
@@ -61,7 +80,7 @@ class StreamReader:
 
     def __init__(self, config: dict):
         self.config = config
-        self._buf = bytearray()
+        self._buf = ByteQueue()
         self.chunks = 0
         self.done: Chunk | None = None
         self.error: str | None = None
@@ -78,21 +97,24 @@ class StreamReader:
     def _feed(self, data: bytes) -> list[Chunk]:
         if self.done and data:
             raise StreamError("data after the end of the stream")
-        self._buf += data
+        self._buf.append(data)
         out = []
         while len(self._buf) >= CHUNK.size:
-            tag, length, arg, crc = CHUNK.unpack_from(self._buf)
+            tag, length, arg, crc = CHUNK.unpack_from(self._buf.front(CHUNK.size))
             if tag not in TAGS:
                 raise StreamError(f"chunk {self.chunks}: unknown tag {tag!r}")
             if length > MAX_PAYLOAD:
                 raise StreamError(f"chunk {self.chunks}: length {length} too large")
             if len(self._buf) < CHUNK.size + length:
                 break
-            payload = bytes(self._buf[CHUNK.size:CHUNK.size + length])
-            del self._buf[:CHUNK.size + length]
-            if _crc(tag, arg, payload) != crc:
+            self._buf.skip(CHUNK.size)
+            parts = tuple(self._buf.take_parts(length))
+            payload_crc = 0
+            for part in parts:
+                payload_crc = zlib.crc32(part, payload_crc)
+            if _crc(tag, arg, length, payload_crc) != crc:
                 raise StreamError(f"chunk {self.chunks} ({tag.decode()}): checksum mismatch")
-            chunk = Chunk(tag, arg, payload)
+            chunk = Chunk(tag, arg, parts, payload_crc)
             self._check(chunk)
             self.chunks += 1
             out.append(chunk)
@@ -107,7 +129,7 @@ class StreamReader:
             if chunk.tag != b"QHDR":
                 raise StreamError("stream does not start with a qmpmig device header")
             try:
-                head = json.loads(chunk.payload)
+                head = json.loads(bytes(chunk.payload))
             except ValueError as err:
                 raise StreamError(f"unreadable header: {err}") from None
             if head.get("model") != MODEL:

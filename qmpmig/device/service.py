@@ -286,7 +286,7 @@ class DeviceService:
         if self.v1 or self.device.device_state not in SAVING_GROUP:
             raise DeviceError(errno.EINVAL, f"MIG_DATA_READ in {self.device.device_state.name}")
         data = self.device.saver.read(msg.payload.size)
-        if ("cut-data-reply" in self.device.config.defects and len(data) == 1 << 20
+        if ("cut-data-reply" in self.device.config.defects and len(data) >= 1 << 20
                 and self.device.device_state is MigState.STOP_COPY):
             self.endpoint.cut_next_reply = len(data) // 2
         return codec.MigDataRead.sized(len(data), data)

@@ -32,7 +32,7 @@ class Client(Endpoint):
 
     inline_commands = False
 
-    def __init__(self, sock: socket.socket, max_data_xfer_size: int = 1 << 20):
+    def __init__(self, sock: socket.socket, max_data_xfer_size: int = codec.QMPMIG_MAX_DATA_XFER):
         super().__init__(sock, codec.Party.CLIENT, max_data_xfer_size=max_data_xfer_size, max_msg_fds=8)
         self.capabilities: dict = {}
         self.on_page_request: Callable[[codec.PageRequest], Awaitable[None]] = _complete_at_once
@@ -63,7 +63,7 @@ class Client(Endpoint):
         if version.major != MAJOR or version.minor > MINOR:
             raise RemoteProtocolError(f"server answered version {version.major}.{version.minor}")
         self.capabilities = version.capabilities
-        peer_max = self.capabilities.get("max_data_xfer_size", 1 << 20)
+        peer_max = self.capabilities.get("max_data_xfer_size", codec.DEFAULT_MAX_DATA_XFER)
         self.max_transfer = min(peer_max, self.conn.max_data_xfer_size)
 
     async def handle_command(self, msg: codec.Message):
@@ -169,3 +169,7 @@ class Client(Endpoint):
 
     async def mig_data_write(self, data: bytes) -> None:
         await self.request(Command.MIG_DATA_WRITE, codec.MigDataWrite.sized(len(data), data))
+
+    async def submit_mig_data_write(self, data: bytes) -> asyncio.Future:
+        """MIG_DATA_WRITE, sent; the future of its reply (pipelined writes)."""
+        return await self.submit(Command.MIG_DATA_WRITE, codec.MigDataWrite.sized(len(data), data))

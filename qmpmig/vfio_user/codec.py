@@ -63,10 +63,18 @@ from dataclasses import dataclass, field, fields, replace
 from errno import EINVAL
 from typing import Callable, ClassVar, Self
 
+from ..bytequeue import ByteQueue
 from ..errors import LocalProtocolError, RemoteProtocolError
 from ..migration.states import MigFlags, MigState
 from .uapi import (IRQ_ACTION, IRQ_DATA, DeviceInfoFlags, FeatureFlags, IrqInfoFlags, IrqSetFlags,
                    RegionInfoFlags, DmaFlags, dirty_bitmap_size)
+
+
+#: max_data_xfer_size when a VERSION does not give it (spec: 1 MiB).
+DEFAULT_MAX_DATA_XFER = 1 << 20
+#: What qmpmig's client and device offer: fewer, larger MIG_DATA messages
+#: (the per-message cost is Python's; the peer's smaller figure wins).
+QMPMIG_MAX_DATA_XFER = 4 << 20
 
 
 class Command(enum.IntEnum):
@@ -144,7 +152,13 @@ def _split(layout: struct.Struct, buf: bytes) -> tuple[tuple, bytes]:
     """The fixed part and the rest."""
     if len(buf) < layout.size:
         raise ValueError(f"{len(buf)} bytes, shorter than the {layout.size} of the fixed part")
-    return layout.unpack_from(buf), bytes(buf[layout.size:])
+    return layout.unpack_from(buf), buf[layout.size:]
+
+
+def _is_bytes(value: object) -> bool:
+    """bytes, or a memoryview of bytes (received migration data)."""
+    return isinstance(value, bytes) or (
+        isinstance(value, memoryview) and value.format == "B" and value.c_contiguous)
 
 
 def _no_tail(tail: bytes) -> None:
@@ -180,6 +194,10 @@ class _Struct:
             return self.LAYOUT.pack(*values[:-1]) + values[-1]
         return self.LAYOUT.pack(*values)
 
+    def _pieces(self) -> list[bytes]:
+        """The encoding in pieces that a transport sends with one sendmsg."""
+        return [self._encode()]
+
     @classmethod
     def _decode(cls, buf: bytes) -> Self:
         head, tail = _split(cls.LAYOUT, buf)
@@ -193,14 +211,14 @@ class _Struct:
         """The payload with ``argsz`` (its first field) computed, the uAPI's
         way: its own size, plus ``room`` for what the reply may add."""
         payload = cls(0, *values)
-        return replace(payload, argsz=len(payload._encode()) + room)
+        return replace(payload, argsz=sum(map(len, payload._pieces())) + room)
 
     def _check(self, data: bool, limit: int) -> None:
         """``data``: the message carries ``count``/``size`` bytes of data;
         ``limit``: max_data_xfer_size."""
         if self.FLAGS is not None and int(self.flags) & ~int(self.FLAGS):
             raise ValueError(f"reserved flag bits {int(self.flags) & ~int(self.FLAGS):#x}")
-        if self.TAIL and not isinstance(getattr(self, fields(self)[-1].name), bytes):
+        if self.TAIL and not _is_bytes(getattr(self, fields(self)[-1].name)):
             raise ValueError(f"{fields(self)[-1].name} is not bytes")
 
 
@@ -524,6 +542,11 @@ class _Transfer(_Struct):
     TAIL = True
     LENGTH: ClassVar[str] = "count"
 
+    def _pieces(self) -> list[bytes]:
+        """The fixed part, and the data as it is: never copied here."""
+        values = [getattr(self, f.name) for f in fields(self)]
+        return [self.LAYOUT.pack(*values[:-1]), values[-1]]
+
     def _check(self, data: bool, limit: int) -> None:
         super()._check(data, limit)
         length = getattr(self, self.LENGTH)
@@ -808,6 +831,10 @@ CARRIES_DATA = frozenset({
     (_C.MIG_DATA_READ, True), (_C.MIG_DATA_WRITE, False),
 })
 
+#: The messages whose data is migration data: it stays a memoryview of the
+#: received buffer (a MiB per message, read and written once each way).
+MIGRATION_DATA = frozenset({(_C.MIG_DATA_READ, True), (_C.MIG_DATA_WRITE, False)})
+
 #: (cmd, reply?) -> how many fds the message may carry (reference section 1);
 #: no other message carries any.  ``max_msg_fds`` caps them all.
 MAX_FDS: dict[tuple[Command, bool], Callable[[_Struct], int]] = {
@@ -910,14 +937,14 @@ def reply_to(msg: Message, payload: object, fds: Sequence[int] = ()) -> Message:
 class Connection:
     """One endpoint of a vfio-user connection, without I/O."""
 
-    def __init__(self, role: Party, max_data_xfer_size: int = 1 << 20, max_msg_fds: int = 1):
+    def __init__(self, role: Party, max_data_xfer_size: int = DEFAULT_MAX_DATA_XFER, max_msg_fds: int = 1):
         self.role = role
         #: The largest count/size of a data transfer, either way.
         self.max_data_xfer_size = max_data_xfer_size
         #: The most fds one message may carry, either way.
         self.max_msg_fds = max_msg_fds
-        self._buf = bytearray()
-        self._offset = 0                 # stream position of _buf[0]
+        self._received = ByteQueue()     # not yet decoded
+        self._offset = 0                 # stream position of its first byte
         self._fds: deque[tuple[int, int, tuple[int, ...]]] = deque()  # (start, end, fds)
         self._broken = False
 
@@ -941,19 +968,19 @@ class Connection:
         is lost this raises RemoteProtocolError and the fds stay the caller's."""
         if self._broken:
             raise RemoteProtocolError("the peer broke the framing; close the connection")
-        start = self._offset + len(self._buf)
+        start = self._offset + len(self._received)
         if fds:
             self._fds.append((start, start + len(data), tuple(fds)))
-        self._buf += data
+        self._received.append(data)
 
     def next_event(self) -> Message | BadMessage | _Sentinel:
         """The next message, a BadMessage for a malformed frame, or
         NEED_DATA; RemoteProtocolError once the framing is lost."""
         if self._broken:
             raise RemoteProtocolError("the peer broke the framing; close the connection")
-        if len(self._buf) < HEADER.size:
+        if len(self._received) < HEADER.size:
             return NEED_DATA
-        msg_id, cmd, msg_size, flags, error_no = HEADER.unpack_from(self._buf)
+        msg_id, cmd, msg_size, flags, error_no = HEADER.unpack_from(self._received.front(HEADER.size))
         reply, no_reply = flags & TYPE_MASK == HeaderFlags.REPLY, bool(flags & HeaderFlags.NO_REPLY)
         if not HEADER.size <= msg_size <= self.max_message_size:
             self._broken = True
@@ -962,10 +989,9 @@ class Connection:
             return BadMessage(msg_id, _command(cmd), reply, EINVAL,
                               f"msg_size {msg_size} outside {HEADER.size}..{self.max_message_size}",
                               fds, fatal=True, no_reply=no_reply)
-        if len(self._buf) < msg_size:
+        if len(self._received) < msg_size:
             return NEED_DATA
-        body = bytes(self._buf[HEADER.size:msg_size])
-        del self._buf[:msg_size]
+        body = self._received.take(msg_size)[HEADER.size:]
         fds = self._claim_fds(self._offset, self._offset + msg_size)
         self._offset += msg_size
         try:
@@ -976,6 +1002,10 @@ class Connection:
 
     def send(self, msg: Message) -> bytes:
         """The bytes of ``msg``; LocalProtocolError if it is not valid."""
+        return b"".join(self.send_pieces(msg))
+
+    def send_pieces(self, msg: Message) -> list[bytes]:
+        """:meth:`send`'s bytes in pieces, the data not copied (for sendmsg)."""
         try:
             flags = (HeaderFlags.REPLY if msg.reply else 0) | (HeaderFlags.NO_REPLY if msg.no_reply else 0)
             if msg.reply and msg.no_reply:
@@ -983,7 +1013,7 @@ class Connection:
             if msg.payload is None:
                 if not msg.reply or msg.fds:
                     raise ValueError("only a reply may be an error reply, and it carries no fds")
-                body, flags = b"", flags | HeaderFlags.ERROR
+                body, flags = [], flags | HeaderFlags.ERROR
             else:
                 if msg.error_no:
                     raise ValueError("error_no belongs to error replies (payload None)")
@@ -992,15 +1022,15 @@ class Connection:
                     raise ValueError(f"payload must be {cls.__name__}, not {type(msg.payload).__name__}")
                 self._check(msg)
                 try:
-                    body = msg.payload._encode()
+                    body = msg.payload._pieces()
                 except struct.error:
                     raise ValueError("a field does not fit its width in the layout") from None
             if not 0 <= msg.msg_id <= 0xFFFF:
                 raise ValueError("msg_id is not a u16")
-            size = HEADER.size + len(body)
+            size = HEADER.size + sum(map(len, body))
             if size > self.max_message_size:
                 raise ValueError(f"{size} bytes exceed max_message_size {self.max_message_size}")
-            return HEADER.pack(msg.msg_id, msg.cmd, size, flags, msg.error_no) + body
+            return [HEADER.pack(msg.msg_id, msg.cmd, size, flags, msg.error_no), *body]
         except _INVALID as err:
             raise LocalProtocolError(f"msg_id {msg.msg_id} {_name(msg.cmd, msg.reply)}: {err}") from err
 
@@ -1016,7 +1046,7 @@ class Connection:
             self._fds.popleft()
         return tuple(claimed)
 
-    def _decode(self, msg_id: int, cmd: int, flags: int, error_no: int, body: bytes,
+    def _decode(self, msg_id: int, cmd: int, flags: int, error_no: int, body: memoryview,
                 fds: tuple[int, ...]) -> Message:
         if flags & ~_HEADER_FLAGS or flags & TYPE_MASK > HeaderFlags.REPLY:
             raise ValueError(f"reserved header flags or Type in {flags:#x}")
@@ -1026,6 +1056,8 @@ class Connection:
         if not reply and (error or error_no):
             raise ValueError("Error flag or error_no set on a command")
         cls = _payload_class(cmd, reply, sender=self.role.peer)
+        if (cmd, reply) not in MIGRATION_DATA:
+            body = body.tobytes()
         if error:
             if fds:
                 raise ValueError("an error reply carries no fds")

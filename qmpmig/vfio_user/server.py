@@ -45,7 +45,7 @@ class ServerEndpoint(Endpoint):
     """The server end of one client connection."""
 
     def __init__(self, sock: socket.socket, handler: Handler, capabilities: dict,
-                 max_data_xfer_size: int = 1 << 20):
+                 max_data_xfer_size: int = codec.DEFAULT_MAX_DATA_XFER):
         super().__init__(sock, codec.Party.SERVER, max_data_xfer_size=max_data_xfer_size,
                          max_msg_fds=capabilities.get("max_msg_fds", 1))
         self.handler = handler
@@ -76,7 +76,7 @@ class ServerEndpoint(Endpoint):
         # send (REGION_READ, MIG_DATA_READ replies) by what it can take.
         theirs = proposal.capabilities
         self.conn.max_data_xfer_size = min(self.conn.max_data_xfer_size,
-                                           theirs.get("max_data_xfer_size", 1 << 20))
+                                           theirs.get("max_data_xfer_size", codec.DEFAULT_MAX_DATA_XFER))
         self.negotiated = True
         return codec.Version(MAJOR, min(proposal.minor, MINOR), self.capabilities)
 
@@ -85,7 +85,7 @@ async def serve_unix(path: str, handler: Handler, capabilities: dict | None = No
                      ready: asyncio.Event | None = None) -> None:
     """Serve clients on ``path``, one at a time, until cancelled.  The
     handler's ``attach(endpoint)`` and ``detach()`` bracket each client."""
-    capabilities = capabilities or {"max_msg_fds": 8, "max_data_xfer_size": 1 << 20}
+    capabilities = capabilities or {"max_msg_fds": 8, "max_data_xfer_size": codec.QMPMIG_MAX_DATA_XFER}
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -103,7 +103,7 @@ async def serve_unix(path: str, handler: Handler, capabilities: dict | None = No
         while True:
             sock, _ = await loop.sock_accept(listener)
             endpoint = ServerEndpoint(sock, handler, capabilities,
-                                      max_data_xfer_size=capabilities.get("max_data_xfer_size", 1 << 20))
+                                      max_data_xfer_size=capabilities.get("max_data_xfer_size", codec.DEFAULT_MAX_DATA_XFER))
             handler.attach(endpoint)
             endpoint.start()
             try:
