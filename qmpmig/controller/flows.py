@@ -39,6 +39,7 @@ from .walk import grace_target
 
 if TYPE_CHECKING:
     from .core import Controller
+    from .pump import Pair
 
 log = logging.getLogger("qmpmig.controller")
 
@@ -56,8 +57,11 @@ async def migrate(c: Controller, running: bool) -> int | None:
     c.trace.emit("phase", name="attempt", attempt=1)
     await precopy.prepare_switchover(c)
     await prepare_resume(c)
-    qemu_downtime = await save(c, running)
+    await save(c, running)
     await resume(c, running)
+    # Asked only now: the source's monitor can take a fifth of a second to
+    # answer right after its completion, which the guest's pause must not wait for.
+    qemu_downtime = (await c.src.qemu.query_migrate()).downtime
     await finish_save(c)
     return qemu_downtime
 
@@ -89,9 +93,8 @@ async def prepare_resume(c: Controller) -> None:
     await c.walker.walk_all(c.dst, lambda end: MigState.RESUMING)
 
 
-async def save(c: Controller, running: bool) -> int | None:
-    """Source: seed 000's save flow, to QEMU's ``completed``; returns QEMU's
-    downtime (ms)."""
+async def save(c: Controller, running: bool) -> None:
+    """Source: seed 000's save flow, to QEMU's ``completed``."""
     src = c.src
     # RUNNING, DIRTY_TRACKING: the devices' DMA is logged from here on.
     for end in src.devices:
@@ -121,18 +124,26 @@ async def save(c: Controller, running: bool) -> int | None:
         await src.qmp("migrate-set-parameters", c.run.release)
     await src.status("pre-switchover")
     await c.walker.walk_all(src, c.lifecycle_target)
-    for pair in c.pairs:
-        await precopy.drain_page_requests(c)
-        await c.pump.move(pair)
-        c.trace.emit("end_of_stream", side="src", device=pair.name, bytes=pair.sent)
-        pair.src_hash = await c.pump.state_hash(pair, pair.src)
-        await c.pump.dma_report(pair)
+    await precopy.drain_page_requests(c)
+    await asyncio.gather(*(_end_of_stream(c, pair) for pair in c.pairs))
     await src.qmp("migrate-continue", {"state": "pre-switchover"})
 
     c.enter("switchover")
     await src.status("completed")
     await c.dst.status("completed")
-    return (await src.qemu.query_migrate()).downtime
+
+
+async def _end_of_stream(c: Controller, pair: Pair) -> None:
+    """One device in STOP_COPY: the rest of its stream, its state hash, its
+    last DMA log (every device at once: this is inside the guest's pause)."""
+    await c.pump.move(pair)
+    c.trace.emit("end_of_stream", side="src", device=pair.name, bytes=pair.sent)
+    pair.src_hash = await c.pump.state_hash(pair, pair.src)
+    await c.pump.dma_report(pair)
+
+
+async def _loaded_hash(c: Controller, pair: Pair) -> None:
+    pair.dst_hash = await c.pump.state_hash(pair, pair.dst) or await c.pump.region_hash(pair, pair.dst)
 
 
 async def resume(c: Controller, running: bool) -> None:
@@ -153,8 +164,7 @@ async def resume(c: Controller, running: bool) -> None:
     if "scribble-after-load" in c.options.debug:
         for end, index in itertools.product(dst.devices, c.options.compare_regions):
             await c.walker.call(end, end.device.client.region_write(index, 0, b"\xa5" * 8), "a scribble")
-    for pair in c.pairs:
-        pair.dst_hash = (await c.pump.state_hash(pair, pair.dst) or await c.pump.region_hash(pair, pair.dst))
+    await asyncio.gather(*(_loaded_hash(c, pair) for pair in c.pairs))
     if not running:
         return
     if "early-barrier" in c.options.debug and len(dst.devices) > 1:

@@ -43,8 +43,11 @@ HOLD_BANDWIDTH = 4 << 20
 HOLD_DOWNTIME_MS = 1
 #: QEMU is held once its first pass has this little left: what it sends in
 #: APPROACH_LEAD seconds at the measured rate, never less than APPROACH_MIN.
-APPROACH_LEAD = 0.25
-APPROACH_MIN = 32 << 20
+#: What is left then goes in the device outage (after the release, at full
+#: speed); too little, and the pass may end between two looks (WATCH_EVERY),
+#: whereupon QEMU syncs and goes on with the pages dirtied meanwhile.
+APPROACH_LEAD = 0.1
+APPROACH_MIN = 16 << 20
 #: Seconds between two looks at QEMU's RAM.
 WATCH_EVERY = 0.02
 #: The estimate of what is left must improve within this many seconds, or
@@ -54,6 +57,9 @@ STALL_WINDOW = 1.0
 CAPABILITIES = {"src": ("events", "pause-before-switchover"), "dst": ("events",)}
 #: The migration parameters the hold changes (on the source).
 PARAMETERS = ("max-bandwidth", "downtime-limit")
+#: Seconds of samples a rate measured after the release needs before it is
+#: trusted over the first pass's (QEMU's own estimate takes 0.1 s to adapt).
+RATE_SPAN = 0.2
 #: Bytes, and seconds, a device may move per pre-copy round before
 #: convergence is looked at again.
 PRECOPY_ROUND = 64 << 20
@@ -78,6 +84,11 @@ class Rate:
 
     def reset(self) -> None:
         self.samples.clear()
+
+    @property
+    def span(self) -> float:
+        """Seconds between the oldest and newest sample."""
+        return self.samples[-1][0] - self.samples[0][0] if self.samples else 0.0
 
     @property
     def per_second(self) -> float | None:
@@ -124,6 +135,7 @@ async def watch_ram(c: Controller) -> None:
         if left is not None and left <= near and "no-hold" not in c.options.debug:
             await c.src.qmp("migrate-set-parameters", {"max-bandwidth": HOLD_BANDWIDTH})
             c.run.held = True
+            c.run.first_pass_rate = rate.per_second
             log.info("QEMU held with %d MiB of its first pass left (%.0f MiB/s)", left >> 20,
                      (rate.per_second or 0) / 2**20)
             return
@@ -311,7 +323,8 @@ def _devices_ms(c: Controller, pending: list[int]) -> float | None:
 
 def _estimate_ms(c: Controller, ram_left: int | None, pending: list[int]) -> float | None:
     """Milliseconds QEMU's RAM and the devices' data left would take."""
-    rate, devices = c.run.ram_rate.per_second, _devices_ms(c, pending)
+    rate = c.run.ram_rate.per_second if c.run.ram_rate.span >= RATE_SPAN else c.run.first_pass_rate
+    devices = _devices_ms(c, pending)
     if ram_left is None or not rate or devices is None:
         return None
     return ram_left / rate * 1000 + devices

@@ -13,6 +13,7 @@ import them from here.  The migration states and flags themselves are in
 from __future__ import annotations
 
 import enum
+import re
 import struct
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -172,9 +173,14 @@ def bitmap_set(bitmap: bytearray, n: int) -> None:
     bitmap[n // 8] |= 1 << (n % 8)
 
 
+#: A byte with a page marked: the scan of a GiB's bitmap skips the rest in C.
+_NONZERO = re.compile(rb"[^\x00]")
+
+
 def bitmap_pages(bitmap: bytes) -> Iterator[int]:
     """The pages marked in ``bitmap``, ascending."""
-    for i, byte in enumerate(bitmap):
+    for found in _NONZERO.finditer(bitmap):
+        byte, at = found.group()[0], found.start() * 8
         for bit in range(8):
             if byte >> bit & 1:
-                yield i * 8 + bit
+                yield at + bit
