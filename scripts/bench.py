@@ -5,9 +5,11 @@
     I/O outage, the guest's pause (QEMU's STOP to RESUME event timestamps),
     QEMU's own downtime and the total time; beside a QEMU-alone migration
     of the same guest on the same rig (no device, no hold).
-(b) data path: a device's stop-copy stream relayed to its twin through
-    qmpmig's vfio-user client, beside the same bytes through a raw socket
-    pair and an in-memory copy.
+(b) data path: a device's stop-copy stream through qmpmig's vfio-user
+    client: the reference device's read alone, relayed into its twin, and
+    a memory-speed device (--null-stream) relayed into its twin; beside the
+    same bytes through a raw socket pair, a raw relay (three threads, two
+    socket pairs: any relay's copies) and an in-memory copy.
 (c) reaction: QEMU's pre-switchover event arriving -> the device's
     acknowledgement of STOP_COPY, over the migrations of (a) (one device
     each); (d) gives the slowest device's at each count.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -74,23 +77,32 @@ def stamp(event: dict) -> float:
 
 # -- (b) the data path ------------------------------------------------------------
 
-async def relay(state_size: str, workdir: Path) -> tuple[float, int, bool]:
-    """A v2 device's whole stop-copy stream into its twin, through qmpmig's
-    client (the controller's pipelined relay); the state hashes compared."""
-    opts = ("--state-size", state_size, "--mutate-rate", "0", "--dma-rate", "0")
-    with DeviceProcess(workdir / "src.sock", *opts) as a, DeviceProcess(workdir / "dst.sock", *opts) as b:
-        src, dst = await RemoteDevice.open(str(a.socket)), await RemoteDevice.open(str(b.socket))
+async def relay(state_size: str, workdir: Path, twin: bool = True, null: bool = False) -> tuple[float, int, bool]:
+    """A v2 device's whole stop-copy stream through qmpmig's client (the
+    controller's pipelined relay): into its twin, which loads it, or read
+    and dropped.  With ``null`` the device serves ``state_size`` bytes from
+    memory and the twin discards them.  Whether the state hashes agree."""
+    opts = ("--mutate-rate", "0", "--dma-rate", "0",
+            *(("--null-stream", state_size) if null else ("--state-size", state_size)))
+    with contextlib.ExitStack() as stack:
+        a = stack.enter_context(DeviceProcess(workdir / "src.sock", *opts))
+        b = stack.enter_context(DeviceProcess(workdir / "dst.sock", *opts)) if twin else None
+        src = await RemoteDevice.open(str(a.socket))
+        dst = await RemoteDevice.open(str(b.socket)) if b else None
         try:
-            await dst.set_state(MigState.RESUMING)
+            if dst:
+                await dst.set_state(MigState.RESUMING)
             t0 = time.perf_counter()
             await src.set_state(MigState.STOP_COPY)
             moved = await drain(src, dst)
-            await dst.set_state(MigState.STOP)
+            if dst:
+                await dst.set_state(MigState.STOP)
             elapsed = time.perf_counter() - t0
-            same = await src.state_hash() == await dst.state_hash()
+            same = not dst or null or await src.state_hash() == await dst.state_hash()
         finally:
             await src.close()
-            await dst.close()
+            if dst:
+                await dst.close()
     return elapsed, moved, same
 
 
@@ -119,10 +131,49 @@ def raw_socket(nbytes: int) -> float:
     return elapsed
 
 
-def memory_copy(nbytes: int) -> float:
-    source = bytearray(nbytes)
+def raw_relay(nbytes: int) -> float:
+    """Seconds to move ``nbytes`` from one socket pair to another through a
+    middle thread (recv_into, sendall), 1 MiB at a time: the copies any
+    relay between two sockets makes, at C speed."""
+    (a, b), (c, d) = socket.socketpair(), socket.socketpair()
+    chunk = bytes(MiB)
+
+    def source():
+        for at in range(0, nbytes, MiB):
+            a.sendall(chunk[:min(MiB, nbytes - at)])
+
+    def middle():
+        buf = bytearray(MiB)
+        left = nbytes
+        while left:
+            n = b.recv_into(buf, min(MiB, left))
+            c.sendall(memoryview(buf)[:n])
+            left -= n
+
+    def sink():
+        buf = bytearray(MiB)
+        left = nbytes
+        while left:
+            left -= d.recv_into(buf, min(MiB, left))
+
+    threads = [threading.Thread(target=f) for f in (source, middle, sink)]
     t0 = time.perf_counter()
-    bytes(source)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    for s in (a, b, c, d):
+        s.close()
+    return elapsed
+
+
+def memory_copy(nbytes: int) -> float:
+    """Seconds to copy ``nbytes`` into a buffer already in place (memcpy)."""
+    source, target = bytearray(nbytes), bytearray(nbytes)
+    target[:] = source
+    t0 = time.perf_counter()
+    target[:] = source
     return time.perf_counter() - t0
 
 
@@ -152,16 +203,20 @@ def fmt(value, unit: str = "", digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}{unit}"
 
 
-async def run(sizes: list[int], counts: list[int], data: str, count_state: str) -> dict:
+async def run(sizes: list[int], counts: list[int], data: str, count_state: str, null_data: str) -> dict:
     out: dict = {"machine": {"cpus": os.cpu_count(), "accel": os.environ.get("QMPMIG_ACCEL", "auto")},
                  "migration": [], "data_path": {}, "devices": [], "reaction": {}}
     for size in sizes:
         mine, alone = await with_device(size), await qemu_alone(size)
         out["migration"].append({"memory_mib": size, "qmpmig": mine, "qemu_alone": alone})
     with tempfile.TemporaryDirectory(prefix="qmpmig-bench-") as tmp:
+        read_s, moved, _ = await relay(data, Path(tmp), twin=False)
         elapsed, moved, same = await relay(data, Path(tmp))
-    out["data_path"] = {"bytes": moved, "relay_s": elapsed, "hashes_equal": same,
-                        "raw_socket_s": raw_socket(moved), "memory_copy_s": memory_copy(moved)}
+        null_s, null_moved, _ = await relay(null_data, Path(tmp), null=True)
+    out["data_path"] = {"bytes": moved, "device_read_s": read_s, "relay_s": elapsed, "hashes_equal": same,
+                        "null_bytes": null_moved, "null_relay_s": null_s,
+                        "raw_socket_s": raw_socket(null_moved), "raw_relay_s": raw_relay(null_moved),
+                        "memory_copy_s": memory_copy(null_moved)}
     for n in counts:
         out["devices"].append({"devices": n, **await with_device(256, n, count_state)})
     samples = [x for row in out["migration"] for x in row["qmpmig"]["reactions_s"]]
@@ -183,13 +238,20 @@ def table(out: dict) -> str:
                      f"{a['qemu_downtime_ms'] or '-':>8} {fmt(a['total_s']):>8}  {'yes' if m['ok'] else m['message']}")
     d = out["data_path"]
     mib = d["bytes"] / MiB
-    lines += ["", "(b) data path: one stop-copy stream, device to device",
-              f"{'path':14} {'s':>8} {'MiB/s':>9}",
-              f"{'qmpmig relay':14} {d['relay_s']:8.3f} {mib / d['relay_s']:9.1f}  "
-              f"(hashes {'equal' if d['hashes_equal'] else 'DIFFER'})",
-              f"{'raw socket':14} {d['raw_socket_s']:8.3f} {mib / d['raw_socket_s']:9.1f}",
-              f"{'memory copy':14} {d['memory_copy_s']:8.3f} {mib / max(d['memory_copy_s'], 1e-9):9.1f}",
-              f"relay / raw socket: {d['raw_socket_s'] / d['relay_s']:.3f}"]
+
+    def row(name: str, seconds: float, size: float = mib, note: str = "") -> str:
+        return f"{name:34} {seconds:8.3f} {size / max(seconds, 1e-9):9.1f}  {note}"
+    lines += ["", f"(b) data path: one stop-copy stream of {mib:.0f} MiB",
+              f"{'path':34} {'s':>8} {'MiB/s':>9}",
+              row("reference device, read alone", d["device_read_s"]),
+              row("reference device -> twin (relay)", d["relay_s"],
+                  note=f"hashes {'equal' if d['hashes_equal'] else 'DIFFER'}"),
+              row("memory-speed device -> twin (relay)", d["null_relay_s"], d["null_bytes"] / MiB),
+              row("raw socket pair, 1 MiB sends", d["raw_socket_s"], d["null_bytes"] / MiB),
+              row("raw relay, 3 threads, 2 socket pairs", d["raw_relay_s"], d["null_bytes"] / MiB),
+              row("memory copy (memcpy)", d["memory_copy_s"], d["null_bytes"] / MiB),
+              f"relay of the memory-speed device / raw socket: {d['raw_socket_s'] / d['null_relay_s']:.3f}; "
+              f"/ raw relay: {d['raw_relay_s'] / d['null_relay_s']:.3f}"]
     r = out["reaction"]
     if r:
         lines += ["", f"(c) reaction, pre-switchover event -> STOP_COPY acknowledged, one device: median "
@@ -210,13 +272,14 @@ def main() -> int:
     p.add_argument("--sizes", default="256,1024,2048,4096", help="guest RAM sizes, MiB")
     p.add_argument("--devices", default="1,4,16", help="device pair counts for (d)")
     p.add_argument("--data", default="256M", help="device state for (b)")
+    p.add_argument("--null-data", default="1G", help="the memory-speed device's stream for (b)")
     p.add_argument("--smoke", action="store_true", help="the short run: 256 MiB, 1 device, 16M of data")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.smoke:
-        args.sizes, args.devices, args.data = "256", "1", "16M"
+        args.sizes, args.devices, args.data, args.null_data = "256", "1", "16M", "64M"
     out = asyncio.run(run([int(s) for s in args.sizes.split(",")], [int(n) for n in args.devices.split(",")],
-                          args.data, "4M"))
+                          args.data, "4M", args.null_data))
     print(json.dumps(out, indent=1) if args.json else table(out))
     ok = all(row["qmpmig"]["ok"] for row in out["migration"]) and all(row["ok"] for row in out["devices"])
     return 0 if ok and out["data_path"]["hashes_equal"] else 1

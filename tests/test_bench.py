@@ -24,7 +24,9 @@ def test_bench_smoke_prints_every_figure_beside_its_baseline(guest_image):
     assert alone["pause_s"] > 0 and alone["total_s"] > 0
     data = out["data_path"]
     assert data["hashes_equal"] and data["bytes"] > 16 << 20
-    assert data["relay_s"] > 0 and data["raw_socket_s"] > 0 and data["memory_copy_s"] > 0
+    assert all(data[name] > 0 for name in ("device_read_s", "relay_s", "null_relay_s", "raw_socket_s",
+                                           "raw_relay_s", "memory_copy_s"))
+    assert data["null_bytes"] == 64 << 20
     assert out["reaction"]["samples"] >= 1 and out["reaction"]["median_s"] > 0
     (devices,) = out["devices"]
     assert devices["devices"] == 1 and devices["ok"]
