@@ -314,13 +314,14 @@ async def test_devices_run_during_qemus_ram_precopy_and_pause_only_at_its_end(gu
 
 
 async def test_a_device_that_does_not_converge_fails_with_the_figures_before_its_grace(guest_image):
-    """A device that rewrites its state faster than its pre-copy moves it
-    (100,000 pages a second): while the devices' pending data stops
+    """A device that rewrites its state (256 MiB, more than the budget's
+    worth at the rate it moves) faster than its pre-copy moves it (300,000
+    pages a second): while the devices' pending data stops
     falling, the budget is raised step by step (300 -> 600 ms, the most
     allowed here); then the migration fails saying what was left, at what
     rates, against what budget, before any device stopped its DMA; the
     source runs on with its devices, the destination QEMU is ended."""
-    report = await launch(options(devices=1, state_size="64M", mutate_rate=100_000,
+    report = await launch(options(devices=1, state_size="256M", mutate_rate=300_000,
                                   controller={"max_downtime_limit": 600}))
     summary = report.summary
     assert not summary.ok and "pre-copy does not converge" in summary.message, summary.message

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,8 @@ from ..errors import QemuGone, VmError
 from ..qemu.qmp import FINAL, MigrationInfo, Qemu, VmState
 from .processes import DeviceProcess
 from .vm import Vm, sweep_stale
+
+log = logging.getLogger("qmpmig.rig")
 
 #: Device processes yield the CPU to the guest: on a small machine a starved
 #: guest dirties nothing, and QEMU then switches over before it is asked.
@@ -168,7 +171,10 @@ class Rig(QemuPair):
                 proc.close()
         self.src.close()
         self.dst.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if os.environ.get("QMPMIG_KEEP_RIG"):
+            log.warning("rig kept for inspection: %s", self.workdir)
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     async def __aenter__(self) -> "Rig":
         try:
