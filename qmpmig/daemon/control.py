@@ -104,6 +104,9 @@ ARGUMENTS = {
     "shutdown": {},
     "region": {"vm": _name, "device": _name, "index": _index, "offset": _index,
                "count": lambda v: _index(v) and 0 < v <= 1 << 20, "data": _hex},
+    "expect": {"domain": _name, "migration": _name,
+               "seconds": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 3600},
+    "expected": {"domain": _name, "migration": _name},
 }
 
 
@@ -116,8 +119,9 @@ def check_args(op: str, args: dict) -> None:
             raise ControlError(f"unexpected argument {key!r}")
         if not spec[key](value):
             raise ControlError(f"{key}: {value!r} is not acceptable")
-    required = {"attach": ("name", "qmp", "ram", "devices"), "detach": ("name",),
-                "migrate": ("src", "dst", "uri"), "region": ("vm", "device", "index", "offset")}.get(op, ())
+    required = {"attach": ("name", "qmp", "devices"), "detach": ("name",),
+                "migrate": ("src", "dst", "uri"), "region": ("vm", "device", "index", "offset"),
+                "expect": ("domain", "migration"), "expected": ("domain", "migration")}.get(op, ())
     if missing := [key for key in required if key not in args]:
         raise ControlError(f"missing {', '.join(missing)}")
 

@@ -31,6 +31,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +80,9 @@ class Owner:
         #: control op -> its handler.
         self.ops = {"attach": self.attach, "detach": self.detach, "status": self.status,
                     "migrations": self.migrations_now, "migrate": self.migrate, "shutdown": self.shutdown,
-                    "region": self.region}
+                    "region": self.region, "expect": self.expect, "expected": self.expected}
+        #: (domain, migration id) -> when the expectation lapses (monotonic).
+        self.incoming: dict[tuple[str, str], float] = {}
         self.journal: journal.Journal | None = None
         self._attaching: set[str] = set()
         #: Set by shutdown: no new VM or migration is taken.
@@ -145,7 +148,7 @@ class Owner:
         self.journal.rewrite(list(vms.values()) + unsettled)
         for record in vms.values():
             try:
-                await self.attach(record["vm"], record["qmp"], record["ram"], record["devices"],
+                await self.attach(record["vm"], record["qmp"], record["devices"], record["ram"],
                                   record.get("protocol"), record.get("start_ring"))
             except Exception as err:
                 log.warning("%s not taken back: %s", record.get("vm"), reason(err))
@@ -214,10 +217,11 @@ class Owner:
 
     # -- VMs -----------------------------------------------------------------
 
-    async def attach(self, name: str, qmp: str, ram: str, devices: list[str], protocol: str | None = None,
-                     start_ring: list[int] | None = None) -> dict:
+    async def attach(self, name: str, qmp: str, devices: list[str], ram: str | None = None,
+                     protocol: str | None = None, start_ring: list[int] | None = None) -> dict:
         """Take a VM's devices in: connect to its QMP and to each device, map
-        its guest RAM into them, follow it.  ``start_ring`` (iova, size)
+        its guest RAM into them (the file ``ram``, else the one QEMU's
+        memory backend names), follow it.  ``start_ring`` (iova, size)
         plays the reference device's driver: each device gets its slice."""
         if name in self.vms or name in self._attaching:
             raise QmpmigError(f"{name} is attached already")
@@ -231,6 +235,7 @@ class Owner:
         guest_ram = side = None
         try:
             await qemu.connect(qmp)
+            ram = ram or await qemu.ram_backing()
             guest_ram = GuestRam(ram)
             for i, path in enumerate(devices):
                 opened.append(await _bounded(RemoteDevice.open(path, protocol), f"dev{i} ({path}) opening"))
@@ -285,6 +290,20 @@ class Owner:
                 await device.close()
         vm.side.ram.close()
         await vm.side.qemu.disconnect()
+
+    async def expect(self, domain: str, migration: str, seconds: float = 600.0) -> dict:
+        """An incoming migration of ``domain`` that qmpmig drives is coming:
+        the libvirt hook's ``migrate begin`` lets exactly it in."""
+        now = time.monotonic()
+        self.incoming = {key: end for key, end in self.incoming.items() if end > now}
+        self.incoming[(domain, migration)] = now + seconds
+        return {"expected": True}
+
+    async def expected(self, domain: str, migration: str) -> dict:
+        """Whether :meth:`expect` announced this migration (once: an answer
+        of yes uses the expectation up)."""
+        end = self.incoming.pop((domain, migration), 0.0)
+        return {"expected": end > time.monotonic()}
 
     async def detach(self, name: str) -> dict:
         vm = self._vm(name)

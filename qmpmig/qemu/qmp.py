@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient
 from qemu.qmp.protocol import StateError
 
-from ..errors import QemuCommandError, QemuGone
+from ..errors import QemuCommandError, QemuGone, QmpmigError
 
 #: MigrationStatus values after which QEMU does nothing more by itself.
 FINAL = frozenset({"completed", "failed", "cancelled"})
@@ -132,6 +132,28 @@ class Qemu:
             raise QemuCommandError(command, err.error_class, str(err)) from err
         except (ExecInterruptedError, StateError, EOFError, ConnectionError) as err:
             raise QemuGone(f"{self.name}: QMP connection lost during {command}") from err
+
+    async def ram_backing(self) -> str:
+        """The file behind the guest's RAM: the largest memory-backend-file
+        object's ``mem-path`` (QOM).  Under libvirt, with ``<memoryBacking>
+        <source type='file'/><access mode='shared'/>``, that is a file in its
+        memory_backing_dir that only QEMU knows the name of."""
+        found = []
+        for obj in await self.execute("qom-list", {"path": "/objects"}):
+            if obj.get("type") != "child<memory-backend-file>":
+                continue
+            path = f"/objects/{obj['name']}"
+            found.append((await self.execute("qom-get", {"path": path, "property": "size"}),
+                          await self.execute("qom-get", {"path": path, "property": "mem-path"}),
+                          await self.execute("qom-get", {"path": path, "property": "share"})))
+        if not found:
+            raise QmpmigError(f"{self.name}: no memory-backend-file object: guest RAM must be "
+                              "file-backed and shared for devices to reach it")
+        size, path, share = max(found)
+        if not share:
+            raise QmpmigError(f"{self.name}: guest RAM {path} is not shared (share=on, or libvirt's "
+                              "<access mode='shared'/>)")
+        return path
 
     async def query_status(self) -> Status:
         info = await self.execute("query-status")

@@ -215,8 +215,9 @@ def _attach(args) -> int:
     asyncio.run(client.ensure_daemon(args.run_dir))
     ring = [int(x, 0) for x in args.start_ring.split(":")] if args.start_ring else None
     vm = asyncio.run(client.call(args.run_dir, "attach", name=args.name, qmp=os.path.abspath(args.qmp),
-                                 ram=os.path.abspath(args.ram), devices=[os.path.abspath(d) for d in args.device],
-                                 protocol=args.protocol, start_ring=ring))
+                                 devices=[os.path.abspath(d) for d in args.device],
+                                 protocol=args.protocol, start_ring=ring,
+                                 **({"ram": os.path.abspath(args.ram)} if args.ram else {})))
     print(json.dumps(vm, indent=1) if args.json else _describe_vm(vm))
     return 0
 
@@ -289,6 +290,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qmpmig", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("device", help="serve a reference vfio-user device (see qmpmig device --help)")
+    sub.add_parser("libvirt", help="qmpmig under libvirt: install-hook, hook, adopt, let-go "
+                                   "(see qmpmig libvirt --help)")
 
     m = sub.add_parser("migrate", help="live-migrate a QEMU guest with its vfio-user devices")
     m.add_argument("--launch", action="store_true",
@@ -343,7 +346,8 @@ def parser() -> argparse.ArgumentParser:
     a = sub.add_parser("attach", help="hand a VM and its devices to the daemon (started if none runs)")
     a.add_argument("name")
     a.add_argument("--qmp", required=True, help="the VM's QMP socket")
-    a.add_argument("--ram", required=True, help="its guest RAM file (memory-backend-file mem-path, share=on)")
+    a.add_argument("--ram", help="its guest RAM file (default: the mem-path of its memory-backend-file, "
+                                 "which must be share=on)")
     a.add_argument("--device", action="append", required=True, help="a device's vfio-user socket (repeat)")
     a.add_argument("--protocol", choices=("v1", "v2"))
     a.add_argument("--start-ring", metavar="IOVA:SIZE",
@@ -412,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["device"]:
         from ..device.cli import main as device_main
         return device_main(argv[1:])
+    if argv[:1] == ["libvirt"]:
+        from ..libvirt.cli import main as libvirt_main
+        return libvirt_main(argv[1:])
     args = parser().parse_args(argv)
     keep_large_buffers()
     if args.command == "migrate" and any(spec.count(",") != 1 for spec in args.device):
