@@ -2,7 +2,8 @@
 # Set up qmpmig on a fresh Debian 12 machine (root, package registries only):
 # Debian's QEMU, a Python virtual environment with qmpmig and its test
 # dependencies in .venv/, the test guest image in vm-images/build/, and
-# libvfio-user's sample server in build/libvfio-user/ (a real peer for tests).
+# libvfio-user's sample server in build/libvfio-user/ (a real peer for tests),
+# and libvirt's daemon and client (scripts/libvirt-e2e runs two of them).
 # Idempotent: what is already there is kept.
 set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -11,7 +12,8 @@ cd "$top"
 apt_packages=()
 command -v qemu-system-x86_64 >/dev/null || apt_packages+=(qemu-system-x86)
 python3 -c 'import ensurepip, venv' 2>/dev/null || apt_packages+=(python3-venv)
-for pkg in meson ninja-build libjson-c-dev libcmocka-dev pkg-config gcc; do
+for pkg in meson ninja-build libjson-c-dev libcmocka-dev pkg-config gcc \
+           libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients iproute2; do
     dpkg -s "$pkg" >/dev/null 2>&1 || apt_packages+=("$pkg")
 done
 if ((${#apt_packages[@]})); then
