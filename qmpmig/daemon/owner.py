@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import stat
 import struct
 import time
@@ -42,7 +43,7 @@ from ..errors import QmpmigError, reason
 from ..qemu.guestmem import GuestRam
 from ..qemu.qmp import Qemu
 from ..tools import tracecheck
-from . import control, journal
+from . import control, journal, peer
 from .restart import end_unfinished
 
 log = logging.getLogger("qmpmig.daemon")
@@ -69,8 +70,11 @@ class AttachedVm:
 class Owner:
     """The daemon: its VMs, its migrations and its control socket."""
 
-    def __init__(self, run_dir: Path, timeout: float = 300.0):
+    def __init__(self, run_dir: Path, timeout: float = 300.0, listen: str | None = None,
+                 tls_dir: Path = peer.DEFAULT_TLS_DIR):
         self.run_dir = Path(run_dir)
+        #: HOST:PORT where peer daemons reach this one (TLS, peer.PEER_OPS).
+        self.listen, self.tls_dir = listen, Path(tls_dir)
         self.timeout = timeout
         self.vms: dict[str, AttachedVm] = {}
         #: migration id -> (controller, its task)
@@ -101,8 +105,14 @@ class Owner:
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         """Serve the control socket until ``shutdown``; then release every VM."""
         listener = self._listen()
+        tls = peer.server_context(self.tls_dir) if self.listen else None
         await self._take_over()
         server = await asyncio.start_unix_server(self._connection, sock=listener)
+        peers = None
+        if self.listen:
+            host, port = peer.split_address(self.listen)
+            peers = await asyncio.start_server(self._peer_connection, host, port, ssl=tls)
+            log.info("peers served on %s (TLS, certificates of %s)", self.listen, self.tls_dir)
         (self.run_dir / "daemon.pid").write_text(f"{os.getpid()}\n")
         log.info("serving %s", self.socket_path)
         if ready:
@@ -111,6 +121,8 @@ class Owner:
             await self.stopped.wait()
         finally:
             server.close()
+            if peers:
+                peers.close()
             self.stopping = True
             while self.migrations:
                 _, task = next(iter(self.migrations.values()))
@@ -198,9 +210,29 @@ class Owner:
                 await writer.drain()
             writer.close()
 
-    async def _answer(self, message: dict) -> bytes:
+    async def _peer_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A peer daemon, its certificate checked by the handshake: only
+        peer.PEER_OPS."""
+        who = peer.peer_name(writer)
+        log.info("peer %s connected from %s", who, writer.get_extra_info("peername"))
+        try:
+            lines = control.LineReader()
+            while data := await reader.read(1 << 16):
+                for message in lines.feed(data):
+                    writer.write(await self._answer(message, peer.PEER_OPS))
+                    await writer.drain()
+        except control.ControlError as err:
+            writer.write(control.reply(0, error=str(err)))
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await writer.drain()
+            writer.close()
+
+    async def _answer(self, message: dict, allowed: frozenset[str] | None = None) -> bytes:
         msg_id, op, args = message.get("id", 0), message.get("op"), message.get("args", {})
-        handler = self.ops.get(op) if isinstance(op, str) else None
+        handler = self.ops.get(op) if isinstance(op, str) and (allowed is None or op in allowed) else None
         if handler is None or not isinstance(args, dict):
             return control.reply(msg_id, error=f"no such request: {op!r}")
         try:

@@ -22,6 +22,7 @@ from ..rig.launch import LaunchOptions, launch
 from ..vfio_user.transport import keep_large_buffers
 from ..daemon import client
 from ..daemon.control import default_run_dir
+from ..daemon import peer
 from ..daemon.owner import Owner
 from . import check
 from .tracecheck import RULES, check as check_trace, load as load_trace
@@ -201,7 +202,7 @@ def _daemon(args) -> int:
                         format="qmpmig-daemon[%(process)d] %(levelname)s %(name)s: %(message)s")
 
     async def serve() -> None:
-        owner = Owner(args.run_dir)
+        owner = Owner(args.run_dir, listen=args.listen, tls_dir=args.tls_dir)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, owner.stopped.set)
@@ -253,7 +254,8 @@ def _detach(args) -> int:
 
 
 def _status(args) -> int:
-    status = asyncio.run(client.call(args.run_dir, "status"))
+    status = asyncio.run(peer.call(args.peer, args.tls_dir, "status") if args.peer
+                         else client.call(args.run_dir, "status"))
     if args.json:
         print(json.dumps(status, indent=1))
         return 0
@@ -340,6 +342,11 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("daemon", help="the devices' owner: serve the control socket in the foreground")
     d.add_argument("--stop", action="store_true", help="ask the running daemon to end (its devices reset)")
+    d.add_argument("--listen", metavar="HOST:PORT",
+                   help="serve peer daemons of other hosts here (TCP, TLS with client certificates)")
+    d.add_argument("--tls-dir", type=Path, default=peer.DEFAULT_TLS_DIR,
+                   help="ca-cert.pem, server-/client-cert.pem and -key.pem (QEMU's and libvirt's layout; "
+                        "default %(default)s)")
     d.add_argument("--log-level", default="INFO")
     d.set_defaults(run=_daemon)
 
@@ -371,6 +378,8 @@ def parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="the daemon's VMs, devices and migrations")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--peer", metavar="HOST:PORT", help="ask the daemon of another host (TLS, --tls-dir)")
+    st.add_argument("--tls-dir", type=Path, default=peer.DEFAULT_TLS_DIR)
     st.set_defaults(run=_status)
 
     r = sub.add_parser("recover", help="end what a dead daemon left half done (starts the daemon)")
