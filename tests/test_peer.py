@@ -146,4 +146,4 @@ def test_a_daemon_that_cannot_prove_who_it_is_is_not_talked_to(daemon, pki):
 
 def test_missing_credentials_are_named(tmp_path):
     with pytest.raises(peer.PeerError, match="ca-cert.pem"):
-        peer.client_context(tmp_path)
+        peer.context(tmp_path, "client")

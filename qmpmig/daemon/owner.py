@@ -105,7 +105,7 @@ class Owner:
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         """Serve the control socket until ``shutdown``; then release every VM."""
         listener = self._listen()
-        tls = peer.server_context(self.tls_dir) if self.listen else None
+        tls = peer.context(self.tls_dir, "server") if self.listen else None
         await self._take_over()
         server = await asyncio.start_unix_server(self._connection, sock=listener)
         peers = None

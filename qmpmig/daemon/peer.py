@@ -46,23 +46,15 @@ def _files(tls_dir: Path, role: str) -> tuple[Path, Path, Path]:
     return paths
 
 
-def server_context(tls_dir: Path) -> ssl.SSLContext:
-    ca, cert, key = _files(tls_dir, "server")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+def context(tls_dir: Path, role: str) -> ssl.SSLContext:
+    """The TLS context of a ``server`` (listening: the peer's certificate
+    demanded) or a ``client`` (dialling: the server's certificate and name
+    checked, which PROTOCOL_TLS_CLIENT does by default)."""
+    ca, cert, key = _files(tls_dir, role)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if role == "server" else ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.load_cert_chain(cert, key)
     context.load_verify_locations(ca)
-    context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
-def client_context(tls_dir: Path) -> ssl.SSLContext:
-    ca, cert, key = _files(tls_dir, "client")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.load_cert_chain(cert, key)
-    context.load_verify_locations(ca)
-    context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
     return context
 
@@ -90,7 +82,7 @@ async def call(address: str, tls_dir: Path, op: str, **args) -> dict:
     host, port = split_address(address)
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=client_context(tls_dir), server_hostname=host), PEER_TIMEOUT)
+            asyncio.open_connection(host, port, ssl=context(tls_dir, "client"), server_hostname=host), PEER_TIMEOUT)
     except (OSError, asyncio.TimeoutError) as err:
         raise PeerError(f"peer {address}: {err or type(err).__name__}") from None
     try:
