@@ -153,9 +153,6 @@ class Run:
     pending: list[int] = field(default_factory=list)
     #: QEMU's RAM rate, measured while it runs unheld.
     ram_rate: precopy.Rate = field(default_factory=precopy.Rate)
-    #: That rate over its first pass, as it was when QEMU was held: the
-    #: estimate's rate after the release, until a new one is measured.
-    first_pass_rate: float | None = None
     #: QEMU's bandwidth is held near the end of its first pass.
     held: bool = False
     #: The downtime budget (ms): Options.downtime_limit, raised on a stall.

@@ -60,9 +60,6 @@ STALL_WINDOW = 1.0
 CAPABILITIES = {"src": ("events", "pause-before-switchover"), "dst": ("events",)}
 #: The migration parameters the hold changes (on the source).
 PARAMETERS = ("max-bandwidth", "downtime-limit")
-#: Seconds of samples a rate measured after the release needs before it is
-#: trusted over the first pass's (QEMU's own estimate takes 0.1 s to adapt).
-RATE_SPAN = 0.2
 #: Bytes, and seconds, a device may move per pre-copy round before
 #: convergence is looked at again.
 PRECOPY_ROUND = 64 << 20
@@ -89,11 +86,6 @@ class Rate:
         self.samples.clear()
 
     @property
-    def span(self) -> float:
-        """Seconds between the oldest and newest sample."""
-        return self.samples[-1][0] - self.samples[0][0] if self.samples else 0.0
-
-    @property
     def per_second(self) -> float | None:
         if len(self.samples) < 2 or self.samples[-1][0] - self.samples[0][0] <= 0:
             return None
@@ -118,8 +110,7 @@ async def prepare_switchover(c: Controller) -> None:
         await side.qmp("migrate-set-capabilities", {"capabilities": [
             {"capability": name, "state": True} for name in CAPABILITIES[side.name]]})
     c.run.budget = c.options.downtime_limit
-    c.run.release = {"max-bandwidth": params.get("max-bandwidth", 128 << 20),
-                     "downtime-limit": c.options.downtime_limit}
+    c.run.release = {"max-bandwidth": params.get("max-bandwidth", 128 << 20)}
     if "no-hold" not in c.options.debug:
         await c.src.qmp("migrate-set-parameters", {"downtime-limit": HOLD_DOWNTIME_MS})
 
@@ -138,7 +129,6 @@ async def watch_ram(c: Controller) -> None:
         if left is not None and left <= near and "no-hold" not in c.options.debug:
             await c.src.qmp("migrate-set-parameters", {"max-bandwidth": HOLD_BANDWIDTH})
             c.run.held = True
-            c.run.first_pass_rate = rate.per_second
             log.info("QEMU held with %d MiB of its first pass left (%.0f MiB/s)", left >> 20,
                      (rate.per_second or 0) / 2**20)
             return
@@ -265,10 +255,10 @@ async def grace(c: Controller) -> None:
 
 
 async def switch_over(c: Controller) -> None:
-    """Every device is in the grace state: release QEMU with the budget,
+    """Every device is in the grace state: give QEMU its bandwidth back,
     let the rest of its RAM and the devices' data go, and stop the vCPUs
-    once what is left fits the budget at this migration's rates (unless
-    QEMU stopped them itself, its own judgement of the same).  A stall
+    once what is left fits the budget at the rates measured since (QEMU,
+    its downtime-limit still at 1 ms, does not do it itself).  A stall
     raises the budget, or fails (:class:`Stall`)."""
     c.run.held = False
     await _release(c)
@@ -296,10 +286,13 @@ async def switch_over(c: Controller) -> None:
 
 
 async def _release(c: Controller) -> None:
-    """QEMU's downtime-limit: the budget less what the devices' pending data
-    will take at their rates; and, unless held, its bandwidth back."""
-    pending = [await p.src.device.pending() for p in c.pairs]
-    c.run.release["downtime-limit"] = max(HOLD_DOWNTIME_MS, int(c.run.budget - (_devices_ms(c, pending) or 0)))
+    """QEMU's bandwidth back (unless it is to stay held).  Its
+    downtime-limit stays at HOLD_DOWNTIME_MS: the vCPU stop is qmpmig's,
+    when its estimate fits the budget, and never QEMU's own.  Every
+    destination guest seen to die on bad memory after a migration (TCG,
+    QEMU 7.2; README, "A known problem under TCG") had QEMU switch over by
+    itself just after its first pass, with the budget as its
+    downtime-limit."""
     if not c.run.held:
         await c.src.qmp("migrate-set-parameters", c.run.release)
         c.run.ram_rate.reset()
@@ -326,8 +319,7 @@ def _devices_ms(c: Controller, pending: list[int]) -> float | None:
 
 def _estimate_ms(c: Controller, ram_left: int | None, pending: list[int]) -> float | None:
     """Milliseconds QEMU's RAM and the devices' data left would take."""
-    rate = c.run.ram_rate.per_second if c.run.ram_rate.span >= RATE_SPAN else c.run.first_pass_rate
-    devices = _devices_ms(c, pending)
+    rate, devices = c.run.ram_rate.per_second, _devices_ms(c, pending)
     if ram_left is None or not rate or devices is None:
         return None
     return ram_left / rate * 1000 + devices

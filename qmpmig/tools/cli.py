@@ -19,7 +19,6 @@ from ..migration.fsm import plan
 from ..migration.states import MigFlags, MigState
 from ..qemu.qmp import Qemu
 from ..rig.launch import LaunchOptions, launch
-from ..vfio_user.transport import keep_large_buffers
 from ..daemon import client
 from ..daemon.control import default_run_dir
 from ..daemon import peer
@@ -429,7 +428,6 @@ def main(argv: list[str] | None = None) -> int:
         from ..libvirt.cli import main as libvirt_main
         return libvirt_main(argv[1:])
     args = parser().parse_args(argv)
-    keep_large_buffers()
     if args.command == "migrate" and any(spec.count(",") != 1 for spec in args.device):
         parser().error("--device takes SRC_SOCKET,DST_SOCKET")
     if args.command == "migrate" and not args.launch and not (args.src and args.dst and args.uri) and not all(

@@ -42,8 +42,11 @@ def keep_large_buffers(size: int = 64 << 20) -> None:
     """Have glibc's malloc reuse freed buffers up to ``size`` bytes instead of
     returning them to the kernel: a data transfer allocates a fresh MiB
     buffer per message, and an mmap'd one costs a page fault per 4 KiB on
-    first touch (measured: the stop-copy stream ran 2.4 times slower).  A
-    no-op where the C library is not glibc."""
+    first touch (measured: the reference device's stop-copy stream ran 2.4
+    times slower).  For a device process; the daemon, which lives long and
+    holds many VMs, does without (its memory would keep the high-water mark
+    of the largest transfer; no faster relay was measured).  A no-op where
+    the C library is not glibc."""
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(_M_MMAP_THRESHOLD, size)
