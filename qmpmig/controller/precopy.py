@@ -13,10 +13,10 @@ takes effect at once.  So QEMU sends RAM at full speed, downtime-limit at
 controller copies the pages they write: seed 000's reason for the dirty
 log); a watcher holds QEMU's bandwidth low once its first pass is near its
 end, so the pass cannot end on its own; once the devices have converged
-too they enter the grace state, QEMU gets its bandwidth back with the
-budget as downtime-limit, and the vCPUs stop as soon as QEMU's RAM and the
-devices' pending data fit the budget at the rates measured in this
-migration.  The devices' DMA outage is then that last stretch, whatever
+too they enter the grace state, QEMU gets its bandwidth back (its
+downtime-limit stays at 1 ms), and qmpmig stops the vCPUs as soon as
+QEMU's RAM and the devices' pending data fit the budget at the rates
+measured in this migration.  The devices' DMA outage is then that last stretch, whatever
 the size of guest RAM.
 """
 
@@ -97,8 +97,8 @@ async def prepare_switchover(c: Controller) -> None:
     """Capabilities for the flow, downtime-limit at 1 ms for the pre-copy
     (unless the no-hold negative control says otherwise); the bandwidth is
     left as it is until the watcher holds it.  :attr:`Run.release` gives
-    QEMU its bandwidth back with the budget, :func:`restore_settings` puts
-    back what was there before."""
+    QEMU its bandwidth back, :func:`restore_settings` puts back what was
+    there before."""
     for side in (c.src, c.dst):
         caps = {cap["capability"]: cap["state"] for cap in await side.qemu.execute("query-migrate-capabilities")}
         c.run.settings[side.name] = {"capabilities": [
