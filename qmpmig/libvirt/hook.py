@@ -159,11 +159,14 @@ def admit_incoming(spec: DomainSpec, run_dir: Path, migration: str | None) -> No
 
 
 def _expected(run_dir: Path, name: str, migration: str) -> bool:
+    """Whether this host's daemon expects the migration; no daemon, or no
+    answer within 5 s, is a no."""
     from ..daemon import client
+    from ..errors import QmpmigError
     try:
         answer = asyncio.run(asyncio.wait_for(
             client.call(run_dir, "expected", domain=name, migration=migration), 5.0))
-    except (OSError, asyncio.TimeoutError, Exception):
+    except (QmpmigError, OSError, asyncio.TimeoutError):
         return False
     return bool(answer.get("expected"))
 
