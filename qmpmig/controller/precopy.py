@@ -13,10 +13,10 @@ takes effect at once.  So QEMU sends RAM at full speed, downtime-limit at
 controller copies the pages they write: seed 000's reason for the dirty
 log); a watcher holds QEMU's bandwidth low once its first pass is near its
 end, so the pass cannot end on its own; once the devices have converged
-too they enter the grace state, QEMU gets its bandwidth back (its
-downtime-limit stays at 1 ms), and qmpmig stops the vCPUs as soon as
-QEMU's RAM and the devices' pending data fit the budget at the rates
-measured in this migration.  The devices' DMA outage is then that last stretch, whatever
+too they enter the grace state, QEMU gets its bandwidth back with the
+budget as downtime-limit, and the vCPUs stop as soon as QEMU's RAM and the
+devices' pending data fit the budget at the rates measured in this
+migration.  The devices' DMA outage is then that last stretch, whatever
 the size of guest RAM.
 """
 
@@ -43,12 +43,10 @@ HOLD_BANDWIDTH = 4 << 20
 HOLD_DOWNTIME_MS = 1
 #: QEMU is held once its first pass has this little left: what it sends in
 #: APPROACH_LEAD seconds at the measured rate, never less than APPROACH_MIN.
-#: What is left then goes in the device outage (after the release, at full
-#: speed).  Closer to the end (0.1 s, 16 MiB) cut the outage by a third, but
-#: the destination's guest kernel then panicked on bad memory in about one
-#: migration in six (TCG, QEMU 7.2; the first pass ending right after the
-#: release, then a burst of dirty syncs with the vCPUs running): see
-#: docs/performance.md.  Not seen in 10 runs of the same test at 0.25 s.
+#: What is left then goes in the device outage.  Closer to the end (0.1 s,
+#: 16 MiB) cut the outage by a third, but the destination's guest kernel
+#: then died on bad memory in about one migration in six (TCG, QEMU 7.2):
+#: README, "A known problem under TCG".
 APPROACH_LEAD = 0.25
 APPROACH_MIN = 32 << 20
 #: Seconds between two looks at QEMU's RAM.
@@ -97,8 +95,8 @@ async def prepare_switchover(c: Controller) -> None:
     """Capabilities for the flow, downtime-limit at 1 ms for the pre-copy
     (unless the no-hold negative control says otherwise); the bandwidth is
     left as it is until the watcher holds it.  :attr:`Run.release` gives
-    QEMU its bandwidth back, :func:`restore_settings` puts back what was
-    there before."""
+    QEMU its bandwidth back with the budget, :func:`restore_settings` puts
+    back what was there before."""
     for side in (c.src, c.dst):
         caps = {cap["capability"]: cap["state"] for cap in await side.qemu.execute("query-migrate-capabilities")}
         c.run.settings[side.name] = {"capabilities": [
@@ -110,7 +108,8 @@ async def prepare_switchover(c: Controller) -> None:
         await side.qmp("migrate-set-capabilities", {"capabilities": [
             {"capability": name, "state": True} for name in CAPABILITIES[side.name]]})
     c.run.budget = c.options.downtime_limit
-    c.run.release = {"max-bandwidth": params.get("max-bandwidth", 128 << 20)}
+    c.run.release = {"max-bandwidth": params.get("max-bandwidth", 128 << 20),
+                     "downtime-limit": c.options.downtime_limit}
     if "no-hold" not in c.options.debug:
         await c.src.qmp("migrate-set-parameters", {"downtime-limit": HOLD_DOWNTIME_MS})
 
@@ -255,10 +254,10 @@ async def grace(c: Controller) -> None:
 
 
 async def switch_over(c: Controller) -> None:
-    """Every device is in the grace state: give QEMU its bandwidth back,
+    """Every device is in the grace state: release QEMU with the budget,
     let the rest of its RAM and the devices' data go, and stop the vCPUs
-    once what is left fits the budget at the rates measured since (QEMU,
-    its downtime-limit still at 1 ms, does not do it itself).  A stall
+    once what is left fits the budget at this migration's rates (unless
+    QEMU stopped them itself, its own judgement of the same).  A stall
     raises the budget, or fails (:class:`Stall`)."""
     c.run.held = False
     await _release(c)
@@ -286,13 +285,10 @@ async def switch_over(c: Controller) -> None:
 
 
 async def _release(c: Controller) -> None:
-    """QEMU's bandwidth back (unless it is to stay held).  Its
-    downtime-limit stays at HOLD_DOWNTIME_MS: the vCPU stop is qmpmig's,
-    when its estimate fits the budget, and never QEMU's own.  Every
-    destination guest seen to die on bad memory after a migration (TCG,
-    QEMU 7.2; README, "A known problem under TCG") had QEMU switch over by
-    itself just after its first pass, with the budget as its
-    downtime-limit."""
+    """QEMU's downtime-limit: the budget less what the devices' pending data
+    will take at their rates; and, unless held, its bandwidth back."""
+    pending = [await p.src.device.pending() for p in c.pairs]
+    c.run.release["downtime-limit"] = max(HOLD_DOWNTIME_MS, int(c.run.budget - (_devices_ms(c, pending) or 0)))
     if not c.run.held:
         await c.src.qmp("migrate-set-parameters", c.run.release)
         c.run.ram_rate.reset()
