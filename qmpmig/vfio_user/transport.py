@@ -122,13 +122,25 @@ class Endpoint:
         return data, fds
 
     async def _ready(self, add, remove) -> None:
-        """Wait until the socket is readable (add_reader) or writable (add_writer)."""
+        """Wait until the socket is readable (add_reader) or writable
+        (add_writer); Disconnected if the connection closes first (a send
+        pipelined behind others may find it closed under it)."""
+        fd = self.sock.fileno()
+        if fd < 0:
+            raise self._gone()
         ready = asyncio.get_running_loop().create_future()
-        add(self.sock.fileno(), _wake, ready)
+        add(fd, _wake, ready)
+        closing = asyncio.ensure_future(self.closed.wait())
         try:
-            await ready
+            await asyncio.wait({ready, closing}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            remove(self.sock.fileno())
+            closing.cancel()
+            remove(fd)
+        if not ready.done():
+            raise self._gone()
+
+    def _gone(self) -> Disconnected:
+        return Disconnected(f"vfio-user connection closed: {self.closed_because or 'closed by this side'}")
 
     async def send(self, msg: Message) -> None:
         """Send one message whole: a cancelled caller does not cut it short
@@ -143,6 +155,8 @@ class Endpoint:
             ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
             views = [memoryview(piece) for piece in pieces if len(piece)]
             while views:
+                if self.closed.is_set():
+                    raise self._gone()
                 try:
                     sent = self.sock.sendmsg(views, ancillary)
                 except (BlockingIOError, InterruptedError):
@@ -174,7 +188,7 @@ class Endpoint:
         (as :meth:`request` gives it) without waiting for it: requests
         pipelined on one socket, answered in order."""
         if self.closed.is_set():
-            raise Disconnected(f"vfio-user connection closed: {self.closed_because}")
+            raise self._gone()
         msg_id = self._next_id
         self._next_id = (self._next_id + 1) & 0xFFFF
         loop = asyncio.get_running_loop()
