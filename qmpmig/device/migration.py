@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections import deque
 from typing import Callable
 
+from ..bytequeue import ByteQueue
 from ..errors import StreamError
 from ..vfio_user import codec
 from ..vfio_user.uapi import PAGE_SIZE
@@ -33,7 +33,7 @@ REGS_ESTIMATE = 4096
 class Saver:
     """The data a saving device streams out, produced on demand.
 
-    What is produced waits in ``_out`` as pieces: chunk headers and page
+    What is produced waits in ``_out`` (a ByteQueue) as pieces: chunk headers and page
     runs.  In stop-copy the state is frozen and a page run is a view of it,
     copied once, into the reply; in pre-copy the device may rewrite a page
     before the piece goes out, so the run is copied when produced (its CRC
@@ -41,8 +41,7 @@ class Saver:
 
     def __init__(self, state: InternalState, config: dict, precopy: bool):
         self.state = state
-        self._out: deque[bytes | memoryview] = deque()
-        self._queued = 0
+        self._out = ByteQueue()
         self._emit(savestream.header(config))
         self._next = 0
         self._chunks = 1
@@ -59,8 +58,8 @@ class Saver:
         self._final = registers
 
     def _emit(self, *pieces: bytes | memoryview) -> None:
-        self._out.extend(pieces)
-        self._queued += sum(map(len, pieces))
+        for piece in pieces:
+            self._out.append(piece)
 
     def _chunk(self, tag: bytes, arg: int, payload: bytes | memoryview, payload_crc: int | None = None) -> None:
         self._emit(savestream.chunk_header(tag, arg, payload, payload_crc), payload)
@@ -70,7 +69,7 @@ class Saver:
     def initial_bytes(self) -> int:
         """Pre-copy: bytes left of the first pass (PRECOPY_INFO initial_bytes)."""
         left = self.state.pages - self._next
-        return self._queued + left * PAGE_SIZE + -(-left // RUN_PAGES) * CHUNK.size
+        return len(self._out) + left * PAGE_SIZE + -(-left // RUN_PAGES) * CHUNK.size
 
     @property
     def dirty_bytes(self) -> int:
@@ -83,7 +82,7 @@ class Saver:
     def pending_bytes(self) -> int:
         """What is left to read: in stop-copy, to the end of the stream."""
         if self.ended:
-            return self._queued
+            return len(self._out)
         tail = REGS_ESTIMATE if self._final else 0
         return self.initial_bytes + self.dirty_bytes + tail
 
@@ -119,18 +118,9 @@ class Saver:
     def read(self, size: int) -> bytes:
         """Up to ``size`` bytes; fewer only when no more is available now
         (pre-copy) or ever (stop-copy)."""
-        while self._queued < size and self._produce():
+        while len(self._out) < size and self._produce():
             pass
-        parts, want = [], size
-        while want and self._out:
-            piece = self._out.popleft()
-            if len(piece) > want:
-                self._out.appendleft(memoryview(piece)[want:])
-                piece = memoryview(piece)[:want]
-            parts.append(piece)
-            want -= len(piece)
-        out = b"".join(parts)
-        self._queued -= len(out)
+        out = b"".join(self._out.take_parts(min(size, len(self._out))))
         self.bytes_read += len(out)
         return out
 
