@@ -12,6 +12,7 @@ import pytest
 from qmpmig.controller import Options
 from qmpmig.migration.states import MigFlags
 from qmpmig.rig.launch import LaunchOptions, launch
+from qmpmig.rig.vm import DMA_WINDOW
 
 pytestmark = pytest.mark.qemu
 
@@ -79,10 +80,29 @@ async def test_without_pre_copy_flags(guest_image):
 
 
 async def test_negative_control_no_dirty_copy_leaves_stale_guest_memory(guest_image):
-    report = await launch(options(devices=1, dma_rate=2000, controller={"debug": frozenset({"no-dirty-copy"})}))
+    report = await launch(options(devices=1, dma_rate=2000, verify_ram=False,
+                                  controller={"debug": frozenset({"no-dirty-copy"})}))
     assert report.summary.ok
     assert report.checks["dev0 DMA records"] and "wrong in destination RAM" in report.checks["dev0 DMA records"]
     assert "cont-after-copy" in rules(report)
+
+
+@pytest.mark.parametrize("defect,where", [
+    # The pages the device wrote by DMA, left stale: in its DMA window.
+    ("no-dirty-copy", lambda gpa, rig_window: rig_window[0] <= gpa < rig_window[0] + rig_window[1]),
+    # A byte flipped after QEMU's load, in the middle of RAM.
+    ("corrupt-dst-ram", lambda gpa, rig_window: gpa >> 20 == 128),
+])
+async def test_negative_control_verify_ram_keeps_the_guest_on_the_source(guest_image, defect, where):
+    report = await launch(options(devices=1, dma_rate=2000, controller={"debug": frozenset({defect})}))
+    summary = report.summary
+    assert not summary.ok and summary.guest_on == "source", summary.message
+    assert "guest RAM differs from the source's" in summary.message
+    verified = [r for r in report.records if r["kind"] == "ram_verify"]
+    assert verified[-1]["differing_pages"] > 0 and where(verified[-1]["first_gpa"], DMA_WINDOW)
+    # Nothing ran at the destination; the source runs on with its device.
+    assert report.violations == []
+    assert not any(report.checks.values()), report.checks
 
 
 async def test_negative_control_vcpu_stop_before_ndma(guest_image):

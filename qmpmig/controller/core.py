@@ -38,6 +38,8 @@ DEBUG = {
     "no-dirty-copy": "skip copying DMA-dirty pages to the destination",
     "stop-before-ndma": "stop the source vCPUs before the grace state",
     "early-barrier": "let one destination device run before the others reached RUNNING_P2P",
+    "corrupt-dst-ram": "flip a byte of the destination's guest RAM after QEMU's load, before --verify-ram "
+                       "compares it",
     "no-hold": "leave QEMU's downtime-limit alone during pre-copy, so QEMU may switch over by itself",
     "scribble-after-load": "overwrite the start of each compared region of the destination devices after "
                            "their load, so their state differs from the source's",
@@ -80,6 +82,10 @@ class Options:
     #: Regions whose contents are compared, source at the stop against
     #: destination after the load, for devices without QMPMIG_STATE_HASH.
     compare_regions: tuple[int, ...] = ()
+    #: Compare the destination's guest RAM with the source's, byte for
+    #: byte, before the destination runs (both RAM files on this host; the
+    #: time is inside the guest's pause: about 0.05 s per 256 MiB).
+    verify_ram: bool = False
     debug: frozenset[str] = frozenset()
 
     def as_request(self) -> dict:

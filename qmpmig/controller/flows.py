@@ -158,6 +158,8 @@ async def resume(c: Controller, running: bool) -> None:
         pages = set().union(*(pair.dirty for pair in c.pairs))
         c.run.copied = c.src.ram.copy_pages_to(dst.ram, pages)
         c.trace.emit("dirty_copy", pages=c.run.copied, bytes=c.run.copied * PAGE_SIZE)
+    if c.options.verify_ram:
+        verify_ram(c)
     # !RESUMING: each device loads and validates what it was given.
     await c.walker.walk_all(dst, lambda end: MigState.STOP)
     c.note("loaded")
@@ -179,6 +181,24 @@ async def resume(c: Controller, running: bool) -> None:
     await dst.wait(lambda s: s.runstate == "running", "destination running")
     c.walker.resumed()
     c.run.downtime = await _pause(c)
+
+
+def verify_ram(c: Controller) -> None:
+    """The destination's guest RAM, loaded and given the DMA-dirty pages,
+    must equal the source's byte for byte (the source is stopped, the
+    destination not yet run): a page QEMU's RAM migration lost fails the
+    migration before anything runs there, so the guest stays on the source."""
+    if "corrupt-dst-ram" in c.options.debug:
+        page = c.dst.ram.size // PAGE_SIZE // 2
+        c.dst.ram.mem[page * PAGE_SIZE] ^= 0xFF
+    pages = c.src.ram.differing_pages(c.dst.ram)
+    c.trace.emit("ram_verify", bytes=c.src.ram.size, differing_pages=len(pages),
+                 first_gpa=pages[0] * PAGE_SIZE if pages else None)
+    if pages:
+        raise MigrationFailed(
+            f"the destination's guest RAM differs from the source's after QEMU's RAM load: "
+            f"{len(pages)} page(s), the first at GPA {pages[0] * PAGE_SIZE:#x} (QEMU before 9.0 "
+            f"under TCG loses guest stores: docs/known-problems.md)")
 
 
 async def _pause(c: Controller) -> float | None:

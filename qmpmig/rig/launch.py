@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..controller import Options, Summary
@@ -54,6 +54,9 @@ class LaunchOptions:
     device_writes: tuple[tuple[int, int, bytes], ...] = ()
     #: Seconds the guest and its devices run before the migration starts.
     settle: float = 1.0
+    #: Compare the guests' RAM at switchover (Options.verify_ram): the rig's
+    #: two RAM files are on this host.  Off only to measure the pause bare.
+    verify_ram: bool = True
     controller: Options = field(default_factory=Options)
 
     def device_argv(self) -> tuple[str, ...]:
@@ -151,8 +154,9 @@ async def launch(opts: LaunchOptions, progress: Callable[[dict], None] | None = 
         await asyncio.sleep(opts.settle)
         last_src_beat = rig.src.last_heartbeat()
         settings = await settings_now(rig.src_qmp)
+        controller = replace(opts.controller, verify_ram=opts.controller.verify_ram or opts.verify_ram)
         request = client.call(run_dir, "migrate", src="src", dst="dst", uri=rig.uri, trace=str(trace_path),
-                              options=opts.controller.as_request())
+                              options=controller.as_request())
         result = await client.reporting(run_dir, request, progress, "src")
         if side_task:
             await side_task
@@ -171,6 +175,11 @@ async def launch(opts: LaunchOptions, progress: Callable[[dict], None] | None = 
             await _verify_source_survived(report, rig, watch, rams[0], reference)
             if any(r["kind"] == "qmp_command" and r["command"] == "migrate-incoming" for r in report.records):
                 await _verify_destination_ended(report, rig)
+        if controller.verify_ram and summary.guest_on == "destination":
+            verified = [r for r in report.records if r["kind"] == "ram_verify"]
+            report.checks["guest RAM identical at switchover"] = (
+                "no RAM comparison in the trace" if not verified else
+                None if not verified[-1]["differing_pages"] else f"{verified[-1]['differing_pages']} pages differ")
         if rig.src.proc.poll() is None:
             now = await settings_now(rig.src_qmp)
             report.checks["source QEMU settings"] = None if now == settings else f"{settings} before, {now} after"

@@ -36,6 +36,8 @@ RULES = {
                           "seed 000 resume flow; uAPI RESUMING -> STOP validates"),
     "cont-after-copy": ("the destination vCPUs start only after the DMA-dirty pages were copied",
                         "qmpmig: QEMU cannot see device DMA (DESIGN.md)"),
+    "ram-verify": ("a destination whose guest RAM was found to differ from the source's is never started",
+                   "qmpmig --verify-ram: not a byte of guest RAM lost"),
 }
 
 # -- the fsm rule: the kernel's arc lists ------------------------------------
@@ -165,6 +167,7 @@ class _Checker:
             "end_of_stream": self.on_end_of_stream,
             "data": self.on_data,
             "dirty_copy": self.on_dirty_copy,
+            "ram_verify": self.on_ram_verify,
             "device_error": self.on_device_error,
             "device_state": self.on_device_state,
         }
@@ -176,6 +179,7 @@ class _Checker:
         self.resumed: set[str] = set()
         self.dst_error = False
         self.copied = False
+        self.ram_differs = False
 
     def fail(self, rule: str, rec: dict, message: str) -> None:
         self.out.append(Violation(rule, rec.get("seq", -1), message))
@@ -214,7 +218,7 @@ class _Checker:
     def on_qmp_command(self, rec: dict) -> None:
         """vcpu-stop at ``stop``; end-of-stream at ``migrate-continue`` (uAPI
         end of stream, seed 002 save_live_complete_precopy); cont-after-copy
-        and resume-before-run at the destination's ``cont``."""
+        resume-before-run and ram-verify at the destination's ``cont``."""
         side, command = rec["side"], rec.get("command")
         if side == "src" and command == "stop":
             self.we_stopped = True
@@ -227,6 +231,8 @@ class _Checker:
         elif side == "dst" and command == "cont":
             if not self.copied:
                 self.fail("cont-after-copy", rec, "destination cont before the DMA-dirty copy")
+            if self.ram_differs:
+                self.fail("ram-verify", rec, "destination cont although its guest RAM differs from the source's")
             for name in self.side_devices("dst"):
                 if self.state.get(("dst", name)) != "RUNNING":
                     self.fail("resume-before-run", rec, f"destination cont while {name} is in "
@@ -264,6 +270,9 @@ class _Checker:
 
     def on_dirty_copy(self, rec: dict) -> None:
         self.copied = True
+
+    def on_ram_verify(self, rec: dict) -> None:
+        self.ram_differs = rec["differing_pages"] > 0
 
     def on_device_error(self, rec: dict) -> None:
         if rec["side"] == "dst":
