@@ -8,6 +8,7 @@ import ssl
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,93 @@ def test_a_daemon_that_cannot_prove_who_it_is_is_not_talked_to(daemon, pki):
 def test_missing_credentials_are_named(tmp_path):
     with pytest.raises(peer.PeerError, match="ca-cert.pem"):
         peer.context(tmp_path, "client")
+
+
+# -- guest pages between hosts --------------------------------------------------
+
+
+@pytest.fixture
+def incoming_vm(daemon, pki, tmp_path, guest_image):
+    """A destination VM (QEMU waiting with -incoming defer, a reference
+    device) attached to a listening daemon: (address, run dir, its RAM)."""
+    from qmpmig.qemu.guestmem import GuestRam
+    from qmpmig.rig.processes import DeviceProcess
+    from qmpmig.rig.vm import Vm
+
+    address = daemon(pki["host-b"])
+    run_dir = tmp_path / "run-0"
+    vm = Vm("guest1", "destination", workdir=tmp_path, memory_mib=64).start()
+    dev = DeviceProcess(tmp_path / "dev.sock", "--state-size", "1M").start()
+    ram = GuestRam(vm.ram_path)
+    try:
+        asyncio.run(client.call(run_dir, "attach", name="guest1", qmp=str(vm.qmp_path), ram=str(vm.ram_path),
+                                devices=[str(dev.socket)]))
+        yield address, run_dir, ram
+    finally:
+        ram.close()
+        dev.close()
+        vm.close()
+
+
+def source_ram(tmp_path: Path, pages: dict[int, bytes], size: int) -> "GuestRam":
+    from qmpmig.qemu.guestmem import GuestRam
+    path = tmp_path / "source.ram"
+    path.write_bytes(bytes(size))
+    ram = GuestRam(path)
+    for page, fill in pages.items():
+        ram.mem[page * 4096:(page + 1) * 4096] = fill * 4096
+    return ram
+
+
+@pytest.mark.qemu
+def test_pages_from_the_source_host_land_in_the_expected_vm(incoming_vm, pki, tmp_path):
+    address, run_dir, dst_ram = incoming_vm
+    # More pages than one request carries, with a few the destination had
+    # already: they must all arrive, and the CRCs then agree everywhere.
+    pages = {p: bytes([p % 251 + 1]) for p in range(1000, 1000 + 150)}
+    src_ram = source_ram(tmp_path, pages, dst_ram.size)
+    dst_ram.mem[:] = src_ram.mem[:]
+    for page in pages:
+        dst_ram.mem[page * 4096:(page + 1) * 4096] = bytes(4096)
+
+    async def go():
+        async with peer.Peer(address, pki["host-a"]) as p:
+            await p.call("expect", domain="guest1", migration="m-7")
+            before = await p.differing_chunks("guest1", "m-7", src_ram)
+            sent = await p.write_pages("guest1", "m-7", src_ram, pages)
+            return before, sent, await p.differing_chunks("guest1", "m-7", src_ram)
+
+    before, sent, after = asyncio.run(go())
+    assert before == sorted({(page * 4096 >> 20) << 20 for page in pages})   # the MiBs the pages are in
+    assert sent == 150 and after == []
+    assert dst_ram.differing_pages(src_ram) == []
+    src_ram.close()
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("case", ["not expected", "another migration", "bad crc", "outside RAM", "intruder"])
+def test_pages_that_may_not_be_written_are_not(incoming_vm, pki, tmp_path, case):
+    address, run_dir, dst_ram = incoming_vm
+    before = dst_ram.crcs()
+    data = b"\x5a" * 4096
+    args = dict(vm="guest1", migration="m-8", pages=[2000], data=data.hex(), crc=zlib.crc32(data))
+    if case == "another migration":
+        args["migration"] = "m-9"
+    if case == "bad crc":
+        args["crc"] ^= 1
+    if case == "outside RAM":
+        args["pages"] = [dst_ram.size // 4096]
+
+    async def go():
+        if case != "not expected":
+            await peer.call(address, pki["host-a"], "expect", domain="guest1", migration="m-8")
+        await peer.call(address, pki["intruder" if case == "intruder" else "host-a"], "ram_write", **args)
+
+    with pytest.raises(peer.PeerError) as err:
+        asyncio.run(go())
+    expected = {"not expected": "no incoming migration m-8", "another migration": "no incoming migration m-9",
+                "bad crc": "nothing written", "outside RAM": "outside the guest", "intruder": ""}[case]
+    assert expected in str(err.value)
+    assert dst_ram.crcs() == before, "the destination's RAM changed"
+    # The daemon still serves, and libvirt's hook can still admit the migration once.
+    assert asyncio.run(peer.call(address, pki["host-a"], "status"))["vms"][0]["name"] == "guest1"

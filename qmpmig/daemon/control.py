@@ -15,6 +15,8 @@ from pathlib import Path
 from ..errors import QmpmigError
 
 MAX_LINE = 1 << 20
+#: Guest pages one ram_write carries (hex: twice their bytes, within MAX_LINE).
+PAGES_PER_WRITE = 64
 #: The control socket inside the run directory.
 SOCKET = "control.sock"
 
@@ -108,6 +110,11 @@ ARGUMENTS = {
     "expect": {"domain": _name, "migration": _name,
                "seconds": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 3600},
     "expected": {"domain": _name, "migration": _name},
+    "ram_write": {"vm": _name, "migration": _name, "crc": lambda v: type(v) is int and 0 <= v < 1 << 32,
+                  "pages": lambda v: isinstance(v, list) and 0 < len(v) <= PAGES_PER_WRITE
+                  and all(map(_index, v)),
+                  "data": _hex},
+    "ram_crcs": {"vm": _name, "migration": _name},
 }
 
 
@@ -122,7 +129,9 @@ def check_args(op: str, args: dict) -> None:
             raise ControlError(f"{key}: {value!r} is not acceptable")
     required = {"attach": ("name", "qmp", "devices"), "detach": ("name",),
                 "migrate": ("src", "dst", "uri"), "region": ("vm", "device", "index", "offset"),
-                "expect": ("domain", "migration"), "expected": ("domain", "migration")}.get(op, ())
+                "expect": ("domain", "migration"), "expected": ("domain", "migration"),
+                "ram_write": ("vm", "migration", "pages", "data", "crc"),
+                "ram_crcs": ("vm", "migration")}.get(op, ())
     if missing := [key for key in required if key not in args]:
         raise ControlError(f"missing {', '.join(missing)}")
 

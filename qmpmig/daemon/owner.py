@@ -33,6 +33,7 @@ import ssl
 import stat
 import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from ..controller import Controller, Options, RemoteDevice, Side, Trace
 from ..controller.precopy import settings_now
 from ..device.bar0 import is_reference, read_register, start_ring
 from ..errors import QmpmigError, reason
-from ..qemu.guestmem import GuestRam
+from ..qemu.guestmem import COMPARE_CHUNK, GuestRam
 from ..qemu.qmp import Qemu
 from ..tools import tracecheck
 from . import control, journal, peer
@@ -84,9 +85,12 @@ class Owner:
         #: control op -> its handler.
         self.ops = {"attach": self.attach, "detach": self.detach, "status": self.status,
                     "migrations": self.migrations_now, "migrate": self.migrate, "shutdown": self.shutdown,
-                    "region": self.region, "expect": self.expect, "expected": self.expected}
+                    "region": self.region, "expect": self.expect, "expected": self.expected,
+                    "ram_write": self.ram_write, "ram_crcs": self.ram_crcs}
         #: (domain, migration id) -> when the expectation lapses (monotonic).
         self.incoming: dict[tuple[str, str], float] = {}
+        #: The expectations libvirt's ``migrate begin`` has used up.
+        self.admitted: set[tuple[str, str]] = set()
         self.journal: journal.Journal | None = None
         self._attaching: set[str] = set()
         #: Set by shutdown: no new VM or migration is taken.
@@ -328,14 +332,46 @@ class Owner:
         the libvirt hook's ``migrate begin`` lets exactly it in."""
         now = time.monotonic()
         self.incoming = {key: end for key, end in self.incoming.items() if end > now}
+        self.admitted &= set(self.incoming)
         self.incoming[(domain, migration)] = now + seconds
         return {"expected": True}
 
     async def expected(self, domain: str, migration: str) -> dict:
         """Whether :meth:`expect` announced this migration (once: an answer
-        of yes uses the expectation up)."""
-        end = self.incoming.pop((domain, migration), 0.0)
-        return {"expected": end > time.monotonic()}
+        of yes uses the expectation up for admission; the migration's data
+        may still come until it lapses)."""
+        key = (domain, migration)
+        yes = self.incoming.get(key, 0.0) > time.monotonic() and key not in self.admitted
+        if yes:
+            self.admitted.add(key)
+        return {"expected": yes}
+
+    def _incoming_vm(self, vm: str, migration: str) -> AttachedVm:
+        """The attached VM an expected incoming migration may write into:
+        announced by :meth:`expect` and not lapsed, no local migration using it."""
+        if self.incoming.get((vm, migration), 0.0) <= time.monotonic():
+            raise QmpmigError(f"no incoming migration {migration} of {vm} is expected")
+        attached = self._vm(vm)
+        if attached.busy:
+            raise QmpmigError(f"{vm} takes part in migration {attached.busy}")
+        return attached
+
+    async def ram_write(self, vm: str, migration: str, pages: list[int], data: str, crc: int) -> dict:
+        """Guest pages from the source host (those its devices wrote by DMA,
+        which QEMU cannot see): written only if their CRC-32 holds."""
+        attached = self._incoming_vm(vm, migration)
+        raw = bytes.fromhex(data)
+        if zlib.crc32(raw) != crc:
+            raise QmpmigError(f"ram_write: CRC-32 {zlib.crc32(raw):#010x} of the pages, {crc:#010x} claimed: "
+                              f"nothing written")
+        attached.side.ram.write_pages(pages, raw)
+        return {"written": len(pages)}
+
+    async def ram_crcs(self, vm: str, migration: str) -> dict:
+        """CRC-32 of each MiB of the guest RAM, for the source host to
+        compare with its own (--verify-ram across hosts)."""
+        ram = self._incoming_vm(vm, migration).side.ram
+        return {"size": ram.size, "chunk": COMPARE_CHUNK, "crcs": await asyncio.to_thread(ram.crcs)}
 
     async def detach(self, name: str) -> dict:
         vm = self._vm(name)

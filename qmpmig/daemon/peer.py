@@ -15,21 +15,28 @@ libvirt's migration TLS do (and with their files: a directory holding
   nothing from it and can inject nothing into it.
 - TLS 1.3 only.  Over the channel a peer may make only :data:`PEER_OPS`
   requests; the rest of the control protocol stays local.
+- Guest pages travel with a CRC-32 per request and are written only into
+  a VM the destination's daemon was told to expect (``expect``), for that
+  migration id, while the expectation holds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import ssl
+import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import QmpmigError
+from ..qemu.guestmem import COMPARE_CHUNK, GuestRam
 from . import control
 
 #: libvirt's (and QEMU's default) directory for migration certificates.
 DEFAULT_TLS_DIR = Path("/etc/pki/qemu")
 #: The requests a peer daemon may make.
-PEER_OPS = frozenset({"status", "migrations", "expect", "expected"})
+PEER_OPS = frozenset({"status", "migrations", "expect", "expected", "ram_write", "ram_crcs"})
 #: Seconds for the connection, the handshake and one answer.
 PEER_TIMEOUT = 30.0
 
@@ -77,26 +84,73 @@ def peer_name(writer: asyncio.StreamWriter) -> str:
     return "?"
 
 
+class Peer:
+    """One TLS connection to the daemon at ``address``, for several requests
+    in turn (``async with Peer(...) as peer``)."""
+
+    def __init__(self, address: str, tls_dir: Path):
+        self.address, self.tls_dir = address, Path(tls_dir)
+        self._reader = self._writer = None
+        self._lines = control.LineReader()
+        self._ids = itertools.count(1)
+
+    async def __aenter__(self) -> "Peer":
+        host, port = split_address(self.address)
+        try:
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, ssl=context(self.tls_dir, "client"), server_hostname=host),
+                PEER_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as err:
+            raise PeerError(f"peer {self.address}: {err or type(err).__name__}") from None
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._writer.close()
+
+    async def call(self, op: str, **args) -> dict:
+        """One request; its result, or PeerError."""
+        msg_id = next(self._ids)
+        try:
+            self._writer.write(control.request(msg_id, op, args))
+            while True:
+                for message in self._lines.feed(b""):
+                    return self._result(message)
+                data = await asyncio.wait_for(self._reader.read(1 << 16), PEER_TIMEOUT)
+                if not data:
+                    raise PeerError(f"peer {self.address} closed the connection without an answer")
+                for message in self._lines.feed(data):
+                    return self._result(message)
+        except (OSError, asyncio.TimeoutError, control.ControlError) as err:
+            raise PeerError(f"peer {self.address}: {err or type(err).__name__}") from None
+
+    def _result(self, message: dict) -> dict:
+        if not message.get("ok"):
+            raise PeerError(f"peer {self.address}: {message.get('error')}")
+        return message.get("result", {})
+
+    async def write_pages(self, vm: str, migration: str, ram: GuestRam, pages: Iterable[int]) -> int:
+        """Copy ``pages`` of ``ram`` into the peer's VM ``vm``, a batch per
+        request, each with its CRC-32."""
+        pages = sorted(set(pages))
+        for i in range(0, len(pages), control.PAGES_PER_WRITE):
+            batch = pages[i:i + control.PAGES_PER_WRITE]
+            data = ram.page_data(batch)
+            await self.call("ram_write", vm=vm, migration=migration, pages=batch, data=data.hex(),
+                            crc=zlib.crc32(data))
+        return len(pages)
+
+    async def differing_chunks(self, vm: str, migration: str, ram: GuestRam) -> list[int]:
+        """Byte offsets of the chunks (a MiB each) where the peer's VM ``vm``
+        has other guest RAM than ``ram``, by their CRC-32s."""
+        theirs, mine = await self.call("ram_crcs", vm=vm, migration=migration), await asyncio.to_thread(ram.crcs)
+        if theirs["chunk"] != COMPARE_CHUNK:
+            raise PeerError(f"peer {self.address}: CRCs over {theirs['chunk']} bytes, not {COMPARE_CHUNK}")
+        if theirs["size"] != ram.size:
+            raise PeerError(f"peer {self.address}: {vm} has {theirs['size']} bytes of RAM, the source {ram.size}")
+        return [i * theirs["chunk"] for i, (a, b) in enumerate(zip(mine, theirs["crcs"])) if a != b]
+
+
 async def call(address: str, tls_dir: Path, op: str, **args) -> dict:
     """One request to the daemon at ``address``; its result, or PeerError."""
-    host, port = split_address(address)
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=context(tls_dir, "client"), server_hostname=host), PEER_TIMEOUT)
-    except (OSError, asyncio.TimeoutError) as err:
-        raise PeerError(f"peer {address}: {err or type(err).__name__}") from None
-    try:
-        writer.write(control.request(1, op, args))
-        lines = control.LineReader()
-        while True:
-            data = await asyncio.wait_for(reader.read(1 << 16), PEER_TIMEOUT)
-            if not data:
-                raise PeerError(f"peer {address} closed the connection without an answer")
-            for message in lines.feed(data):
-                if not message.get("ok"):
-                    raise PeerError(f"peer {address}: {message.get('error')}")
-                return message.get("result", {})
-    except (OSError, asyncio.TimeoutError, control.ControlError) as err:
-        raise PeerError(f"peer {address}: {err or type(err).__name__}") from None
-    finally:
-        writer.close()
+    async with Peer(address, tls_dir) as peer:
+        return await peer.call(op, **args)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import zlib
 from typing import Iterable
 
 from ..vfio_user.uapi import PAGE_SIZE
@@ -43,6 +44,30 @@ class GuestRam:
             other.mem[off:off + PAGE_SIZE] = self.mem[off:off + PAGE_SIZE]
             n += 1
         return n
+
+    def page_data(self, pages: Iterable[int]) -> bytes:
+        """The pages (by page number), one after the other."""
+        return b"".join(self.mem[p * PAGE_SIZE:(p + 1) * PAGE_SIZE] for p in pages)
+
+    def write_pages(self, pages: list[int], data: bytes) -> None:
+        """Write ``data`` (one page per number, in order) at those pages;
+        ValueError, and nothing written, unless every page is in the RAM
+        and ``data`` holds exactly them."""
+        if len(data) != len(pages) * PAGE_SIZE:
+            raise ValueError(f"{len(data)} bytes for {len(pages)} pages")
+        if any(not 0 <= p < self.size // PAGE_SIZE for p in pages):
+            raise ValueError(f"a page outside the guest's {self.size} bytes of RAM")
+        for i, page in enumerate(pages):
+            self.mem[page * PAGE_SIZE:(page + 1) * PAGE_SIZE] = data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+
+    def crcs(self, chunk: int = COMPARE_CHUNK) -> list[int]:
+        """CRC-32 of each ``chunk`` bytes of the RAM, in order: what two
+        hosts compare instead of the RAM itself."""
+        view = memoryview(self.mem)
+        try:
+            return [zlib.crc32(view[off:off + chunk]) for off in range(0, self.size, chunk)]
+        finally:
+            view.release()
 
     def differing_pages(self, other: "GuestRam") -> list[int]:
         """Page numbers whose bytes differ between this RAM and ``other``
