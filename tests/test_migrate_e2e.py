@@ -99,7 +99,7 @@ async def test_negative_control_verify_ram_keeps_the_guest_on_the_source(guest_i
     assert not summary.ok and summary.guest_on == "source", summary.message
     assert "guest RAM differs from the source's" in summary.message
     verified = [r for r in report.records if r["kind"] == "ram_verify"]
-    assert verified[-1]["differing_pages"] > 0 and where(verified[-1]["first_gpa"], DMA_WINDOW)
+    assert verified[-1]["differing"] > 0 and where(verified[-1]["first_gpa"], DMA_WINDOW)
     # Nothing ran at the destination; the source runs on with its device.
     assert report.violations == []
     assert not any(report.checks.values()), report.checks

@@ -3,6 +3,7 @@ daemons and certificates made by openssl: both ends prove who they are;
 a peer without the right certificate gets nothing and injects nothing."""
 
 import asyncio
+import json
 import socket
 import ssl
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from qmpmig.controller.peerside import PeerRam
 from qmpmig.daemon import client, peer
 
 from test_daemon import stop_daemon
@@ -200,11 +202,12 @@ def test_pages_from_the_source_host_land_in_the_expected_vm(incoming_vm, pki, tm
     async def go():
         async with peer.Peer(address, pki["host-a"]) as p:
             await p.call("expect", domain="guest1", migration="m-7")
-            before = await p.differing_chunks("guest1", "m-7", src_ram)
-            sent = await p.write_pages("guest1", "m-7", src_ram, pages)
-            return before, sent, await p.differing_chunks("guest1", "m-7", src_ram)
+            there = PeerRam(p.bound(vm="guest1", migration="m-7"))
+            (unit, before), sent = await there.differing(src_ram), await there.receive(src_ram, pages)
+            return unit, before, sent, (await there.differing(src_ram))[1]
 
-    before, sent, after = asyncio.run(go())
+    unit, before, sent, after = asyncio.run(go())
+    assert unit == 1 << 20
     assert before == sorted({(page * 4096 >> 20) << 20 for page in pages})   # the MiBs the pages are in
     assert sent == 150 and after == []
     assert dst_ram.differing_pages(src_ram) == []
@@ -238,3 +241,101 @@ def test_pages_that_may_not_be_written_are_not(incoming_vm, pki, tmp_path, case)
     assert dst_ram.crcs() == before, "the destination's RAM changed"
     # The daemon still serves, and libvirt's hook can still admit the migration once.
     assert asyncio.run(peer.call(address, pki["host-a"], "status"))["vms"][0]["name"] == "guest1"
+
+
+# -- a migration to the daemon of another host ----------------------------------
+
+
+def start_daemon(run_dir: Path, tls: Path, listen: str | None, log: Path) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "qmpmig", "daemon", "--run-dir", str(run_dir), "--tls-dir", str(tls)]
+    proc = subprocess.Popen(argv + (["--listen", listen] if listen else []), stdout=subprocess.DEVNULL,
+                            stderr=open(log, "ab"))
+    deadline = time.monotonic() + 20
+    while not (run_dir / "daemon.pid").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    return proc
+
+
+def cli(run_dir: Path, *argv: str, timeout: float = 180) -> dict:
+    """The command's JSON result; ``{"error": stderr}`` if it gave none."""
+    done = subprocess.run([sys.executable, "-m", "qmpmig", *argv, "--run-dir", str(run_dir)],
+                          capture_output=True, text=True, timeout=timeout)
+    return json.loads(done.stdout) if done.stdout else {"error": done.stderr}
+
+
+@pytest.fixture
+def two_hosts(tmp_path, pki, guest_image):
+    """Host A's daemon with the source VM (its device doing DMA), host B's
+    listening daemon with the destination VM: the two only meet over TLS."""
+    from qmpmig.rig.processes import DeviceProcess
+    from qmpmig.rig.vm import DMA_WINDOW, Vm
+
+    address = f"127.0.0.1:{free_port()}"
+    runs = {"a": tmp_path / "run-a", "b": tmp_path / "run-b"}
+    procs = []
+    src = Vm("g0", "source", workdir=tmp_path).start()
+    dst = Vm("g1", "destination", workdir=tmp_path).start()
+    devices = [DeviceProcess(tmp_path / f"{vm}.sock", "--state-size", "16M").start() for vm in ("g0", "g1")]
+    try:
+        src.wait_heartbeat(1, 60)
+
+        def hosts(a_tls: Path) -> tuple[dict, str]:
+            procs.append(start_daemon(runs["a"], a_tls, None, tmp_path / "a.log"))
+            procs.append(start_daemon(runs["b"], pki["host-b"], address, tmp_path / "b.log"))
+            asyncio.run(client.call(runs["a"], "attach", name="g0", qmp=str(src.qmp_path), ram=str(src.ram_path),
+                                    devices=[str(devices[0].socket)],
+                                    start_ring=[DMA_WINDOW[0], DMA_WINDOW[1]]))
+            asyncio.run(client.call(runs["b"], "attach", name="g1", qmp=str(dst.qmp_path), ram=str(dst.ram_path),
+                                    devices=[str(devices[1].socket)]))
+            return runs, address
+
+        yield hosts, src, dst, tmp_path
+    finally:
+        for run_dir in runs.values():
+            stop_daemon(run_dir)
+        for proc in procs:
+            proc.wait(20)
+        for device in devices:
+            device.close()
+        src.close()
+        dst.close()
+
+
+@pytest.mark.qemu
+def test_a_migration_to_another_hosts_daemon(two_hosts, pki):
+    hosts, src, dst, tmp = two_hosts
+    runs, address = hosts(pki["host-a"])
+    result = cli(runs["a"], "migrate", "--src", "g0", "--dst", f"g1@{address}", "--uri",
+                 f"unix:{tmp / 'mig.sock'}", "--verify-ram", "--trace", str(tmp / "trace.jsonl"), "--json")
+    assert result["ok"] and result["trace_violations"] == [], result
+    assert result["guest_on"] == "destination" and result["dma_pages_copied"] > 0
+    device = result["devices"]["dev0"]
+    assert device["compared"] and device["src_hash"] == device["dst_hash"]
+    records = [json.loads(line) for line in (tmp / "trace.jsonl").read_text().splitlines()]
+    verified = [r for r in records if r["kind"] == "ram_verify"]
+    assert verified and verified[-1]["unit"] == 1 << 20 and verified[-1]["differing"] == 0
+    # Host B's states came through the channel into host A's trace.
+    assert ("dst", "dev0", "RUNNING") in {(r["side"], r["device"], r["to"]) for r in records
+                                          if r["kind"] == "device_state"}
+    dst.wait_heartbeat(src.last_heartbeat(), 30)
+    # B owns the destination's device, A none: the device goes on with its DMA at B.
+    a, b = (asyncio.run(client.call(runs[h], "status")) for h in "ab")
+    assert a["vms"] == [] and [vm["name"] for vm in b["vms"]] == ["g1"] and not b["vms"][0]["busy"]
+    first = b["vms"][0]["devices"][0]
+    time.sleep(0.5)
+    again = asyncio.run(client.call(runs["b"], "status"))["vms"][0]["devices"][0]
+    assert again["state"] == "RUNNING" and again["dma_seq"] > first["dma_seq"] and again["client_losses"] == 0
+
+
+@pytest.mark.qemu
+def test_a_source_host_without_the_right_certificate_gets_nowhere(two_hosts, pki):
+    hosts, src, dst, tmp = two_hosts
+    runs, address = hosts(pki["intruder"])
+    result = cli(runs["a"], "migrate", "--src", "g0", "--dst", f"g1@{address}", "--uri",
+                 f"unix:{tmp / 'mig.sock'}", "--json")
+    assert not result.get("ok") and "peer" in json.dumps(result), result
+    src.wait_heartbeat(src.last_heartbeat(), 30)
+    a, b = (asyncio.run(client.call(runs[h], "status")) for h in "ab")
+    assert [vm["name"] for vm in a["vms"]] == ["g0"] and a["vms"][0]["devices"][0]["state"] == "RUNNING"
+    assert b["vms"][0]["runstate"] == "inmigrate" and not b["vms"][0]["busy"]

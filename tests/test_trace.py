@@ -42,7 +42,7 @@ def good_flow():
         dict(kind="end_of_stream", side="src", device="B", bytes=1),
         cmd("src", "migrate-continue"),
         dict(kind="dirty_copy", pages=3),
-        dict(kind="ram_verify", bytes=1 << 20, differing_pages=0, first_gpa=None),
+        dict(kind="ram_verify", bytes=1 << 20, unit=4096, differing=0, first_gpa=None),
         arc("dst", "A", "RESUMING", "STOP"), arc("dst", "B", "RESUMING", "STOP"),
         arc("dst", "A", "STOP", "RUNNING_P2P"), arc("dst", "B", "STOP", "RUNNING_P2P"),
         arc("dst", "A", "RUNNING_P2P", "RUNNING"), arc("dst", "B", "RUNNING_P2P", "RUNNING"),
@@ -88,7 +88,7 @@ def move(records, what, before):
                                          index(r, "device_state", side="dst", device="B", to="RUNNING_P2P",
                                                **{"from": "STOP"}) + 1)),
     ("cont-after-copy", lambda r: move(r, index(r, "dirty_copy"), len(r))),
-    ("ram-verify", lambda r: r[index(r, "ram_verify")].update(differing_pages=2, first_gpa=8192)),
+    ("ram-verify", lambda r: r[index(r, "ram_verify")].update(differing=2, first_gpa=8192)),
 ])
 def test_each_broken_rule_is_caught(rule, mutate):
     assert rule in broken(mutate)

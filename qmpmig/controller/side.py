@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..errors import MigrationFailed, QemuGone
@@ -21,6 +21,7 @@ from ..migration.states import MigState
 from ..qemu.guestmem import GuestRam
 from ..qemu.qmp import Qemu, VmState
 from ..vfio_user import codec
+from ..vfio_user.uapi import PAGE_SIZE
 from .devices import RemoteDevice
 from .trace import Trace
 
@@ -99,6 +100,15 @@ class Side:
         await self.map_ram(end)
         self.devices.append(end)
         return end
+
+    async def receive_pages(self, source: GuestRam, pages: Iterable[int]) -> int:
+        """Copy ``pages`` (page numbers) of ``source`` into this VM's RAM."""
+        return source.copy_pages_to(self.ram, pages)
+
+    async def differing(self, source: GuestRam) -> tuple[int, list[int]]:
+        """(bytes per unit, guest physical addresses of the units) where this
+        VM's RAM differs from ``source``: pages, here."""
+        return PAGE_SIZE, [page * PAGE_SIZE for page in self.ram.differing_pages(source)]
 
     async def map_ram(self, end: DeviceEnd) -> None:
         """DMA_MAP the guest RAM: the transport sends a copy of our fd."""

@@ -13,10 +13,10 @@ import os
 from pathlib import Path
 
 from ..errors import QmpmigError
+from ..controller.peerside import PAGES_PER_WRITE
+from ..migration.states import MigState
 
 MAX_LINE = 1 << 20
-#: Guest pages one ram_write carries (hex: twice their bytes, within MAX_LINE).
-PAGES_PER_WRITE = 64
 #: The control socket inside the run directory.
 SOCKET = "control.sock"
 
@@ -83,6 +83,17 @@ def _hex(value: object) -> bool:
         return False
 
 
+def _address(value: object) -> bool:
+    """HOST:PORT of a peer daemon."""
+    return isinstance(value, str) and value.rpartition(":")[2].isdigit() and 0 < len(value) <= 300
+
+
+def _qmp_arguments(value: object) -> bool:
+    """A QMP command's arguments; a migration URI among them must be one
+    :func:`_uri` takes."""
+    return isinstance(value, dict) and ("uri" not in value or _uri(value["uri"]))
+
+
 def _options(value: object) -> bool:
     number = (int, float)
     kinds = {"threshold": int, "min_precopy": number, "max_precopy": number,
@@ -103,7 +114,7 @@ ARGUMENTS = {
     "status": {},
     "migrations": {},
     "migrate": {"src": _name, "dst": _name, "uri": _uri, "trace": lambda v: v is None or _path(v),
-                "options": lambda v: v is None or _options(v)},
+                "options": lambda v: v is None or _options(v), "peer": lambda v: v is None or _address(v)},
     "shutdown": {},
     "region": {"vm": _name, "device": _name, "index": _index, "offset": _index,
                "count": lambda v: _index(v) and 0 < v <= 1 << 20, "data": _hex},
@@ -115,6 +126,14 @@ ARGUMENTS = {
                   and all(map(_index, v)),
                   "data": _hex},
     "ram_crcs": {"vm": _name, "migration": _name},
+    "incoming_qmp": {"vm": _name, "migration": _name, "command": _name,
+                     "arguments": lambda v: v is None or _qmp_arguments(v)},
+    "incoming_end": {"vm": _name, "migration": _name},
+    "incoming_watch": {"vm": _name, "migration": _name, "since": lambda v: type(v) is int and v >= -1,
+                       "timeout": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 30},
+    "incoming_device": {"vm": _name, "migration": _name, "device": _name, "call": _name,
+                        "state": lambda v: isinstance(v, str) and v in MigState.__members__, "data": _hex,
+                        "crc": lambda v: type(v) is int and 0 <= v < 1 << 32},
 }
 
 
@@ -131,7 +150,9 @@ def check_args(op: str, args: dict) -> None:
                 "migrate": ("src", "dst", "uri"), "region": ("vm", "device", "index", "offset"),
                 "expect": ("domain", "migration"), "expected": ("domain", "migration"),
                 "ram_write": ("vm", "migration", "pages", "data", "crc"),
-                "ram_crcs": ("vm", "migration")}.get(op, ())
+                "ram_crcs": ("vm", "migration"), "incoming_qmp": ("vm", "migration", "command"),
+                "incoming_watch": ("vm", "migration", "since"), "incoming_end": ("vm", "migration"),
+                "incoming_device": ("vm", "migration", "device", "call")}.get(op, ())
     if missing := [key for key in required if key not in args]:
         raise ControlError(f"missing {', '.join(missing)}")
 

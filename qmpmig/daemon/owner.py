@@ -38,13 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..controller import Controller, Options, RemoteDevice, Side, Trace
+from ..controller.peerside import PeerSide
 from ..controller.precopy import settings_now
 from ..device.bar0 import is_reference, read_register, start_ring
 from ..errors import QmpmigError, reason
 from ..qemu.guestmem import COMPARE_CHUNK, GuestRam
 from ..qemu.qmp import Qemu
 from ..tools import tracecheck
-from . import control, journal, peer
+from . import control, incoming, journal, peer
 from .restart import end_unfinished
 
 log = logging.getLogger("qmpmig.daemon")
@@ -66,6 +67,8 @@ class AttachedVm:
     #: The id of the migration it takes part in, if any.
     busy: str | None = None
     watcher: asyncio.Task | None = field(default=None, repr=False)
+    #: A peer daemon's VM: the connection to close once the migration ends.
+    closer: peer.Peer | None = field(default=None, repr=False)
 
 
 class Owner:
@@ -86,7 +89,9 @@ class Owner:
         self.ops = {"attach": self.attach, "detach": self.detach, "status": self.status,
                     "migrations": self.migrations_now, "migrate": self.migrate, "shutdown": self.shutdown,
                     "region": self.region, "expect": self.expect, "expected": self.expected,
-                    "ram_write": self.ram_write, "ram_crcs": self.ram_crcs}
+                    "ram_write": self.ram_write, "ram_crcs": self.ram_crcs,
+                    "incoming_qmp": self.incoming_qmp, "incoming_watch": self.incoming_watch,
+                    "incoming_device": self.incoming_device, "incoming_end": self.incoming_end}
         #: (domain, migration id) -> when the expectation lapses (monotonic).
         self.incoming: dict[tuple[str, str], float] = {}
         #: The expectations libvirt's ``migrate begin`` has used up.
@@ -216,20 +221,30 @@ class Owner:
 
     async def _peer_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A peer daemon, its certificate checked by the handshake: only
-        peer.PEER_OPS."""
+        peer.PEER_OPS, each answered as soon as it is done (a long poll
+        holds no other request up)."""
         who = peer.peer_name(writer)
         log.info("peer %s connected from %s", who, writer.get_extra_info("peername"))
+        answering: set[asyncio.Task] = set()
+
+        async def answer(message: dict) -> None:
+            writer.write(await self._answer(message, peer.PEER_OPS))
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await writer.drain()
         try:
             lines = control.LineReader()
             while data := await reader.read(1 << 16):
                 for message in lines.feed(data):
-                    writer.write(await self._answer(message, peer.PEER_OPS))
-                    await writer.drain()
+                    task = asyncio.create_task(answer(message))
+                    answering.add(task)
+                    task.add_done_callback(answering.discard)
         except control.ControlError as err:
             writer.write(control.reply(0, error=str(err)))
         except (ConnectionError, ssl.SSLError):
             pass
         finally:
+            # Requests under way finish (each bounded by its own timeout);
+            # their answers go nowhere.
             with contextlib.suppress(ConnectionError, ssl.SSLError):
                 await writer.drain()
             writer.close()
@@ -305,7 +320,7 @@ class Owner:
         """A VM whose QEMU went away is over: release its devices (after the
         migration it takes part in, if any, has ended)."""
         await vm.side.wait_gone(None)
-        while vm.busy:
+        while vm.busy in self.migrations:
             _, task = self.migrations[vm.busy]
             with contextlib.suppress(BaseException):
                 await asyncio.shield(task)
@@ -347,14 +362,24 @@ class Owner:
         return {"expected": yes}
 
     def _incoming_vm(self, vm: str, migration: str) -> AttachedVm:
-        """The attached VM an expected incoming migration may write into:
-        announced by :meth:`expect` and not lapsed, no local migration using it."""
+        """The attached VM an expected incoming migration drives from
+        another host: announced by :meth:`expect` and not lapsed; taken for
+        that migration (busy) from its first request to ``incoming_end``."""
         if self.incoming.get((vm, migration), 0.0) <= time.monotonic():
             raise QmpmigError(f"no incoming migration {migration} of {vm} is expected")
         attached = self._vm(vm)
-        if attached.busy:
+        if attached.busy not in (None, migration):
             raise QmpmigError(f"{vm} takes part in migration {attached.busy}")
+        attached.busy = migration
         return attached
+
+    async def incoming_end(self, vm: str, migration: str) -> dict:
+        """The peer that drove migration ``migration`` into ``vm`` is done
+        with it: the VM is this daemon's alone again."""
+        attached = self._incoming_vm(vm, migration)
+        attached.busy = None
+        self.incoming.pop((vm, migration), None)
+        return {"ended": migration}
 
     async def ram_write(self, vm: str, migration: str, pages: list[int], data: str, crc: int) -> dict:
         """Guest pages from the source host (those its devices wrote by DMA,
@@ -366,6 +391,17 @@ class Owner:
                               f"nothing written")
         attached.side.ram.write_pages(pages, raw)
         return {"written": len(pages)}
+
+    async def incoming_qmp(self, vm: str, migration: str, command: str, arguments: dict | None = None) -> dict:
+        return await incoming.qmp(self._incoming_vm(vm, migration).side, command, arguments)
+
+    async def incoming_watch(self, vm: str, migration: str, since: int, timeout: float = 10.0) -> dict:
+        return await incoming.watch(self._incoming_vm(vm, migration).side, since, timeout)
+
+    async def incoming_device(self, vm: str, migration: str, device: str, call: str, **args) -> dict:
+        if call not in incoming.DEVICE_CALLS:
+            raise QmpmigError(f"no device call {call!r}")
+        return await incoming.device_call(self._incoming_vm(vm, migration).side, device, call, args)
 
     async def ram_crcs(self, vm: str, migration: str) -> dict:
         """CRC-32 of each MiB of the guest RAM, for the source host to
@@ -440,23 +476,27 @@ class Owner:
     # -- migrations ----------------------------------------------------------
 
     async def migrate(self, src: str, dst: str, uri: str, trace: str | None = None,
-                      options: dict | None = None) -> dict:
-        """Migrate VM ``src`` to VM ``dst`` (waiting with ``-incoming defer``);
+                      options: dict | None = None, peer: str | None = None) -> dict:
+        """Migrate VM ``src`` to VM ``dst`` (waiting with ``-incoming defer``),
+        attached here or, with ``peer`` (HOST:PORT), to the daemon there;
         the reply comes when it has ended, but the migration does not
         depend on the connection that asked for it."""
         if self.stopping:
             raise QmpmigError("the daemon is stopping")
-        source, destination = self._vm(src), self._vm(dst)
-        if source is destination:
-            raise QmpmigError("source and destination are the same VM")
-        for vm in (source, destination):
-            if vm.busy:
-                raise QmpmigError(f"{vm.name} takes part in migration {vm.busy}")
+        source = self._vm(src)
         opts = dict(options or {})
         opts["debug"] = frozenset(opts.get("debug", ()))
         opts["compare_regions"] = tuple(opts.get("compare_regions", ()))
+        if peer and opts["compare_regions"]:
+            raise QmpmigError("--compare-regions reads the destination's regions: not across hosts")
+        for vm in (source, None if peer else self._vm(dst)):
+            if vm and vm.busy:
+                raise QmpmigError(f"{vm.name} takes part in migration {vm.busy}")
+        destination = await self._peer_vm(dst, peer) if peer else self._vm(dst)
+        if source is destination:
+            raise QmpmigError("source and destination are the same VM")
         controller = Controller(source.side, destination.side, uri, Trace(trace), Options(**opts))
-        mid = f"m{os.getpid()}-{next(self._ids)}"
+        mid = destination.busy or f"m{os.getpid()}-{next(self._ids)}"
         self.journal.write("migrate", id=mid, src=source.qmp, dst=destination.qmp, src_vm=source.name,
                            dst_vm=destination.name, uri=uri, trace=trace,
                            running=source.side.vm.runstate == "running")
@@ -467,6 +507,24 @@ class Owner:
         task = asyncio.create_task(self._migrate(mid, controller, source, destination))
         self.migrations[mid] = (controller, task)
         return await asyncio.shield(task)
+
+    async def _peer_vm(self, name: str, address: str) -> AttachedVm:
+        """VM ``name`` of the daemon at ``address`` as a destination: that
+        daemon is told to expect the migration, then its VM and devices are
+        driven through it (controller/peerside.py) over one TLS connection."""
+        mid = f"m{os.getpid()}-{next(self._ids)}"
+        connection = peer.Peer(address, self.tls_dir)
+        await connection.__aenter__()
+        try:
+            await connection.call("expect", domain=name, migration=mid)
+            side = PeerSide(connection.bound(vm=name, migration=mid), self.timeout)
+            await side.attach()
+        except BaseException:
+            await connection.__aexit__(None, None, None)
+            raise
+        vm = AttachedVm(f"{name}@{address}", "", side, [], closer=connection)
+        vm.busy = mid       # taken up by migrate()
+        return vm
 
     async def _migrate(self, mid: str, controller: Controller, source: AttachedVm,
                        destination: AttachedVm) -> dict:
@@ -480,6 +538,12 @@ class Owner:
                 vm.side.trace = Trace(keep=False)
                 vm.side.timeout = self.timeout
                 vm.busy = None
+            if destination.closer:          # a peer's VM: the channel to its daemon
+                await destination.side.unfollow()
+                with contextlib.suppress(QmpmigError):
+                    await destination.closer.call("incoming_end", vm=destination.name.partition("@")[0],
+                                                  migration=mid)
+                await destination.closer.__aexit__(None, None, None)
             del self.migrations[mid]
             if summary is not None:
                 self.journal.write("end", id=mid, ok=summary.ok, guest_on=summary.guest_on,

@@ -25,20 +25,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import ssl
-import zlib
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from ..errors import QmpmigError
-from ..qemu.guestmem import COMPARE_CHUNK, GuestRam
 from . import control
 
 #: libvirt's (and QEMU's default) directory for migration certificates.
 DEFAULT_TLS_DIR = Path("/etc/pki/qemu")
 #: The requests a peer daemon may make.
-PEER_OPS = frozenset({"status", "migrations", "expect", "expected", "ram_write", "ram_crcs"})
-#: Seconds for the connection, the handshake and one answer.
+PEER_OPS = frozenset({"status", "migrations", "expect", "expected", "ram_write", "ram_crcs",
+                      "incoming_qmp", "incoming_watch", "incoming_device", "incoming_end"})
+#: Seconds for the connection and the handshake.
 PEER_TIMEOUT = 30.0
+#: Seconds one request may take (a device's or QEMU's own bounds are shorter).
+CALL_TIMEOUT = 90.0
 
 
 class PeerError(QmpmigError):
@@ -85,69 +86,71 @@ def peer_name(writer: asyncio.StreamWriter) -> str:
 
 
 class Peer:
-    """One TLS connection to the daemon at ``address``, for several requests
-    in turn (``async with Peer(...) as peer``)."""
+    """One TLS connection to the daemon at ``address`` (``async with``),
+    for any number of requests at once: each reply finds its request by id."""
 
     def __init__(self, address: str, tls_dir: Path):
         self.address, self.tls_dir = address, Path(tls_dir)
-        self._reader = self._writer = None
-        self._lines = control.LineReader()
+        self._writer: asyncio.StreamWriter | None = None
         self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._reading: asyncio.Task | None = None
+        self._lost: str | None = None
 
     async def __aenter__(self) -> "Peer":
         host, port = split_address(self.address)
         try:
-            self._reader, self._writer = await asyncio.wait_for(
+            reader, self._writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port, ssl=context(self.tls_dir, "client"), server_hostname=host),
                 PEER_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as err:
             raise PeerError(f"peer {self.address}: {err or type(err).__name__}") from None
+        self._reading = asyncio.create_task(self._read(reader))
         return self
 
     async def __aexit__(self, *exc) -> None:
-        self._writer.close()
+        if self._reading:
+            self._reading.cancel()
+        if self._writer:
+            self._writer.close()
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        lines = control.LineReader()
+        try:
+            while data := await reader.read(1 << 16):
+                for message in lines.feed(data):
+                    waiter = self._waiting.pop(message.get("id"), None)
+                    if waiter and not waiter.done():
+                        waiter.set_result(message)
+            self._lost = "it closed the connection"
+        except (OSError, control.ControlError) as err:
+            self._lost = str(err) or type(err).__name__
+        for waiter in self._waiting.values():
+            if not waiter.done():
+                waiter.set_exception(PeerError(f"peer {self.address}: {self._lost}"))
+        self._waiting.clear()
 
     async def call(self, op: str, **args) -> dict:
         """One request; its result, or PeerError."""
+        if self._lost:
+            raise PeerError(f"peer {self.address}: {self._lost}")
         msg_id = next(self._ids)
+        waiter = self._waiting[msg_id] = asyncio.get_running_loop().create_future()
         try:
             self._writer.write(control.request(msg_id, op, args))
-            while True:
-                for message in self._lines.feed(b""):
-                    return self._result(message)
-                data = await asyncio.wait_for(self._reader.read(1 << 16), PEER_TIMEOUT)
-                if not data:
-                    raise PeerError(f"peer {self.address} closed the connection without an answer")
-                for message in self._lines.feed(data):
-                    return self._result(message)
-        except (OSError, asyncio.TimeoutError, control.ControlError) as err:
-            raise PeerError(f"peer {self.address}: {err or type(err).__name__}") from None
-
-    def _result(self, message: dict) -> dict:
+            await self._writer.drain()
+            message = await asyncio.wait_for(waiter, CALL_TIMEOUT)
+        except (OSError, asyncio.TimeoutError) as err:
+            raise PeerError(f"peer {self.address}: {op}: {err or type(err).__name__}") from None
+        finally:
+            self._waiting.pop(msg_id, None)
         if not message.get("ok"):
             raise PeerError(f"peer {self.address}: {message.get('error')}")
         return message.get("result", {})
 
-    async def write_pages(self, vm: str, migration: str, ram: GuestRam, pages: Iterable[int]) -> int:
-        """Copy ``pages`` of ``ram`` into the peer's VM ``vm``, a batch per
-        request, each with its CRC-32."""
-        pages = sorted(set(pages))
-        for i in range(0, len(pages), control.PAGES_PER_WRITE):
-            batch = pages[i:i + control.PAGES_PER_WRITE]
-            data = ram.page_data(batch)
-            await self.call("ram_write", vm=vm, migration=migration, pages=batch, data=data.hex(),
-                            crc=zlib.crc32(data))
-        return len(pages)
-
-    async def differing_chunks(self, vm: str, migration: str, ram: GuestRam) -> list[int]:
-        """Byte offsets of the chunks (a MiB each) where the peer's VM ``vm``
-        has other guest RAM than ``ram``, by their CRC-32s."""
-        theirs, mine = await self.call("ram_crcs", vm=vm, migration=migration), await asyncio.to_thread(ram.crcs)
-        if theirs["chunk"] != COMPARE_CHUNK:
-            raise PeerError(f"peer {self.address}: CRCs over {theirs['chunk']} bytes, not {COMPARE_CHUNK}")
-        if theirs["size"] != ram.size:
-            raise PeerError(f"peer {self.address}: {vm} has {theirs['size']} bytes of RAM, the source {ram.size}")
-        return [i * theirs["chunk"] for i, (a, b) in enumerate(zip(mine, theirs["crcs"])) if a != b]
+    def bound(self, **bound) -> Callable[..., Awaitable[dict]]:
+        """:meth:`call` with some arguments (a migration's VM and id) always given."""
+        return lambda op, **args: self.call(op, **bound, **args)
 
 
 async def call(address: str, tls_dir: Path, op: str, **args) -> dict:

@@ -29,6 +29,13 @@ IDLE = FINAL | {"none"}
 PRECOPY = frozenset({"setup", "active", "wait-unplug"})
 #: Those that say a migration is ending without completing.
 ENDING = frozenset({"failed", "cancelled", "cancelling"})
+#: Migration statuses that QEMU reports only in one run state: it stops the
+#: vCPUs into finish-migrate before either (migration.c, the completion of
+#: a pre-copy migration, 7.2 and later), emitting no event when they were
+#: already stopped.  A MIGRATION event with one of them needs no
+#: query-status round trip to be placed: that is the pre-switchover
+#: reaction's path.
+IMPLIED_RUNSTATE = {"pre-switchover": "finish-migrate", "device": "finish-migrate"}
 
 #: Events after which the run state or migration status may have changed.
 STATE_EVENTS = ("STOP", "RESUME", "MIGRATION", "SHUTDOWN", "RESET", "SUSPEND", "WAKEUP")
@@ -196,7 +203,8 @@ class Qemu:
                         continue
                 elif event["event"] == "MIGRATION":
                     status = event["data"]["status"]
-                    now = VmState((await self.query_status()).runstate, status)
+                    runstate = IMPLIED_RUNSTATE.get(status) or (await self.query_status()).runstate
+                    now = VmState(runstate, status)
                 else:
                     now = VmState((await self.query_status()).runstate, last.status)
                 if now != last:

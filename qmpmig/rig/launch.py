@@ -179,7 +179,7 @@ async def launch(opts: LaunchOptions, progress: Callable[[dict], None] | None = 
             verified = [r for r in report.records if r["kind"] == "ram_verify"]
             report.checks["guest RAM identical at switchover"] = (
                 "no RAM comparison in the trace" if not verified else
-                None if not verified[-1]["differing_pages"] else f"{verified[-1]['differing_pages']} pages differ")
+                None if not verified[-1]["differing"] else f"{verified[-1]['differing']} units differ")
         if rig.src.proc.poll() is None:
             now = await settings_now(rig.src_qmp)
             report.checks["source QEMU settings"] = None if now == settings else f"{settings} before, {now} after"

@@ -151,9 +151,10 @@ async def _attach_and_migrate(args, progress: Progress) -> tuple[dict, bool]:
 async def _ask_migrate(args, src: str, dst: str, progress: Progress) -> tuple[dict, bool]:
     """The daemon's migration of attached VM ``src`` to ``dst``: its result,
     and whether it succeeded with a clean trace."""
+    dst, _, peer = dst.partition("@")
     request = client.call(args.run_dir, "migrate", src=src, dst=dst, uri=args.uri,
                           trace=args.trace and os.path.abspath(args.trace),
-                          options=_controller_options(args).as_request())
+                          options=_controller_options(args).as_request(), peer=peer or None)
     result = await client.reporting(args.run_dir, request, progress if progress.live else None, src)
     return result, result["ok"] and not result["trace_violations"]
 
@@ -299,7 +300,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--launch", action="store_true",
                    help="start everything here: two QEMUs of the test guest and the device processes")
     m.add_argument("--src", help="an attached VM (qmpmig attach) to migrate ...")
-    m.add_argument("--dst", help="... to this attached VM, waiting with -incoming defer")
+    m.add_argument("--dst", help="... to this attached VM, waiting with -incoming defer; VM@HOST:PORT is "
+                                 "one attached to the daemon of another host, reached over TLS "
+                                 "(qmpmig daemon --listen there)")
     m.add_argument("--src-qmp", help="source QEMU's QMP socket")
     m.add_argument("--dst-qmp", help="destination QEMU's QMP socket (started with -incoming defer -S)")
     m.add_argument("--uri", help="migration URI, e.g. unix:/run/mig.sock")

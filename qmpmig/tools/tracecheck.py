@@ -272,7 +272,7 @@ class _Checker:
         self.copied = True
 
     def on_ram_verify(self, rec: dict) -> None:
-        self.ram_differs = rec["differing_pages"] > 0
+        self.ram_differs = rec["differing"] > 0
 
     def on_device_error(self, rec: dict) -> None:
         if rec["side"] == "dst":

@@ -1,0 +1,125 @@
+"""The destination half of a migration driven from another host.
+
+The source host's daemon runs the controller; this host's daemon owns the
+destination VM and its devices and does, for an expected migration only
+(``expect``), what the controller asks of them over the peer channel:
+
+- ``incoming_qmp``: one of :data:`QMP_COMMANDS` on the destination QEMU;
+- ``incoming_watch``: the VM's (run state, migration status) and QEMU's
+  event times, answered once they change (a long poll);
+- ``incoming_device``: one of :data:`DEVICE_CALLS` on a device; the
+  migration data it writes carries a CRC-32, checked before the device
+  sees a byte.
+
+Page requests of the destination's devices stay here: this daemon answers
+them from its own view of the vCPUs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import zlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..errors import QmpmigError
+from ..migration.states import MigState
+
+if TYPE_CHECKING:
+    from ..controller.side import DeviceEnd, Side
+
+#: What a peer may ask of the destination QEMU: the incoming side of a
+#: migration, and nothing that would start a second copy of another guest.
+QMP_COMMANDS = frozenset({"migrate-incoming", "migrate-set-capabilities", "migrate-set-parameters",
+                          "query-migrate", "query-migrate-capabilities", "query-migrate-parameters",
+                          "query-status", "cont", "quit"})
+#: Longest long poll of incoming_watch (s).
+WATCH_MAX = 30.0
+
+
+def describe(end: DeviceEnd) -> dict:
+    device = end.device
+    return {"name": end.name, "protocol": device.protocol, "flags": int(device.flags),
+            "offered": int(device.offered), "extensions": sorted(device.extensions),
+            "chunk_size": device.chunk_size, "state": end.state.name}
+
+
+async def _send(end: DeviceEnd, data: str, crc: int) -> dict:
+    raw = bytes.fromhex(data)
+    if zlib.crc32(raw) != crc:
+        raise QmpmigError(f"{end.name}: CRC-32 {zlib.crc32(raw):#010x} of the data, {crc:#010x} claimed: "
+                          f"not given to the device")
+    await end.device.send_data(raw)
+    return {"sent": len(raw)}
+
+
+async def _set_state(end: DeviceEnd, state: str) -> dict:
+    await end.device.set_state(MigState[state])
+    end.state = MigState[state]
+    return {"state": state}
+
+
+async def _state(end: DeviceEnd) -> dict:
+    end.state = await end.device.state()
+    return {"state": end.state.name}
+
+
+async def _hash(end: DeviceEnd) -> dict:
+    digest = await end.device.state_hash()
+    return {"hash": digest and digest.hex()}
+
+
+async def _reset(end: DeviceEnd) -> dict:
+    await end.device.reset()
+    return await _state(end)
+
+
+async def _flush(end: DeviceEnd) -> dict:
+    await end.device.flush()
+    return {}
+
+
+async def _describe(end: DeviceEnd) -> dict:
+    return describe(end)
+
+
+#: call -> (its handler, the arguments it takes besides the device).
+DEVICE_CALLS: dict[str, tuple[Callable, tuple[str, ...]]] = {
+    "describe": (_describe, ()),
+    "state": (_state, ()),
+    "set_state": (_set_state, ("state",)),
+    "send_data": (_send, ("data", "crc")),
+    "flush": (_flush, ()),
+    "state_hash": (_hash, ()),
+    "reset": (_reset, ()),
+}
+
+
+async def device_call(side: Side, device: str, call: str, args: dict) -> dict:
+    """Call ``call`` on the device named ``device`` of ``side``."""
+    ends = {end.name: end for end in side.devices}
+    if device not in ends:
+        raise QmpmigError(f"no device {device!r} (there are {', '.join(ends) or 'none'})")
+    handler, takes = DEVICE_CALLS[call]
+    if missing := [name for name in takes if name not in args]:
+        raise QmpmigError(f"{call}: missing {', '.join(missing)}")
+    return await handler(ends[device], **{name: args[name] for name in takes})
+
+
+async def qmp(side: Side, command: str, arguments: dict | None) -> dict:
+    """The QMP command on the destination QEMU."""
+    if command not in QMP_COMMANDS:
+        raise QmpmigError(f"{command!r} is not a command a peer may give")
+    return {"return": await side.qmp(command, arguments)}
+
+
+async def watch(side: Side, since: int, timeout: float) -> dict:
+    """The VM as this daemon follows it, once it has changed since update
+    ``since`` (or ``timeout`` passed, or QEMU went away)."""
+    if side.updates == since and not side.gone:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await side.next_update(min(timeout, WATCH_MAX))
+    state = side.vm
+    return {"runstate": state and state.runstate, "status": state and state.status, "updates": side.updates,
+            "gone": side.gone, "event_times": dict(side.event_times), "devices": [end.name for end in side.devices]}
