@@ -339,3 +339,26 @@ def test_a_source_host_without_the_right_certificate_gets_nowhere(two_hosts, pki
     a, b = (asyncio.run(client.call(runs[h], "status")) for h in "ab")
     assert [vm["name"] for vm in a["vms"]] == ["g0"] and a["vms"][0]["devices"][0]["state"] == "RUNNING"
     assert b["vms"][0]["runstate"] == "inmigrate" and not b["vms"][0]["busy"]
+
+
+# -- the control protocol's payloads (sans I/O) ----------------------------------
+
+
+def test_a_payload_follows_its_request_raw_and_arrives_as_its_data():
+    from qmpmig.daemon import control
+    blob = bytes(range(256)) * 40 + b"\n\n{"          # newlines and braces inside are only bytes
+    wire = control.request(1, "ram_write", {"crc": 7}, blob) + control.request(2, "status", {})
+    reader, out = control.LineReader(), []
+    for i in range(0, len(wire), 97):                   # any split of the stream
+        out += reader.feed(wire[i:i + 97])
+    assert out == [{"id": 1, "op": "ram_write", "args": {"crc": 7, "data": blob}},
+                   {"id": 2, "op": "status", "args": {}}]
+
+
+@pytest.mark.parametrize("line", [b'{"id":1,"op":"x","args":{},"payload":-1}\n',
+                                  b'{"id":1,"op":"x","args":{},"payload":"9"}\n',
+                                  b'{"id":1,"op":"x","args":{},"payload":%d}\n' % ((8 << 20) + 1)])
+def test_a_payload_that_cannot_be_is_refused(line):
+    from qmpmig.daemon import control
+    with pytest.raises(control.ControlError, match="payload"):
+        control.LineReader().feed(line)

@@ -24,11 +24,10 @@ from .side import DeviceEnd, Side
 from .trace import Trace
 
 Call = Callable[..., Awaitable[dict]]
-#: Guest pages one ram_write carries (hex: twice their bytes, within the
-#: control protocol's line).
-PAGES_PER_WRITE = 64
-#: Migration data one request carries (hex, within the same line).
-DATA_PER_REQUEST = PAGES_PER_WRITE * 4096
+#: Guest pages one ram_write carries, and the migration data one request
+#: carries: the bytes follow the request raw (control.MAX_PAYLOAD).
+PAGES_PER_WRITE = 1024
+DATA_PER_REQUEST = 4 << 20
 #: Seconds one long poll of the peer's VM may wait.
 WATCH_POLL = 10.0
 
@@ -92,7 +91,7 @@ class PeerDevice(RemoteDevice):
         view = memoryview(data)
         for pos in range(0, len(view), DATA_PER_REQUEST):
             piece = view[pos:pos + DATA_PER_REQUEST]
-            await self._device("send_data", data=piece.hex(), crc=zlib.crc32(piece))
+            await self._device("send_data", payload=piece, crc=zlib.crc32(piece))
 
     async def flush(self) -> None:
         await self._device("flush")
@@ -112,7 +111,7 @@ class PeerRam:
         for i in range(0, len(pages), PAGES_PER_WRITE):
             batch = pages[i:i + PAGES_PER_WRITE]
             data = source.page_data(batch)
-            await self._call("ram_write", pages=batch, data=data.hex(), crc=zlib.crc32(data))
+            await self._call("ram_write", pages=batch, payload=data, crc=zlib.crc32(data))
         return len(pages)
 
     async def differing(self, source: GuestRam) -> tuple[int, list[int]]:

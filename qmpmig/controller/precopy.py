@@ -187,7 +187,7 @@ async def converge(c: Controller) -> None:
             await check_still_precopy(c)
             if watcher.done():
                 watcher.result()            # its failure, if it failed
-            pending = [await p.src.device.pending() for p in c.pairs]
+            pending = await _pending(c)
             c.progress(c.run.ram_remaining, pending)
             devices_ms = _devices_ms(c, pending)
             fits = max(pending, default=0) <= opts.threshold or (devices_ms is not None
@@ -272,7 +272,7 @@ async def switch_over(c: Controller) -> None:
         info = await c.src.qemu.query_migrate()
         c.run.ram_rate.add(info.ram_transferred)
         c.run.ram_remaining = info.ram_remaining
-        pending = [await p.src.device.pending() for p in c.pairs]
+        pending = await _pending(c)
         c.progress(info.ram_remaining, pending)
         left_ms = _estimate_ms(c, info.ram_remaining, pending)
         if left_ms is not None and left_ms <= c.run.budget:
@@ -284,10 +284,16 @@ async def switch_over(c: Controller) -> None:
         await c.src.next_update(0.05)
 
 
+async def _pending(c: Controller) -> list[int]:
+    """Each source device's pending bytes, each query bounded like any
+    other request (a device that stops answering here fails the migration)."""
+    return [await c.walker.call(p.src, p.src.device.pending(), "a pending-bytes query") for p in c.pairs]
+
+
 async def _release(c: Controller) -> None:
     """QEMU's downtime-limit: the budget less what the devices' pending data
     will take at their rates; and, unless held, its bandwidth back."""
-    pending = [await p.src.device.pending() for p in c.pairs]
+    pending = await _pending(c)
     c.run.release["downtime-limit"] = max(HOLD_DOWNTIME_MS, int(c.run.budget - (_devices_ms(c, pending) or 0)))
     if not c.run.held:
         await c.src.qmp("migrate-set-parameters", c.run.release)

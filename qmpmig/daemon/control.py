@@ -2,8 +2,11 @@
 
 A request is ``{"id": N, "op": NAME, "args": {...}}``; its reply is
 ``{"id": N, "ok": true, "result": {...}}`` or ``{"id": N, "ok": false,
-"error": TEXT}``.  A line longer than :data:`MAX_LINE` or that is not a JSON
-object is a :class:`ControlError`.
+"error": TEXT}``.  A request may carry bytes (migration data, guest pages
+between hosts): its line then says ``"payload": COUNT`` and that many raw
+bytes follow it, which the request's handler gets as its ``data``.  A line
+longer than :data:`MAX_LINE`, a payload longer than :data:`MAX_PAYLOAD`, or
+a line that is not a JSON object is a :class:`ControlError`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from ..controller.peerside import PAGES_PER_WRITE
 from ..migration.states import MigState
 
 MAX_LINE = 1 << 20
+MAX_PAYLOAD = 8 << 20
 #: The control socket inside the run directory.
 SOCKET = "control.sock"
 
@@ -39,8 +43,10 @@ def encode(message: dict) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
-def request(msg_id: int, op: str, args: dict) -> bytes:
-    return encode({"id": msg_id, "op": op, "args": args})
+def request(msg_id: int, op: str, args: dict, payload: bytes | memoryview = b"") -> bytes:
+    if not payload:
+        return encode({"id": msg_id, "op": op, "args": args})
+    return encode({"id": msg_id, "op": op, "args": args, "payload": len(payload)}) + bytes(payload)
 
 
 def reply(msg_id: int, result: dict | None = None, error: str | None = None) -> bytes:
@@ -74,6 +80,11 @@ def _ring(value: object) -> bool:
 
 def _index(value: object) -> bool:
     return type(value) is int and value >= 0
+
+
+def _data(value: object) -> bool:
+    """Bytes (a request's payload), or hex of at most 1 MiB."""
+    return isinstance(value, bytes) and 0 < len(value) <= MAX_PAYLOAD or _hex(value)
 
 
 def _hex(value: object) -> bool:
@@ -124,7 +135,7 @@ ARGUMENTS = {
     "ram_write": {"vm": _name, "migration": _name, "crc": lambda v: type(v) is int and 0 <= v < 1 << 32,
                   "pages": lambda v: isinstance(v, list) and 0 < len(v) <= PAGES_PER_WRITE
                   and all(map(_index, v)),
-                  "data": _hex},
+                  "data": _data},
     "ram_crcs": {"vm": _name, "migration": _name},
     "incoming_qmp": {"vm": _name, "migration": _name, "command": _name,
                      "arguments": lambda v: v is None or _qmp_arguments(v)},
@@ -132,7 +143,7 @@ ARGUMENTS = {
     "incoming_watch": {"vm": _name, "migration": _name, "since": lambda v: type(v) is int and v >= -1,
                        "timeout": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 30},
     "incoming_device": {"vm": _name, "migration": _name, "device": _name, "call": _name,
-                        "state": lambda v: isinstance(v, str) and v in MigState.__members__, "data": _hex,
+                        "state": lambda v: isinstance(v, str) and v in MigState.__members__, "data": _data,
                         "crc": lambda v: type(v) is int and 0 <= v < 1 << 32},
 }
 
@@ -158,19 +169,41 @@ def check_args(op: str, args: dict) -> None:
 
 
 class LineReader:
-    """Bytes in, JSON objects out, one per line."""
+    """Bytes in, JSON objects out, one per line; a request's payload comes
+    out as its ``args["data"]``."""
 
     def __init__(self):
         self._buf = bytearray()
+        #: A message whose payload is still arriving, and the payload's size.
+        self._waiting: tuple[dict, int] | None = None
 
     def feed(self, data: bytes) -> list[dict]:
         self._buf += data
         out = []
-        while (end := self._buf.find(b"\n")) >= 0:
+        while True:
+            if self._waiting:
+                message, size = self._waiting
+                if len(self._buf) < size:
+                    break
+                message.setdefault("args", {})["data"] = bytes(self._buf[:size])
+                del self._buf[:size]
+                self._waiting = None
+                out.append(message)
+                continue
+            end = self._buf.find(b"\n")
+            if end < 0:
+                break
             line = bytes(self._buf[:end])
             del self._buf[:end + 1]
-            out.append(self._decode(line))
-        if len(self._buf) > MAX_LINE:
+            message = self._decode(line)
+            size = message.pop("payload", 0)
+            if size:
+                if type(size) is not int or not 0 < size <= MAX_PAYLOAD or not isinstance(message.get("args", {}), dict):
+                    raise ControlError(f"a payload of {size!r} bytes")
+                self._waiting = (message, size)
+            else:
+                out.append(message)
+        if len(self._buf) > MAX_LINE and not self._waiting:
             raise ControlError(f"a line longer than {MAX_LINE} bytes")
         return out
 

@@ -39,17 +39,23 @@ WATCH_MAX = 30.0
 
 
 def describe(end: DeviceEnd) -> dict:
+    """A device as a daemon shows it (``status``, and to a peer)."""
     device = end.device
     return {"name": end.name, "protocol": device.protocol, "flags": int(device.flags),
             "offered": int(device.offered), "extensions": sorted(device.extensions),
             "chunk_size": device.chunk_size, "state": end.state.name}
 
 
-async def _send(end: DeviceEnd, data: str, crc: int) -> dict:
-    raw = bytes.fromhex(data)
+def checked(data: bytes | str, crc: int, what: str) -> bytes:
+    """A request's bytes (its payload, or hex), if their CRC-32 is ``crc``."""
+    raw = data if isinstance(data, bytes) else bytes.fromhex(data)
     if zlib.crc32(raw) != crc:
-        raise QmpmigError(f"{end.name}: CRC-32 {zlib.crc32(raw):#010x} of the data, {crc:#010x} claimed: "
-                          f"not given to the device")
+        raise QmpmigError(f"CRC-32 {zlib.crc32(raw):#010x} of the bytes, {crc:#010x} claimed: {what}")
+    return raw
+
+
+async def _send(end: DeviceEnd, data: bytes | str, crc: int) -> dict:
+    raw = checked(data, crc, f"not given to {end.name}")
     await end.device.send_data(raw)
     return {"sent": len(raw)}
 

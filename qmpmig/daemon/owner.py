@@ -33,7 +33,6 @@ import ssl
 import stat
 import struct
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -381,15 +380,11 @@ class Owner:
         self.incoming.pop((vm, migration), None)
         return {"ended": migration}
 
-    async def ram_write(self, vm: str, migration: str, pages: list[int], data: str, crc: int) -> dict:
+    async def ram_write(self, vm: str, migration: str, pages: list[int], data: bytes | str, crc: int) -> dict:
         """Guest pages from the source host (those its devices wrote by DMA,
         which QEMU cannot see): written only if their CRC-32 holds."""
         attached = self._incoming_vm(vm, migration)
-        raw = bytes.fromhex(data)
-        if zlib.crc32(raw) != crc:
-            raise QmpmigError(f"ram_write: CRC-32 {zlib.crc32(raw):#010x} of the pages, {crc:#010x} claimed: "
-                              f"nothing written")
-        attached.side.ram.write_pages(pages, raw)
+        attached.side.ram.write_pages(pages, incoming.checked(data, crc, "nothing written"))
         return {"written": len(pages)}
 
     async def incoming_qmp(self, vm: str, migration: str, command: str, arguments: dict | None = None) -> dict:
@@ -457,9 +452,7 @@ class Owner:
         state = vm.side.vm
         devices = []
         for end in vm.side.devices:
-            device = {"name": end.name, "protocol": end.device.protocol, "flags": int(end.device.flags),
-                      "offered": int(end.device.offered), "extensions": sorted(end.device.extensions),
-                      "state": end.state.name}
+            device = incoming.describe(end)
             if not vm.busy and not vm.side.gone:
                 try:
                     device.update(await asyncio.wait_for(_ask_device(end.device), ASK_DEVICE_TIMEOUT))
@@ -498,7 +491,7 @@ class Owner:
         controller = Controller(source.side, destination.side, uri, Trace(trace), Options(**opts))
         mid = destination.busy or f"m{os.getpid()}-{next(self._ids)}"
         self.journal.write("migrate", id=mid, src=source.qmp, dst=destination.qmp, src_vm=source.name,
-                           dst_vm=destination.name, uri=uri, trace=trace,
+                           dst_vm=destination.name, uri=uri, trace=trace, peer=peer,
                            running=source.side.vm.runstate == "running")
         controller.note = lambda op, **fields: self.journal.write(op, id=mid, **fields)
         source.busy = destination.busy = mid

@@ -130,14 +130,15 @@ class Peer:
                 waiter.set_exception(PeerError(f"peer {self.address}: {self._lost}"))
         self._waiting.clear()
 
-    async def call(self, op: str, **args) -> dict:
-        """One request; its result, or PeerError."""
+    async def call(self, op: str, payload: bytes | memoryview = b"", **args) -> dict:
+        """One request (its ``payload`` sent as raw bytes after it, which
+        the peer's handler gets as ``data``); its result, or PeerError."""
         if self._lost:
             raise PeerError(f"peer {self.address}: {self._lost}")
         msg_id = next(self._ids)
         waiter = self._waiting[msg_id] = asyncio.get_running_loop().create_future()
         try:
-            self._writer.write(control.request(msg_id, op, args))
+            self._writer.write(control.request(msg_id, op, args, payload))
             await self._writer.drain()
             message = await asyncio.wait_for(waiter, CALL_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as err:

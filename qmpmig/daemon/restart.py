@@ -36,6 +36,9 @@ async def end_unfinished(m: Unfinished) -> tuple[bool, str]:
     notes = [f"the daemon died in {m.phase}: the guest goes on at the "
              + ("destination, every device there having loaded its state" if side == "dst" else "source")]
     src, dst = await _connect(m.begin["src"]), await _connect(m.begin["dst"])
+    if m.begin.get("peer"):
+        notes.append(f"the destination is a VM of the daemon at {m.begin['peer']}: that daemon keeps it "
+                     f"(paused, never started by it); this one can neither end nor start it")
     try:
         if side == "src":
             # The loser first: once asked to listen, the destination may
@@ -57,7 +60,9 @@ async def end_unfinished(m: Unfinished) -> tuple[bool, str]:
 
 async def _connect(path: str) -> Qemu | None:
     """A QMP session, or None when that QEMU is gone (no socket, or nobody
-    listening on it)."""
+    listening on it) or not on this host (no path: a peer daemon's VM)."""
+    if not path:
+        return None
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
