@@ -4,6 +4,8 @@ a peer without the right certificate gets nothing and injects nothing."""
 
 import asyncio
 import json
+import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -362,3 +364,29 @@ def test_a_payload_that_cannot_be_is_refused(line):
     from qmpmig.daemon import control
     with pytest.raises(control.ControlError, match="payload"):
         control.LineReader().feed(line)
+
+
+@pytest.mark.qemu
+def test_the_destination_hosts_daemon_killed_mid_migration_leaves_the_source_running(two_hosts, pki):
+    hosts, src, dst, tmp = two_hosts
+    runs, address = hosts(pki["host-a"])
+    argv = [sys.executable, "-m", "qmpmig", "migrate", "--src", "g0", "--dst", f"g1@{address}", "--uri",
+            f"unix:{tmp / 'mig.sock'}", "--json", "--run-dir", str(runs["a"])]
+    command = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, phase = time.monotonic() + 60, None
+    while phase != "precopy" and time.monotonic() < deadline:
+        migrations = asyncio.run(client.call(runs["a"], "status"))["migrations"]
+        phase = migrations[0]["phase"] if migrations else None
+        assert not migrations or migrations[0]["dst"] == f"g1@{address}"
+        time.sleep(0.02)
+    assert phase == "precopy"
+    b_pid = int((runs["b"] / "daemon.pid").read_text())
+    os.kill(b_pid, signal.SIGKILL)
+    out, err = command.communicate(timeout=120)
+    result = json.loads(out)
+    assert not result["ok"] and result["guest_on"] == "source" and "peer" in result["message"], result
+    # The source runs on with its device, as it was.
+    src.wait_heartbeat(src.last_heartbeat(), 30)
+    a = asyncio.run(client.call(runs["a"], "status"))
+    assert a["migrations"] == [] and a["vms"][0]["devices"][0]["state"] == "RUNNING"
+    assert a["vms"][0]["runstate"] == "running" and a["vms"][0]["devices"][0]["client_losses"] == 0

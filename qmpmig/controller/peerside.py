@@ -35,8 +35,10 @@ WATCH_POLL = 10.0
 class PeerQemu:
     """The destination QEMU, as far as a peer may drive it."""
 
-    def __init__(self, call: Call):
+    def __init__(self, call: Call, name: str):
         self._call = call
+        #: How logs and ``status`` name it: VM@HOST:PORT.
+        self.name = name
 
     async def execute(self, command: str, arguments: dict | None = None):
         try:
@@ -128,8 +130,8 @@ class PeerSide(Side):
     """A VM attached to the daemon of another host, as this controller's
     destination."""
 
-    def __init__(self, call: Call, timeout: float, trace: Trace | None = None):
-        super().__init__(PeerQemu(call), None, timeout, trace, name="dst")
+    def __init__(self, call: Call, name: str, timeout: float, trace: Trace | None = None):
+        super().__init__(PeerQemu(call, name), None, timeout, trace, name="dst")
         self._call = call
         self.ram = PeerRam(call)
 

@@ -510,7 +510,7 @@ class Owner:
         await connection.__aenter__()
         try:
             await connection.call("expect", domain=name, migration=mid)
-            side = PeerSide(connection.bound(vm=name, migration=mid), self.timeout)
+            side = PeerSide(connection.bound(vm=name, migration=mid), f"{name}@{address}", self.timeout)
             await side.attach()
         except BaseException:
             await connection.__aexit__(None, None, None)
