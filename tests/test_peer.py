@@ -390,3 +390,27 @@ def test_the_destination_hosts_daemon_killed_mid_migration_leaves_the_source_run
     a = asyncio.run(client.call(runs["a"], "status"))
     assert a["migrations"] == [] and a["vms"][0]["devices"][0]["state"] == "RUNNING"
     assert a["vms"][0]["runstate"] == "running" and a["vms"][0]["devices"][0]["client_losses"] == 0
+
+
+@pytest.mark.qemu
+def test_the_source_hosts_daemon_killed_mid_migration_falls_back_to_the_source(two_hosts, pki):
+    hosts, src, dst, tmp = two_hosts
+    runs, address = hosts(pki["host-a"])
+    argv = [sys.executable, "-m", "qmpmig", "migrate", "--src", "g0", "--dst", f"g1@{address}", "--uri",
+            f"unix:{tmp / 'mig.sock'}", "--json", "--run-dir", str(runs["a"])]
+    command = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, phase = time.monotonic() + 60, None
+    while phase != "precopy" and time.monotonic() < deadline:
+        migrations = asyncio.run(client.call(runs["a"], "migrations"))["migrations"]
+        phase = migrations[0]["phase"] if migrations else None
+        time.sleep(0.02)
+    os.kill(int((runs["a"] / "daemon.pid").read_text()), signal.SIGKILL)
+    command.communicate(timeout=30)
+    done = subprocess.run([sys.executable, "-m", "qmpmig", "recover", "--json", "--run-dir", str(runs["a"])],
+                          capture_output=True, text=True, timeout=120)
+    recovered = json.loads(done.stdout)
+    assert len(recovered) == 1 and not recovered[0]["ok"], recovered
+    assert f"the daemon at {address}" in recovered[0]["message"], recovered
+    # The guest goes on at the source; the destination never ran it.
+    src.wait_heartbeat(src.last_heartbeat(), 30)
+    assert dst.last_heartbeat() == 0
