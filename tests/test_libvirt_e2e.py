@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.qemu,
               pytest.mark.skipif(os.geteuid() != 0, reason="two libvirtd in namespaces need root")]
 
 
-def test_libvirt_e2e_refuses_a_plain_migration_and_leaves_nothing_running(guest_image, tmp_path):
+def test_libvirt_e2e_refuses_a_plain_migration_migrates_across_and_leaves_nothing_running(guest_image, tmp_path):
     env = {**os.environ, "LV": str(tmp_path / "lv"), "PYTHON": sys.executable,
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     done = subprocess.run([str(ROOT / "scripts/libvirt-e2e")], capture_output=True, text=True, timeout=900, env=env)
@@ -25,6 +25,10 @@ def test_libvirt_e2e_refuses_a_plain_migration_and_leaves_nothing_running(guest_
     refused = result["cases"]["refused"]
     assert "qmpmig migrate --libvirt" in refused["message"] and refused["on_b"] == ""
     assert refused["heartbeats"][1] > refused["heartbeats"][0] and refused["device"] == ["RUNNING"]
+    across = result["cases"]["across"]
+    assert across["migrate"]["ok"] and across["hashes_equal"] and across["heartbeat_at_b"], across
+    assert across["rogue_refused"] and across["b_after_rogue"] == ["running"], across
+    assert result["traces"] == [across["trace"]]
     left = subprocess.run(["pgrep", "-f", f"libvirtd|virtlogd|{tmp_path}"], capture_output=True, text=True)
     running = [pid for pid in left.stdout.split() if _state(pid) not in ("Z", "X", None)]
     assert running == [], f"left running: {running}"

@@ -127,12 +127,15 @@ class Vm:
 
     def __init__(self, name: str, role: Role, *, memory_mib: int = 256,
                  accel: str | None = None, workdir: Path | None = None,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), launcher: tuple[str, ...] = ()):
         self.name = name
         self.role = role
         self.memory_mib = memory_mib
         self._accel = accel
         self.extra_args = extra_args
+        #: A command QEMU's command line is handed to (e.g. nsenter into the
+        #: namespaces of another "host"); it must exec QEMU in its place.
+        self.launcher = launcher
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"qmpmig-vm-{os.getpid()}-{name}-"))
         #: The monitor a manager (qmpmig's daemon, libvirt) drives the VM by.
@@ -190,7 +193,7 @@ class Vm:
             raise VmError(f"{self.name} already started")
         sweep_stale()
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
+            self.proc = subprocess.Popen([*self.launcher, *self.argv()], stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         deadline = time.monotonic() + 10
         while not (self.qmp_path.exists() and self.observer_qmp_path.exists()):
