@@ -48,13 +48,15 @@ def status(tmp) -> dict:
 
 def test_attach_mode_migrates_and_writes_a_trace_that_checks(setup):
     src, dst, devices, argv, tmp = setup
-    done = subprocess.run(argv + ["--json"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(argv + ["--json", "--verify-ram"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(done.stdout)
     assert result["ok"] and result["trace_violations"] == [] and result["device_bytes"] > 64 << 20
     check = subprocess.run([sys.executable, "-m", "qmpmig", "trace", "check", str(tmp / "trace.jsonl")],
                            capture_output=True, text=True)
     assert check.returncode == 0 and "FAIL" not in check.stdout
+    verified = [r for r in trace_records(tmp) if r["kind"] == "ram_verify"]
+    assert verified and verified[0]["differing"] == 0 and verified[0]["unit"] == 4096
     dst.wait_heartbeat(src.last_heartbeat(), 30)
     # The command is gone; the daemon keeps the destination's device.
     vms = status(tmp)["vms"]

@@ -119,7 +119,7 @@ def test_an_incoming_migration_announced_by_a_peer_is_expected_locally(daemon, p
 
 def test_a_peer_whose_certificate_another_ca_signed_gets_nothing(daemon, pki):
     address = daemon(pki["host-b"])
-    with pytest.raises(peer.PeerError):
+    with pytest.raises(peer.PeerError, match="does its CA sign this host's client certificate"):
         asyncio.run(peer.call(address, pki["intruder"], "status"))
 
 

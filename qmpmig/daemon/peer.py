@@ -96,6 +96,8 @@ class Peer:
         self._waiting: dict[int, asyncio.Future] = {}
         self._reading: asyncio.Task | None = None
         self._lost: str | None = None
+        #: Whether the peer has answered anything on this connection.
+        self._answered = False
 
     async def __aenter__(self) -> "Peer":
         host, port = split_address(self.address)
@@ -119,6 +121,7 @@ class Peer:
         try:
             while data := await reader.read(1 << 16):
                 for message in lines.feed(data):
+                    self._answered = True
                     waiter = self._waiting.pop(message.get("id"), None)
                     if waiter and not waiter.done():
                         waiter.set_result(message)
@@ -127,14 +130,14 @@ class Peer:
             self._lost = str(err) or type(err).__name__
         for waiter in self._waiting.values():
             if not waiter.done():
-                waiter.set_exception(PeerError(f"peer {self.address}: {self._lost}"))
+                waiter.set_exception(PeerError(self._why(self._lost)))
         self._waiting.clear()
 
     async def call(self, op: str, payload: bytes | memoryview = b"", **args) -> dict:
         """One request (its ``payload`` sent as raw bytes after it, which
         the peer's handler gets as ``data``); its result, or PeerError."""
         if self._lost:
-            raise PeerError(f"peer {self.address}: {self._lost}")
+            raise PeerError(self._why(self._lost))
         msg_id = next(self._ids)
         waiter = self._waiting[msg_id] = asyncio.get_running_loop().create_future()
         try:
@@ -142,12 +145,20 @@ class Peer:
             await self._writer.drain()
             message = await asyncio.wait_for(waiter, CALL_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as err:
-            raise PeerError(f"peer {self.address}: {op}: {err or type(err).__name__}") from None
+            raise PeerError(self._why(f"{op}: {err or type(err).__name__}")) from None
         finally:
             self._waiting.pop(msg_id, None)
         if not message.get("ok"):
             raise PeerError(f"peer {self.address}: {message.get('error')}")
         return message.get("result", {})
+
+    def _why(self, what: str) -> str:
+        """The error of a lost connection; one lost before any answer is
+        most often the peer refusing this host's certificate after the
+        handshake (TLS 1.3 checks the client's certificate then)."""
+        hint = "" if self._answered else (" (the peer answered nothing: does its CA sign this host's "
+                                          "client certificate?)")
+        return f"peer {self.address}: {what}{hint}"
 
     def bound(self, **bound) -> Callable[..., Awaitable[dict]]:
         """:meth:`call` with some arguments (a migration's VM and id) always given."""
