@@ -366,20 +366,27 @@ def test_a_payload_that_cannot_be_is_refused(line):
         control.LineReader().feed(line)
 
 
-@pytest.mark.qemu
-def test_the_destination_hosts_daemon_killed_mid_migration_leaves_the_source_running(two_hosts, pki):
-    hosts, src, dst, tmp = two_hosts
-    runs, address = hosts(pki["host-a"])
+def migrating_in_precopy(runs: dict, address: str, tmp: Path) -> subprocess.Popen:
+    """``qmpmig migrate`` of g0 to B's g1 under way (the command running),
+    once host A's daemon says the migration is in pre-copy."""
     argv = [sys.executable, "-m", "qmpmig", "migrate", "--src", "g0", "--dst", f"g1@{address}", "--uri",
             f"unix:{tmp / 'mig.sock'}", "--json", "--run-dir", str(runs["a"])]
     command = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, phase = time.monotonic() + 60, None
     while phase != "precopy" and time.monotonic() < deadline:
-        migrations = asyncio.run(client.call(runs["a"], "status"))["migrations"]
+        migrations = asyncio.run(client.call(runs["a"], "migrations"))["migrations"]
         phase = migrations[0]["phase"] if migrations else None
         assert not migrations or migrations[0]["dst"] == f"g1@{address}"
         time.sleep(0.02)
     assert phase == "precopy"
+    return command
+
+
+@pytest.mark.qemu
+def test_the_destination_hosts_daemon_killed_mid_migration_leaves_the_source_running(two_hosts, pki):
+    hosts, src, dst, tmp = two_hosts
+    runs, address = hosts(pki["host-a"])
+    command = migrating_in_precopy(runs, address, tmp)
     b_pid = int((runs["b"] / "daemon.pid").read_text())
     os.kill(b_pid, signal.SIGKILL)
     out, err = command.communicate(timeout=120)
@@ -396,14 +403,7 @@ def test_the_destination_hosts_daemon_killed_mid_migration_leaves_the_source_run
 def test_the_source_hosts_daemon_killed_mid_migration_falls_back_to_the_source(two_hosts, pki):
     hosts, src, dst, tmp = two_hosts
     runs, address = hosts(pki["host-a"])
-    argv = [sys.executable, "-m", "qmpmig", "migrate", "--src", "g0", "--dst", f"g1@{address}", "--uri",
-            f"unix:{tmp / 'mig.sock'}", "--json", "--run-dir", str(runs["a"])]
-    command = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline, phase = time.monotonic() + 60, None
-    while phase != "precopy" and time.monotonic() < deadline:
-        migrations = asyncio.run(client.call(runs["a"], "migrations"))["migrations"]
-        phase = migrations[0]["phase"] if migrations else None
-        time.sleep(0.02)
+    command = migrating_in_precopy(runs, address, tmp)
     os.kill(int((runs["a"] / "daemon.pid").read_text()), signal.SIGKILL)
     command.communicate(timeout=30)
     done = subprocess.run([sys.executable, "-m", "qmpmig", "recover", "--json", "--run-dir", str(runs["a"])],

@@ -102,9 +102,8 @@ class PeerDevice(RemoteDevice):
 class PeerRam:
     """The destination's guest RAM: pages go there, CRCs come back."""
 
-    def __init__(self, call: Call, size: int | None = None):
+    def __init__(self, call: Call):
         self._call = call
-        self.size = size
 
     async def receive(self, source: GuestRam, pages: Iterable[int]) -> int:
         """Copy ``pages`` of ``source`` here, a batch per request, each with

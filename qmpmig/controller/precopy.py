@@ -46,7 +46,8 @@ HOLD_DOWNTIME_MS = 1
 #: What is left then goes in the device outage.  Closer to the end (0.1 s,
 #: 16 MiB) cut the outage by a third, but the destination's guest kernel
 #: then died on bad memory in about one migration in six (TCG, QEMU 7.2):
-#: README, "A known problem under TCG".
+#: QEMU's own lost stores, since explained (docs/known-problems.md); the
+#: closer lead has not been measured again.
 APPROACH_LEAD = 0.25
 APPROACH_MIN = 32 << 20
 #: Seconds between two looks at QEMU's RAM.

@@ -82,6 +82,11 @@ def _index(value: object) -> bool:
     return type(value) is int and value >= 0
 
 
+def _crc(value: object) -> bool:
+    """A CRC-32."""
+    return type(value) is int and 0 <= value < 1 << 32
+
+
 def _data(value: object) -> bool:
     """Bytes (a request's payload), or hex of at most 1 MiB."""
     return isinstance(value, bytes) and 0 < len(value) <= MAX_PAYLOAD or _hex(value)
@@ -132,7 +137,7 @@ ARGUMENTS = {
     "expect": {"domain": _name, "migration": _name,
                "seconds": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 3600},
     "expected": {"domain": _name, "migration": _name},
-    "ram_write": {"vm": _name, "migration": _name, "crc": lambda v: type(v) is int and 0 <= v < 1 << 32,
+    "ram_write": {"vm": _name, "migration": _name, "crc": _crc,
                   "pages": lambda v: isinstance(v, list) and 0 < len(v) <= PAGES_PER_WRITE
                   and all(map(_index, v)),
                   "data": _data},
@@ -144,7 +149,7 @@ ARGUMENTS = {
                        "timeout": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 30},
     "incoming_device": {"vm": _name, "migration": _name, "device": _name, "call": _name,
                         "state": lambda v: isinstance(v, str) and v in MigState.__members__, "data": _data,
-                        "crc": lambda v: type(v) is int and 0 <= v < 1 << 32},
+                        "crc": _crc},
 }
 
 

@@ -104,6 +104,8 @@ DEVICE_CALLS: dict[str, tuple[Callable, tuple[str, ...]]] = {
 
 async def device_call(side: Side, device: str, call: str, args: dict) -> dict:
     """Call ``call`` on the device named ``device`` of ``side``."""
+    if call not in DEVICE_CALLS:
+        raise QmpmigError(f"no device call {call!r}")
     ends = {end.name: end for end in side.devices}
     if device not in ends:
         raise QmpmigError(f"no device {device!r} (there are {', '.join(ends) or 'none'})")
