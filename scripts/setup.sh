@@ -3,7 +3,8 @@
 # Debian's QEMU, a Python virtual environment with qmpmig and its test
 # dependencies in .venv/, the test guest image in vm-images/build/, and
 # libvfio-user's sample server in build/libvfio-user/ (a real peer for tests),
-# and libvirt's daemon and client (scripts/libvirt-e2e runs two of them).
+# and libvirt's daemon and client (scripts/libvirt-e2e runs two of them) with
+# libvirt-python built against this host's libvirt (qmpmig migrate --libvirt).
 # Idempotent: what is already there is kept.
 set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -13,7 +14,7 @@ apt_packages=()
 command -v qemu-system-x86_64 >/dev/null || apt_packages+=(qemu-system-x86)
 python3 -c 'import ensurepip, venv' 2>/dev/null || apt_packages+=(python3-venv)
 for pkg in meson ninja-build libjson-c-dev libcmocka-dev pkg-config gcc \
-           libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients iproute2; do
+           libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev python3-dev iproute2; do
     dpkg -s "$pkg" >/dev/null 2>&1 || apt_packages+=("$pkg")
 done
 if ((${#apt_packages[@]})); then
@@ -27,6 +28,10 @@ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
     { echo "setup: qmpmig needs Python 3.11 or newer" >&2; exit 1; }
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# libvirt-python's version must be the host libvirt's: it is built against it.
+libvirt_version=$(pkg-config --modversion libvirt)
+.venv/bin/python -c "import libvirt, sys; sys.exit(libvirt.getVersion() < 0)" 2>/dev/null ||
+    .venv/bin/python -m pip install -q --disable-pip-version-check "libvirt-python==$libvirt_version"
 
 vm-images/build.sh
 scripts/build-libvfio-user.sh

@@ -124,6 +124,20 @@ def test_a_migration_announced_to_the_daemon_is_let_in_once(tmp_path):
         stop_daemon(run_dir)
 
 
+def test_the_destination_xml_carries_the_migration_id_and_keeps_the_rest(tmp_path):
+    """What qmpmig migrate --libvirt gives the destination: the domain's XML
+    with its migration id, every other element and namespace as it was."""
+    xml = domain_xml(tmp_path).replace(
+        "</domain>", f"<qemu:commandline xmlns:qemu='{domain.QEMU_NAMESPACE}'><qemu:arg value='-S'/>"
+                     "</qemu:commandline></domain>")
+    moved = domain.with_migration(xml, "m7-1")
+    assert domain.migration_id(moved) == "m7-1"
+    assert domain.parse(moved) == domain.parse(xml)
+    assert f'xmlns:qemu="{domain.QEMU_NAMESPACE}"' in moved and "<qemu:arg value=\"-S\"" in moved
+    with pytest.raises(domain.DomainError, match="no qmpmig metadata"):
+        domain.with_migration("<domain><name>plain</name></domain>", "m7-1")
+
+
 def test_the_installed_hook_is_what_libvirt_runs(tmp_path):
     path = install_hook(tmp_path / "qemu.d", tmp_path / "run")
     assert os.access(path, os.X_OK)

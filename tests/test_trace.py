@@ -94,6 +94,45 @@ def test_each_broken_rule_is_caught(rule, mutate):
     assert rule in broken(mutate)
 
 
+def libvirt_flow():
+    """The reference flow as ``qmpmig migrate --libvirt`` traces it: the
+    destination's devices arrive later (``paired``), the vCPU stop and the
+    resume are libvirt calls, and libvirt continues QEMU at pre-switchover
+    (seen as the source QEMU's status)."""
+    records = good_flow()
+    first = records[0]
+    records[0] = dict(kind="start", devices=[d for d in first["devices"] if d["side"] == "src"])
+    records.insert(2, dict(kind="paired", devices=[d for d in first["devices"] if d["side"] == "dst"]))
+    records[index(records, "qmp_command", command="stop")] = libvirt_call("src", "virDomainSuspend", "stop")
+    records[index(records, "qmp_command", command="cont")] = libvirt_call("dst", "virDomainResume", "cont")
+    records[index(records, "qmp_command", command="migrate-continue")] = dict(
+        kind="vm_state", side="src", runstate="finish-migrate", status="device")
+    return records
+
+
+def libvirt_call(side, call, qmp):
+    return dict(kind="libvirt_call", side=side, call=call, qmp=qmp, arguments={})
+
+
+def test_the_libvirt_flow_passes():
+    assert check(trace(*libvirt_flow())) == []
+
+
+@pytest.mark.parametrize("rule,mutate", [
+    ("vcpu-stop", lambda r: move(r, index(r, "libvirt_call", qmp="stop"),
+                                 index(r, "device_state", side="src", device="B", to="PRE_COPY_P2P"))),
+    ("end-of-stream", lambda r: move(r, index(r, "vm_state", status="device"),
+                                     index(r, "end_of_stream", device="B"))),
+    ("resume-before-run", lambda r: move(r, index(r, "libvirt_call", qmp="cont"),
+                                         index(r, "device_state", side="dst", device="B", to="RUNNING"))),
+    ("cont-after-copy", lambda r: move(r, index(r, "dirty_copy"), len(r))),
+])
+def test_each_broken_rule_is_caught_under_libvirt(rule, mutate):
+    records = libvirt_flow()
+    mutate(records)
+    assert rule in {v.rule for v in check(trace(*records))}
+
+
 def test_a_qemu_stop_after_the_grace_state_is_the_reference_stop():
     records = good_flow()
     records[index(records, "qmp_command", command="stop")] = dict(kind="qmp_event", side="src", event="STOP", data={})

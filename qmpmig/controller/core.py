@@ -21,6 +21,7 @@ from ..errors import MigrationFailed, QmpmigError, reason
 from ..migration import lifecycle
 from ..migration.states import MigFlags, MigState
 from . import flows, precopy
+from .manager import QmpManager
 from .pump import Pair, Pump
 from .recovery import go_forward, recover
 from .side import DeviceEnd, Side
@@ -170,35 +171,64 @@ class Run:
     #: The destination was asked to listen (migrate-incoming): it holds, or
     #: may hold, a copy of the guest from then on.
     incoming: bool = False
-    #: Every destination device loaded its state: from here on the guest's
-    #: place is the destination, and a failure goes forward, never back.
+    #: Every destination device loaded its state (or, under a manager that
+    #: ends the source at QEMU's completion, QEMU completed): from here on
+    #: the guest's place is the destination, and a failure goes forward,
+    #: never back.
     committed: bool = False
+    #: The destination's guest RAM has the DMA-dirty pages (and was verified).
+    ram_ready: bool = False
+    #: QEMU's own downtime (ms), once asked.
+    qemu_downtime: int | None = None
 
 
 class Controller:
     """Drives a migration from one attached VM to another: their devices of
     the same name form the pairs."""
 
-    def __init__(self, src: Side, dst: Side, uri: str, trace: Trace, options: Options | None = None):
+    def __init__(self, src: Side, dst: Side, uri: str, trace: Trace, options: Options | None = None,
+                 manager: QmpManager | None = None):
         self.options = options or Options()
         self.trace = trace
         self.uri = uri
+        #: Who drives QEMU's migration (:mod:`.manager`).
+        self.manager = manager or QmpManager()
         self.src, self.dst = src, dst
-        theirs = {end.name: end for end in dst.devices}
-        if set(theirs) != {end.name for end in src.devices}:
-            raise MigrationFailed(f"the source has devices {sorted(end.name for end in src.devices)}, "
-                                  f"the destination {sorted(theirs)}")
         src.take_part("src", trace)
         dst.take_part("dst", trace)
-        for end in (*src.devices, *dst.devices):
+        for end in src.devices:
             end.device.use_only(self.options.device_flags)
-        self.pairs = [Pair(end.name, end, theirs[end.name]) for end in src.devices]
+        self.pairs: list[Pair] = []
+        if self.manager.dst_ready:
+            self.pair_up()
         self.walker = Walker(self.options.device_timeout)
         self.pump = Pump(self.walker, tuple(self.options.compare_regions))
         #: note(op, **fields): each step, before it is taken, for a journal.
         self.note: Callable[..., None] = lambda op, **fields: None
         #: The migration under way, or the last one.
         self.run = Run()
+
+    def pair_up(self) -> None:
+        """The source's and the destination's devices of the same name form
+        the pairs; each pair speaks one protocol with the same flags."""
+        theirs = {end.name: end for end in self.dst.devices}
+        if set(theirs) != {end.name for end in self.src.devices}:
+            raise MigrationFailed(f"the source has devices {sorted(end.name for end in self.src.devices)}, "
+                                  f"the destination {sorted(theirs)}")
+        for end in self.dst.devices:
+            end.device.use_only(self.options.device_flags)
+        self.pairs = [Pair(end.name, end, theirs[end.name]) for end in self.src.devices]
+        for pair in self.pairs:
+            s, d = pair.src.device, pair.dst.device
+            if s.protocol != d.protocol or s.flags != d.flags:
+                raise MigrationFailed(f"{pair.name}: source {s.protocol} flags {s.flags:#x} "
+                                      f"but destination {d.protocol} flags {d.flags:#x}")
+
+    def trace_devices(self, kind: str, sides: tuple[Side, ...]) -> None:
+        """The devices of ``sides`` as the trace checker needs them."""
+        self.trace.emit(kind, devices=[
+            {"name": end.name, "side": end.side.name, "protocol": end.device.protocol, "flags": int(end.device.flags)}
+            for side in sides for end in side.devices])
 
     @property
     def phase(self) -> str:
@@ -243,9 +273,7 @@ class Controller:
         destination device loaded its state; after that it goes forward."""
         t0 = time.monotonic()
         self.run = Run()
-        self.trace.emit("start", devices=[
-            {"name": end.name, "side": end.side.name, "protocol": end.device.protocol, "flags": int(end.device.flags)}
-            for p in self.pairs for end in (p.src, p.dst)])
+        self.trace_devices("start", (self.src, self.dst) if self.pairs else (self.src,))
         running = self.src.vm.runstate == "running"
         noticing = asyncio.create_task(self._notice_vcpu_stop()) if running else None
         try:
@@ -257,6 +285,8 @@ class Controller:
             phase, committed = self.phase, self.run.committed
             what = "interrupted" if interrupted else reason(err)
             recovered = await (go_forward(self, running) if committed else recover(self, running))
+            with contextlib.suppress(QmpmigError):
+                await self.manager.done(self)
             summary = self._failed(t0, f"in {phase}: {what}; {recovered}")
             if committed:
                 summary.guest_on = "destination"

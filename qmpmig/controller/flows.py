@@ -30,7 +30,7 @@ import itertools
 import logging
 from typing import TYPE_CHECKING
 
-from ..errors import MigrationFailed
+from ..errors import MigrationFailed, QmpmigError
 from ..migration.states import MigState
 from ..qemu.qmp import IDLE, PRECOPY
 from ..vfio_user.uapi import PAGE_SIZE
@@ -56,20 +56,24 @@ async def migrate(c: Controller, running: bool) -> int | None:
         pair.src.dma_off_at = pair.dst.running_at = None
     c.trace.emit("phase", name="attempt", attempt=1)
     await precopy.prepare_switchover(c)
-    await prepare_resume(c)
     await save(c, running)
     await resume(c, running)
     # Asked only now: the source's monitor can take a fifth of a second to
-    # answer right after its completion, which the guest's pause must not wait for.
-    qemu_downtime = (await c.src.qemu.query_migrate()).downtime
+    # answer right after its completion, which the guest's pause must not
+    # wait for (under libvirt it was asked at the completion: the source
+    # QEMU is ended soon after).
+    if c.run.qemu_downtime is None and not c.src.gone:
+        with contextlib.suppress(QmpmigError):
+            c.run.qemu_downtime = (await c.src.qemu.query_migrate()).downtime
     await finish_save(c)
-    return qemu_downtime
+    await c.manager.done(c)
+    return c.run.qemu_downtime
 
 
 async def preflight(c: Controller) -> None:
     """Refuse, before anything starts, what cannot migrate."""
     src, dst = c.src.vm, c.dst.vm
-    if (dst.runstate, dst.status) != ("inmigrate", "none"):
+    if c.manager.dst_ready and (dst.runstate, dst.status) != ("inmigrate", "none"):
         raise MigrationFailed(f"destination is {dst}, not waiting with -incoming defer")
     if src.status not in IDLE:
         raise MigrationFailed(f"source is already migrating: {src}")
@@ -77,11 +81,6 @@ async def preflight(c: Controller) -> None:
     if caps.get("postcopy-ram"):
         raise MigrationFailed("postcopy-ram is on: VFIO device migration has no postcopy (seed 002); "
                               "nothing was started")
-    for pair in c.pairs:
-        s, d = pair.src.device, pair.dst.device
-        if s.protocol != d.protocol or s.flags != d.flags:
-            raise MigrationFailed(f"{pair.name}: source {s.protocol} flags {s.flags:#x} "
-                                  f"but destination {d.protocol} flags {d.flags:#x}")
 
 
 async def prepare_resume(c: Controller) -> None:
@@ -102,9 +101,15 @@ async def save(c: Controller, running: bool) -> None:
                             "DMA_LOGGING_START")
     c.run.incoming = True
     c.note("incoming")
-    await c.dst.qmp("migrate-incoming", {"uri": c.uri})
+    # The destination's devices are RESUMING before QEMU starts (resetting
+    # one takes long enough for QEMU's first pass to end unwatched); under
+    # libvirt they exist only once it has started, QEMU held meanwhile.
+    if c.manager.dst_ready:
+        await prepare_resume(c)
     started = src.updates
-    await src.qmp("migrate", {"uri": c.uri})
+    await c.manager.start(c)
+    if not c.manager.dst_ready:
+        await prepare_resume(c)
     await src.status(*PRECOPY, since=started)
     # SAVING|RUNNING (PRE_COPY), where the lifecycle table says so.
     await c.walker.walk_all(src, c.lifecycle_target)
@@ -119,18 +124,36 @@ async def save(c: Controller, running: bool) -> None:
 
     # SAVING|!RUNNING (STOP_COPY) at pre-switchover: the rest of each
     # stream to its end, the last DMA log, then QEMU finishes.
+    # Where the manager answers pre-switchover itself (libvirt), QEMU is
+    # released only once every stream has ended.
     c.enter("stop-copy")
-    if c.run.held:                      # the vCPUs stopped with QEMU still held
-        await src.qmp("migrate-set-parameters", c.run.release)
-    await src.status("pre-switchover")
+    ours = c.manager.answers_pre_switchover
+    if c.run.held and ours:             # the vCPUs stopped with QEMU still held
+        await _release_held(c)
+    if ours:
+        await src.status("pre-switchover")
     await c.walker.walk_all(src, c.lifecycle_target)
     await precopy.drain_page_requests(c)
     await asyncio.gather(*(_end_of_stream(c, pair) for pair in c.pairs))
-    await src.qmp("migrate-continue", {"state": "pre-switchover"})
+    if ours:
+        await c.manager.continue_switchover(c)
+    elif c.run.held:
+        await _release_held(c)
 
     c.enter("switchover")
     await src.status("completed")
+    if not ours:
+        # The source is the manager's to end now: its guest goes forward.
+        c.run.committed = True
+        with contextlib.suppress(QmpmigError):
+            c.run.qemu_downtime = (await c.src.qemu.query_migrate()).downtime
     await c.dst.status("completed")
+
+
+async def _release_held(c: Controller) -> None:
+    """QEMU gets its bandwidth back, with the budget as its downtime-limit."""
+    c.run.held = False
+    await c.manager.set_parameters(c, c.run.release)
 
 
 async def _end_of_stream(c: Controller, pair: Pair) -> None:
@@ -151,14 +174,7 @@ async def resume(c: Controller, running: bool) -> None:
     device out of RESUMING, through the grace state together, and ``cont``."""
     dst = c.dst
     c.enter("resume")
-    # What the source devices wrote by DMA, which QEMU could not see.
-    c.run.copied = 0
-    if "no-dirty-copy" not in c.options.debug:
-        pages = set().union(*(pair.dirty for pair in c.pairs))
-        c.run.copied = await dst.receive_pages(c.src.ram, pages)
-        c.trace.emit("dirty_copy", pages=c.run.copied, bytes=c.run.copied * PAGE_SIZE)
-    if c.options.verify_ram:
-        await verify_ram(c)
+    await ready_ram(c)
     # !RESUMING: each device loads and validates what it was given.
     await c.walker.walk_all(dst, lambda end: MigState.STOP)
     c.note("loaded")
@@ -176,10 +192,26 @@ async def resume(c: Controller, running: bool) -> None:
     barrier = MigState.RUNNING_P2P if MigState.RUNNING_P2P in target.values() else None
     await c.walker.walk_all(dst, lambda end: target[end], barrier=barrier)
     await c.walker.walk_all(dst, lambda end: MigState.RUNNING)
-    await dst.qmp("cont")
+    await c.manager.resume_destination(c)
     await dst.wait(lambda s: s.runstate == "running", "destination running")
     c.walker.resumed()
     c.run.downtime = await _pause(c)
+
+
+async def ready_ram(c: Controller) -> None:
+    """The destination's guest RAM made whole, once: what the source devices
+    wrote by DMA, which QEMU could not see, copied over; then, with
+    --verify-ram, compared with the source's."""
+    if c.run.ram_ready:
+        return
+    c.run.copied = 0
+    if "no-dirty-copy" not in c.options.debug:
+        pages = set().union(*(pair.dirty for pair in c.pairs))
+        c.run.copied = await c.dst.receive_pages(c.src.ram, pages)
+        c.trace.emit("dirty_copy", pages=c.run.copied, bytes=c.run.copied * PAGE_SIZE)
+    if c.options.verify_ram:
+        await verify_ram(c)
+    c.run.ram_ready = True
 
 
 async def verify_ram(c: Controller) -> None:

@@ -145,6 +145,16 @@ class PeerSide(Side):
             end.state = MigState[described["state"]]
         self.follow()
 
+    async def arrive(self, timeout: float) -> None:
+        """Once the peer's daemon has the VM (under libvirt, its hook hands
+        it over after libvirt started it there), take it in."""
+        await self._call("incoming_wait", timeout=timeout)
+        await self.attach()
+
+    async def resume(self) -> None:
+        """The peer's daemon resumes the VM through its host's libvirt."""
+        await self._call("incoming_resume")
+
     async def add_device(self, name: str, device: RemoteDevice) -> DeviceEnd:
         """The device's RAM mapping and page requests are the peer's."""
         end = DeviceEnd(name, self, device)

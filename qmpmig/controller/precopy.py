@@ -32,6 +32,7 @@ from ..errors import EarlySwitchover, MigrationFailed, QmpmigError
 from ..migration import fsm
 from ..migration.states import MigState
 from ..qemu.qmp import ENDING, PRECOPY, Qemu
+from .manager import CAPABILITIES, PARAMETERS
 from .walk import grace_target
 
 if TYPE_CHECKING:
@@ -55,10 +56,6 @@ WATCH_EVERY = 0.02
 #: The estimate of what is left must improve within this many seconds, or
 #: the budget is raised (up to Options.max_downtime_limit).
 STALL_WINDOW = 1.0
-#: The migration capabilities the flow turns on, per side.
-CAPABILITIES = {"src": ("events", "pause-before-switchover"), "dst": ("events",)}
-#: The migration parameters the hold changes (on the source).
-PARAMETERS = ("max-bandwidth", "downtime-limit")
 #: Bytes, and seconds, a device may move per pre-copy round before
 #: convergence is looked at again.
 PRECOPY_ROUND = 64 << 20
@@ -97,22 +94,15 @@ async def prepare_switchover(c: Controller) -> None:
     (unless the no-hold negative control says otherwise); the bandwidth is
     left as it is until the watcher holds it.  :attr:`Run.release` gives
     QEMU its bandwidth back with the budget, :func:`restore_settings` puts
-    back what was there before."""
-    for side in (c.src, c.dst):
-        caps = {cap["capability"]: cap["state"] for cap in await side.qemu.execute("query-migrate-capabilities")}
-        c.run.settings[side.name] = {"capabilities": [
-            {"capability": name, "state": caps.get(name, False)} for name in CAPABILITIES[side.name]]}
-    params = await c.src.qemu.execute("query-migrate-parameters")
-    c.run.settings["src"]["parameters"] = {name: params[name] for name in PARAMETERS if name in params}
+    back what was there before (the manager's: QEMU's own settings, or
+    libvirt's)."""
+    c.run.settings = await c.manager.settings(c)
     c.note("settings", settings=c.run.settings)
-    for side in (c.src, c.dst):
-        await side.qmp("migrate-set-capabilities", {"capabilities": [
-            {"capability": name, "state": True} for name in CAPABILITIES[side.name]]})
     c.run.budget = c.options.downtime_limit
-    c.run.release = {"max-bandwidth": params.get("max-bandwidth", 128 << 20),
+    c.run.release = {"max-bandwidth": c.run.settings["src"]["parameters"].get("max-bandwidth", 128 << 20),
                      "downtime-limit": c.options.downtime_limit}
     if "no-hold" not in c.options.debug:
-        await c.src.qmp("migrate-set-parameters", {"downtime-limit": HOLD_DOWNTIME_MS})
+        await c.manager.set_parameters(c, {"downtime-limit": HOLD_DOWNTIME_MS})
 
 
 async def watch_ram(c: Controller) -> None:
@@ -127,7 +117,7 @@ async def watch_ram(c: Controller) -> None:
         c.run.ram_remaining = left = info.ram_remaining
         near = max(APPROACH_MIN, (rate.per_second or 0) * APPROACH_LEAD)
         if left is not None and left <= near and "no-hold" not in c.options.debug:
-            await c.src.qmp("migrate-set-parameters", {"max-bandwidth": HOLD_BANDWIDTH})
+            await c.manager.set_parameters(c, {"max-bandwidth": HOLD_BANDWIDTH})
             c.run.held = True
             log.info("QEMU held with %d MiB of its first pass left (%.0f MiB/s)", left >> 20,
                      (rate.per_second or 0) / 2**20)
@@ -154,19 +144,11 @@ async def restore_settings(c: Controller) -> list[str]:
         if saved is None or side.gone:
             continue
         try:
-            await put_back(side.qmp, saved)
+            await c.manager.put_back(side, saved)
         except QmpmigError as err:
             if not await side.wait_gone(1.0):
                 problems.append(f"{side.name} QEMU settings not restored: {err}")
     return problems
-
-
-async def put_back(execute, saved: dict) -> None:
-    """Set QEMU's migration parameters and capabilities as ``saved`` has
-    them, through ``execute(command, arguments)``."""
-    if "parameters" in saved:
-        await execute("migrate-set-parameters", saved["parameters"])
-    await execute("migrate-set-capabilities", {"capabilities": saved["capabilities"]})
 
 
 async def converge(c: Controller) -> None:
@@ -179,6 +161,11 @@ async def converge(c: Controller) -> None:
     opts = c.options
     start = time.monotonic()
     stall = Stall(c)
+    if c.run.held:
+        # Held from the start (a manager that started QEMU's migration before
+        # the destination's devices were there): full speed now.
+        await c.manager.set_parameters(c, {"max-bandwidth": c.run.release["max-bandwidth"]})
+        c.run.held = False
     watcher = asyncio.create_task(watch_ram(c))
     try:
         while True:
@@ -251,7 +238,7 @@ async def grace(c: Controller) -> None:
     await drain_page_requests(c)
     if not c.run.we_stopped:
         await check_still_precopy(c)
-        await switch_over(c)
+        await (switch_over(c) if c.manager.answers_pre_switchover else stop_held(c))
 
 
 async def switch_over(c: Controller) -> None:
@@ -285,6 +272,36 @@ async def switch_over(c: Controller) -> None:
         await c.src.next_update(0.05)
 
 
+#: Under a manager that answers pre-switchover at once, QEMU's held RAM
+#: must outlast the devices' stop-copy this many times over before the
+#: vCPUs stop (and never less than HELD_MIN seconds).
+HELD_MARGIN = 4
+HELD_MIN = 2.0
+
+
+async def stop_held(c: Controller) -> None:
+    """Every device is in the grace state and QEMU is held; libvirt answers
+    pre-switchover at once (docs/libvirt-flow.md), so the vCPUs stop with
+    QEMU still held, and the devices' stop-copy must end before it is
+    released.  What QEMU has left at its held bandwidth is the window: a
+    window too short for the devices fails the migration here, before any
+    vCPU stopped, rather than racing QEMU to its switchover."""
+    info = await c.src.qemu.query_migrate()
+    pending = await _pending(c)
+    c.progress(info.ram_remaining, pending)
+    devices_ms = _devices_ms(c, pending)
+    window = (info.ram_remaining or 0) / HOLD_BANDWIDTH
+    need = max(HELD_MIN, HELD_MARGIN * (devices_ms or 0) / 1000)
+    if not c.run.held or devices_ms is None or window < need:
+        raise MigrationFailed(
+            f"QEMU is {'held' if c.run.held else 'not held'} with {(info.ram_remaining or 0) >> 10} KiB left "
+            f"({window:.1f} s at the held {HOLD_BANDWIDTH >> 20} MiB/s): too little to be sure the devices' "
+            f"stop-copy ({'?' if devices_ms is None else round(devices_ms)} ms at their rates) ends before QEMU "
+            f"reaches the switchover its manager answers at once; the vCPUs were not stopped")
+    await drain_page_requests(c)
+    await stop_vcpus(c)
+
+
 async def _pending(c: Controller) -> list[int]:
     """Each source device's pending bytes, each query bounded like any
     other request (a device that stops answering here fails the migration)."""
@@ -297,7 +314,7 @@ async def _release(c: Controller) -> None:
     pending = await _pending(c)
     c.run.release["downtime-limit"] = max(HOLD_DOWNTIME_MS, int(c.run.budget - (_devices_ms(c, pending) or 0)))
     if not c.run.held:
-        await c.src.qmp("migrate-set-parameters", c.run.release)
+        await c.manager.set_parameters(c, c.run.release)
         c.run.ram_rate.reset()
 
 
@@ -368,4 +385,4 @@ async def drain_page_requests(c: Controller) -> None:
 async def stop_vcpus(c: Controller) -> None:
     c.vcpus_stopped()
     c.run.we_stopped = True
-    await c.src.qmp("stop")
+    await c.manager.stop(c)

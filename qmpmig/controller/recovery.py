@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from ..errors import MigrationFailed, QmpmigError, reason
 from ..migration.states import MigState
 from ..qemu.qmp import IDLE
+from .flows import ready_ram
 from .precopy import restore_settings
 from .side import DeviceEnd
 
@@ -32,28 +33,29 @@ async def recover(c: Controller, running: bool) -> str:
     notes = []
     if not src.gone:
         with contextlib.suppress(QmpmigError):
-            await src.qmp("migrate_cancel")
+            await c.manager.cancel(c)
             await src.wait(lambda s: s.status in IDLE, "the cancel to finish", timeout=30)
         if running and src.vm and src.vm.runstate != "running":
             with contextlib.suppress(QmpmigError):
-                await src.qmp("cont")
+                await c.manager.resume_source(c)
                 await src.wait(lambda s: s.runstate == "running", "source running", timeout=10)
         notes.append(f"source VM {src.vm.runstate if src.vm else 'unknown'}")
     else:
         notes.append(f"source QEMU gone: {src.gone}")
     target = MigState.RUNNING if running else MigState.STOP
-    for pair in c.pairs:
+    for end in src.devices:
         try:
-            await asyncio.wait_for(_recover_source_device(c, pair.src, target), RECOVER_TIMEOUT)
-            notes.append(f"{pair.name} {target.name}")
+            await asyncio.wait_for(_recover_source_device(c, end, target), RECOVER_TIMEOUT)
+            notes.append(f"{end.name} {target.name}")
         except (QmpmigError, OSError, asyncio.TimeoutError) as err:
-            notes.append(f"{pair.name} not recovered: {reason(err)}")
+            notes.append(f"{end.name} not recovered: {reason(err)}")
+    for end in c.dst.devices:
         with contextlib.suppress(QmpmigError, OSError, asyncio.TimeoutError):
-            await asyncio.wait_for(c.walker.reset(pair.dst), RECOVER_TIMEOUT)
+            await asyncio.wait_for(c.walker.reset(end), RECOVER_TIMEOUT)
     notes += await restore_settings(c)
     if c.run.incoming and not c.dst.gone:
         try:
-            await c.dst.quit(RECOVER_TIMEOUT)
+            await c.manager.end_destination(c, RECOVER_TIMEOUT)
             notes.append("destination QEMU ended")
         except (QmpmigError, asyncio.TimeoutError) as err:
             notes.append(f"destination QEMU not ended: {reason(err)}")
@@ -66,7 +68,14 @@ async def go_forward(c: Controller, running: bool) -> str:
     finish there as far as possible, and never start the source again."""
     c.enter("recover")
     c.walker.resumed()
-    dst, notes = c.dst, ["the guest stays on the destination (every device there had loaded its state)"]
+    dst, notes = c.dst, ["the guest stays on the destination (every device there had loaded its state, "
+                         "or QEMU had completed under a manager that then ends the source)"]
+    try:
+        await asyncio.wait_for(ready_ram(c), RECOVER_TIMEOUT)
+    except (QmpmigError, OSError, asyncio.TimeoutError) as err:
+        # Its RAM is not whole: it stays paused, for whoever looks next.
+        running = False
+        notes.append(f"the destination stays paused: {reason(err)}")
     target = MigState.RUNNING if running else MigState.STOP
     for end in dst.devices:
         try:
@@ -75,7 +84,7 @@ async def go_forward(c: Controller, running: bool) -> str:
             notes.append(f"destination {end.name} not {target.name}: {reason(err)}")
     if running and not dst.gone and dst.vm and dst.vm.runstate != "running":
         try:
-            await asyncio.wait_for(dst.qmp("cont"), RECOVER_TIMEOUT)
+            await asyncio.wait_for(c.manager.resume_destination(c), RECOVER_TIMEOUT)
             notes.append("destination vCPUs started")
         except (QmpmigError, asyncio.TimeoutError) as err:
             notes.append(f"destination vCPUs not started: {reason(err)}")

@@ -23,15 +23,17 @@ ANSWER_WITHIN = 60.0
 
 async def call(run_dir: Path, op: str, **args) -> dict:
     """Ask the daemon of ``run_dir``; its result, or ControlError with its
-    answer.  A migration is answered when it ends; any other request must
-    be answered within :data:`ANSWER_WITHIN` seconds."""
+    answer.  A migration (or a detach that waits for one) is answered when
+    it ends; any other request must be answered within
+    :data:`ANSWER_WITHIN` seconds."""
     try:
         reader, writer = await asyncio.open_unix_connection(str(Path(run_dir) / control.SOCKET))
     except (FileNotFoundError, ConnectionRefusedError) as err:
         raise control.ControlError(f"no qmpmig daemon at {run_dir} ({err.strerror}): "
                                    "start one with `qmpmig daemon`") from None
     try:
-        async with asyncio.timeout(None if op == "migrate" else ANSWER_WITHIN):
+        async with asyncio.timeout(None if op in ("migrate", "migrate_libvirt") or args.get("when_idle")
+                                   else ANSWER_WITHIN):
             return await _exchange(reader, writer, op, args)
     except TimeoutError:
         raise control.ControlError(f"the daemon did not answer {op} within {ANSWER_WITHIN:.0f} s") from None

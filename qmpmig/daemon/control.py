@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from ..errors import QmpmigError
@@ -73,6 +74,15 @@ def _uri(value: object) -> bool:
     return isinstance(value, str) and value.startswith(("unix:", "tcp:"))
 
 
+def _libvirt_uri(value: object) -> bool:
+    """A libvirt connection URI of the QEMU driver (qemu://, qemu+tcp://, ...)."""
+    return isinstance(value, str) and re.fullmatch(r"qemu(\+[a-z]+)?://\S*", value) is not None and len(value) <= 1024
+
+
+def _seconds(most: float):
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= most
+
+
 def _ring(value: object) -> bool:
     return value is None or (isinstance(value, list) and len(value) == 2
                              and all(type(v) is int and v >= 0 for v in value))
@@ -126,11 +136,14 @@ def _options(value: object) -> bool:
 ARGUMENTS = {
     "attach": {"name": _name, "qmp": _path, "ram": _path, "devices": _paths,
                "protocol": lambda v: v in (None, "v1", "v2"), "start_ring": _ring},
-    "detach": {"name": _name},
+    "detach": {"name": _name, "when_idle": lambda v: isinstance(v, bool)},
     "status": {},
     "migrations": {},
     "migrate": {"src": _name, "dst": _name, "uri": _uri, "trace": lambda v: v is None or _path(v),
                 "options": lambda v: v is None or _options(v), "peer": lambda v: v is None or _address(v)},
+    "migrate_libvirt": {"domain": _name, "to": _libvirt_uri, "peer": _address,
+                        "migrate_uri": lambda v: v is None or _uri(v), "trace": lambda v: v is None or _path(v),
+                        "options": lambda v: v is None or _options(v)},
     "shutdown": {},
     "region": {"vm": _name, "device": _name, "index": _index, "offset": _index,
                "count": lambda v: _index(v) and 0 < v <= 1 << 20, "data": _hex},
@@ -145,6 +158,8 @@ ARGUMENTS = {
     "incoming_qmp": {"vm": _name, "migration": _name, "command": _name,
                      "arguments": lambda v: v is None or _qmp_arguments(v)},
     "incoming_end": {"vm": _name, "migration": _name},
+    "incoming_wait": {"vm": _name, "migration": _name, "timeout": _seconds(120)},
+    "incoming_resume": {"vm": _name, "migration": _name},
     "incoming_watch": {"vm": _name, "migration": _name, "since": lambda v: type(v) is int and v >= -1,
                        "timeout": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 30},
     "incoming_device": {"vm": _name, "migration": _name, "device": _name, "call": _name,
@@ -168,7 +183,9 @@ def check_args(op: str, args: dict) -> None:
                 "ram_write": ("vm", "migration", "pages", "data", "crc"),
                 "ram_crcs": ("vm", "migration"), "incoming_qmp": ("vm", "migration", "command"),
                 "incoming_watch": ("vm", "migration", "since"), "incoming_end": ("vm", "migration"),
-                "incoming_device": ("vm", "migration", "device", "call")}.get(op, ())
+                "incoming_device": ("vm", "migration", "device", "call"),
+                "incoming_wait": ("vm", "migration"), "incoming_resume": ("vm", "migration"),
+                "migrate_libvirt": ("domain", "to", "peer")}.get(op, ())
     if missing := [key for key in required if key not in args]:
         raise ControlError(f"missing {', '.join(missing)}")
 

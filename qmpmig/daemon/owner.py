@@ -41,6 +41,8 @@ from ..controller.peerside import PeerSide
 from ..controller.precopy import settings_now
 from ..device.bar0 import is_reference, read_register, start_ring
 from ..errors import QmpmigError, reason
+from ..libvirt.api import SYSTEM, Libvirt
+from ..libvirt.manager import LibvirtManager
 from ..qemu.guestmem import COMPARE_CHUNK, GuestRam
 from ..qemu.qmp import Qemu
 from ..tools import tracecheck
@@ -74,8 +76,10 @@ class Owner:
     """The daemon: its VMs, its migrations and its control socket."""
 
     def __init__(self, run_dir: Path, timeout: float = 300.0, listen: str | None = None,
-                 tls_dir: Path = peer.DEFAULT_TLS_DIR):
+                 tls_dir: Path = peer.DEFAULT_TLS_DIR, libvirt_uri: str = SYSTEM):
         self.run_dir = Path(run_dir)
+        #: This host's libvirt, for the domains its hook hands over.
+        self.libvirt_uri = libvirt_uri
         #: HOST:PORT where peer daemons reach this one (TLS, peer.PEER_OPS).
         self.listen, self.tls_dir = listen, Path(tls_dir)
         self.timeout = timeout
@@ -86,11 +90,13 @@ class Owner:
         self.stopped = asyncio.Event()
         #: control op -> its handler.
         self.ops = {"attach": self.attach, "detach": self.detach, "status": self.status,
-                    "migrations": self.migrations_now, "migrate": self.migrate, "shutdown": self.shutdown,
+                    "migrations": self.migrations_now, "migrate": self.migrate,
+                    "migrate_libvirt": self.migrate_libvirt, "shutdown": self.shutdown,
                     "region": self.region, "expect": self.expect, "expected": self.expected,
                     "ram_write": self.ram_write, "ram_crcs": self.ram_crcs,
                     "incoming_qmp": self.incoming_qmp, "incoming_watch": self.incoming_watch,
-                    "incoming_device": self.incoming_device, "incoming_end": self.incoming_end}
+                    "incoming_device": self.incoming_device, "incoming_end": self.incoming_end,
+                    "incoming_wait": self.incoming_wait, "incoming_resume": self.incoming_resume}
         #: (domain, migration id) -> when the expectation lapses (monotonic).
         self.incoming: dict[tuple[str, str], float] = {}
         #: The expectations libvirt's ``migrate begin`` has used up.
@@ -380,6 +386,35 @@ class Owner:
         self.incoming.pop((vm, migration), None)
         return {"ended": migration}
 
+    async def incoming_wait(self, vm: str, migration: str, timeout: float = 30.0) -> dict:
+        """Until the VM of an expected migration is attached here: under
+        libvirt the hook hands it over (``started``) after libvirt has
+        started it for the incoming migration."""
+        deadline = time.monotonic() + timeout
+        while vm not in self.vms:
+            if time.monotonic() > deadline:
+                raise QmpmigError(f"{vm} was not handed to this host's daemon within {timeout:g} s "
+                                  f"(is qmpmig's libvirt hook installed here, with this run directory?)")
+            if self.incoming.get((vm, migration), 0.0) <= time.monotonic():
+                raise QmpmigError(f"no incoming migration {migration} of {vm} is expected")
+            await asyncio.sleep(0.05)
+        self._incoming_vm(vm, migration)
+        return {"attached": vm}
+
+    async def incoming_resume(self, vm: str, migration: str) -> dict:
+        """Resume the domain through this host's libvirt (libvirt left it
+        paused: VIR_MIGRATE_PAUSED); it waits for libvirt's incoming job to
+        end first."""
+        attached = self._incoming_vm(vm, migration)
+        lv = Libvirt(self.libvirt_uri)
+        try:
+            dom = await lv.domain(vm)
+            await lv.call("virDomainResume", dom.resume)
+        finally:
+            lv.close()
+        await attached.side.wait(lambda s: s.runstate == "running", "running after virDomainResume", timeout=30)
+        return {"resumed": vm}
+
     async def ram_write(self, vm: str, migration: str, pages: list[int], data: bytes | str, crc: int) -> dict:
         """Guest pages from the source host (those its devices wrote by DMA,
         which QEMU cannot see): written only if their CRC-32 holds."""
@@ -402,8 +437,17 @@ class Owner:
         ram = self._incoming_vm(vm, migration).side.ram
         return {"size": ram.size, "chunk": COMPARE_CHUNK, "crcs": await asyncio.to_thread(ram.crcs)}
 
-    async def detach(self, name: str) -> dict:
+    async def detach(self, name: str, when_idle: bool = False) -> dict:
+        """Let go of a VM; one a migration uses is refused, or, ``when_idle``
+        (libvirt's ``release`` hook: the domain ended, maybe by the
+        migration itself), let go of once that migration has ended."""
         vm = self._vm(name)
+        while when_idle and vm.busy in self.migrations:
+            _, task = self.migrations[vm.busy]
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(task)
+        if self.vms.get(name) is not vm:
+            return {"detached": name}
         if vm.busy:
             raise QmpmigError(f"{name} takes part in migration {vm.busy}")
         await self.release(vm)
@@ -472,25 +516,47 @@ class Owner:
         attached here or, with ``peer`` (HOST:PORT), to the daemon there;
         the reply comes when it has ended, but the migration does not
         depend on the connection that asked for it."""
+        source, opts = self._source(src, options, peer)
+        if not peer and self._vm(dst).busy:
+            raise QmpmigError(f"{dst} takes part in migration {self._vm(dst).busy}")
+        destination = await self._peer_vm(dst, peer) if peer else self._vm(dst)
+        if source is destination:
+            raise QmpmigError("source and destination are the same VM")
+        controller = Controller(source.side, destination.side, uri, Trace(trace), Options(**opts))
+        return await self._run(controller, source, destination, uri=uri, trace=trace, peer=peer)
+
+    async def migrate_libvirt(self, domain: str, to: str, peer: str, migrate_uri: str | None = None,
+                              trace: str | None = None, options: dict | None = None) -> dict:
+        """Migrate libvirt domain ``domain`` (its hook handed it here) to the
+        libvirt at ``to``, its devices to the daemon at ``peer``
+        (docs/libvirt-flow.md); libvirt drives QEMU's migration."""
+        source, opts = self._source(domain, options, peer)
+        destination = await self._peer_vm(domain, peer, attach=False)
+        manager = LibvirtManager(Libvirt(self.libvirt_uri), domain, to, destination.busy, migrate_uri)
+        controller = Controller(source.side, destination.side, migrate_uri or "", Trace(trace), Options(**opts),
+                                manager)
+        return await self._run(controller, source, destination, uri=migrate_uri, trace=trace, peer=peer,
+                               libvirt=to)
+
+    def _source(self, name: str, options: dict | None, peer: str | None) -> tuple[AttachedVm, dict]:
+        """The VM a migration would start from, and the migration's options."""
         if self.stopping:
             raise QmpmigError("the daemon is stopping")
-        source = self._vm(src)
+        source = self._vm(name)
+        if source.busy:
+            raise QmpmigError(f"{name} takes part in migration {source.busy}")
         opts = dict(options or {})
         opts["debug"] = frozenset(opts.get("debug", ()))
         opts["compare_regions"] = tuple(opts.get("compare_regions", ()))
         if peer and opts["compare_regions"]:
             raise QmpmigError("--compare-regions reads the destination's regions: not across hosts")
-        for vm in (source, None if peer else self._vm(dst)):
-            if vm and vm.busy:
-                raise QmpmigError(f"{vm.name} takes part in migration {vm.busy}")
-        destination = await self._peer_vm(dst, peer) if peer else self._vm(dst)
-        if source is destination:
-            raise QmpmigError("source and destination are the same VM")
-        controller = Controller(source.side, destination.side, uri, Trace(trace), Options(**opts))
+        return source, opts
+
+    async def _run(self, controller: Controller, source: AttachedVm, destination: AttachedVm, **record) -> dict:
+        """The migration as a task of the daemon, journalled step by step."""
         mid = destination.busy or f"m{os.getpid()}-{next(self._ids)}"
         self.journal.write("migrate", id=mid, src=source.qmp, dst=destination.qmp, src_vm=source.name,
-                           dst_vm=destination.name, uri=uri, trace=trace, peer=peer,
-                           running=source.side.vm.runstate == "running")
+                           dst_vm=destination.name, running=source.side.vm.runstate == "running", **record)
         controller.note = lambda op, **fields: self.journal.write(op, id=mid, **fields)
         source.busy = destination.busy = mid
         for vm in (source, destination):
@@ -499,17 +565,19 @@ class Owner:
         self.migrations[mid] = (controller, task)
         return await asyncio.shield(task)
 
-    async def _peer_vm(self, name: str, address: str) -> AttachedVm:
+    async def _peer_vm(self, name: str, address: str, attach: bool = True) -> AttachedVm:
         """VM ``name`` of the daemon at ``address`` as a destination: that
         daemon is told to expect the migration, then its VM and devices are
-        driven through it (controller/peerside.py) over one TLS connection."""
+        driven through it (controller/peerside.py) over one TLS connection
+        (taken in now, or, under libvirt, once it is there)."""
         mid = f"m{os.getpid()}-{next(self._ids)}"
         connection = peer.Peer(address, self.tls_dir)
         await connection.__aenter__()
         try:
             await connection.call("expect", domain=name, migration=mid)
             side = PeerSide(connection.bound(vm=name, migration=mid), f"{name}@{address}", self.timeout)
-            await side.attach()
+            if attach:
+                await side.attach()
         except BaseException:
             await connection.__aexit__(None, None, None)
             raise

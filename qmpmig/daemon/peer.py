@@ -31,11 +31,14 @@ from pathlib import Path
 from ..errors import QmpmigError
 from . import control
 
+#: The port a daemon serves peers on unless told otherwise (``--listen``).
+DEFAULT_PORT = 7780
 #: libvirt's (and QEMU's default) directory for migration certificates.
 DEFAULT_TLS_DIR = Path("/etc/pki/qemu")
 #: The requests a peer daemon may make.
 PEER_OPS = frozenset({"status", "migrations", "expect", "expected", "ram_write", "ram_crcs",
-                      "incoming_qmp", "incoming_watch", "incoming_device", "incoming_end"})
+                      "incoming_qmp", "incoming_watch", "incoming_device", "incoming_end", "incoming_wait",
+                      "incoming_resume"})
 #: Seconds for the connection and the handshake.
 PEER_TIMEOUT = 30.0
 #: Seconds one request may take (a device's or QEMU's own bounds are shorter).

@@ -17,7 +17,7 @@ import logging
 import socket
 
 from ..errors import QemuGone, QmpmigError
-from ..controller.precopy import put_back
+from ..controller.manager import put_back
 from ..qemu.qmp import IDLE, Qemu
 from .journal import Unfinished, winner
 

@@ -130,3 +130,20 @@ def parse(domain_xml: str, host: str | None = None) -> DomainSpec | None:
     if not devices:
         raise DomainError("qmpmig:vm declares no qmpmig:device")
     return DomainSpec(name, uuid, monitor, incoming, tuple(devices))
+
+
+#: libvirt's namespace for <qemu:commandline>, which carries the second monitor.
+QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+def with_migration(domain_xml: str, migration: str) -> str:
+    """The domain's XML for the destination of qmpmig migration
+    ``migration``: its ``qmpmig:vm`` says the id, which the destination's
+    hook checks with its daemon at ``migrate begin``."""
+    root, vm = _vm(domain_xml)
+    if vm is None:
+        raise DomainError(f"domain {root.findtext('name')!r} has no qmpmig metadata: no qmpmig devices to migrate")
+    vm.set("migration", migration)
+    ET.register_namespace(PREFIX, NAMESPACE)
+    ET.register_namespace("qemu", QEMU_NAMESPACE)
+    return ET.tostring(root, encoding="unicode")

@@ -31,11 +31,13 @@ async def adopt(name: str, monitor: str, devices: list[str], run_dir: Path, time
 
 
 async def let_go(name: str, run_dir: Path) -> None:
-    """The daemon lets go of the domain (its devices reset), if it has it;
-    then the device processes the hook started stop."""
+    """The daemon lets go of the domain (its devices reset), if it has it,
+    once the migration it takes part in has ended (libvirt ends a migrated
+    domain's source while qmpmig may still finish there); then the device
+    processes the hook started stop."""
     try:
         if await client.running(run_dir):
-            await client.call(run_dir, "detach", name=name)
+            await client.call(run_dir, "detach", name=name, when_idle=True)
     except QmpmigError:
         pass
     stop_devices(run_dir, name)

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 from ..controller import DEBUG, Options
@@ -23,6 +24,7 @@ from ..daemon import client
 from ..daemon.control import default_run_dir
 from ..daemon import peer
 from ..daemon.owner import Owner
+from ..libvirt.api import SYSTEM
 from . import check
 from .tracecheck import RULES, check as check_trace, load as load_trace
 
@@ -120,6 +122,8 @@ async def _migrate(args) -> int:
         report = await launch(opts, progress if progress.live else None)
         result = _summary_dict(report.summary, report)
         ok = report.ok
+    elif args.libvirt:
+        result, ok = await _ask_migrate_libvirt(args, progress)
     elif args.src:
         result, ok = await _ask_migrate(args, args.src, args.dst, progress)
     else:
@@ -156,6 +160,20 @@ async def _ask_migrate(args, src: str, dst: str, progress: Progress) -> tuple[di
                           trace=args.trace and os.path.abspath(args.trace),
                           options=_controller_options(args).as_request(), peer=peer or None)
     result = await client.reporting(args.run_dir, request, progress if progress.live else None, src)
+    return result, result["ok"] and not result["trace_violations"]
+
+
+async def _ask_migrate_libvirt(args, progress: Progress) -> tuple[dict, bool]:
+    """The daemon's migration of libvirt domain ``--libvirt`` (its hook
+    handed it over) to the libvirt at ``--to``, the devices to the daemon
+    at ``--peer`` (by default the host of ``--to``, port 7780)."""
+    if not args.to:
+        raise SystemExit("qmpmig migrate --libvirt DOMAIN needs --to, the destination's libvirt URI")
+    peer_address = args.peer or f"{urllib.parse.urlsplit(args.to).hostname}:{peer.DEFAULT_PORT}"
+    request = client.call(args.run_dir, "migrate_libvirt", domain=args.libvirt, to=args.to, peer=peer_address,
+                          migrate_uri=args.uri, trace=args.trace and os.path.abspath(args.trace),
+                          options=_controller_options(args).as_request())
+    result = await client.reporting(args.run_dir, request, progress if progress.live else None, args.libvirt)
     return result, result["ok"] and not result["trace_violations"]
 
 
@@ -203,7 +221,7 @@ def _daemon(args) -> int:
                         format="qmpmig-daemon[%(process)d] %(levelname)s %(name)s: %(message)s")
 
     async def serve() -> None:
-        owner = Owner(args.run_dir, listen=args.listen, tls_dir=args.tls_dir)
+        owner = Owner(args.run_dir, listen=args.listen, tls_dir=args.tls_dir, libvirt_uri=args.libvirt_uri)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, owner.stopped.set)
@@ -303,9 +321,17 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--dst", help="... to this attached VM, waiting with -incoming defer; VM@HOST:PORT is "
                                  "one attached to the daemon of another host, reached over TLS "
                                  "(qmpmig daemon --listen there)")
+    m.add_argument("--libvirt", metavar="DOMAIN",
+                   help="a libvirt domain with qmpmig devices (its hook handed it to this host's daemon): libvirt "
+                        "migrates it (peer to peer, the destination paused until its devices run) ...")
+    m.add_argument("--to", metavar="URI", help="... to this libvirt, e.g. qemu+tls://host-b/system")
+    m.add_argument("--peer", metavar="HOST:PORT",
+                   help="with --libvirt: the destination host's qmpmig daemon (default: --to's host, port "
+                        f"{peer.DEFAULT_PORT})")
     m.add_argument("--src-qmp", help="source QEMU's QMP socket")
     m.add_argument("--dst-qmp", help="destination QEMU's QMP socket (started with -incoming defer -S)")
-    m.add_argument("--uri", help="migration URI, e.g. unix:/run/mig.sock")
+    m.add_argument("--uri", help="migration URI, e.g. unix:/run/mig.sock (with --libvirt: where QEMU's stream "
+                                 "goes, e.g. tcp:10.0.0.2:49152; default: libvirt's choice)")
     m.add_argument("--src-ram", help="source guest RAM file (memory-backend-file mem-path, share=on)")
     m.add_argument("--dst-ram", help="destination guest RAM file")
     m.add_argument("--device", action="append", default=[], metavar="SRC_SOCKET,DST_SOCKET",
@@ -354,6 +380,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--tls-dir", type=Path, default=peer.DEFAULT_TLS_DIR,
                    help="ca-cert.pem, server-/client-cert.pem and -key.pem (QEMU's and libvirt's layout; "
                         "default %(default)s)")
+    d.add_argument("--libvirt-uri", default=SYSTEM,
+                   help="this host's libvirt, for the domains its hook hands over (default %(default)s)")
     d.add_argument("--log-level", default="INFO")
     d.set_defaults(run=_daemon)
 
@@ -438,9 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "migrate" and any(spec.count(",") != 1 for spec in args.device):
         parser().error("--device takes SRC_SOCKET,DST_SOCKET")
-    if args.command == "migrate" and not args.launch and not (args.src and args.dst and args.uri) and not all(
+    if args.command == "migrate" and not args.launch and not (args.libvirt and args.to) \
+            and not (args.src and args.dst and args.uri) and not all(
             (args.src_qmp, args.dst_qmp, args.uri, args.src_ram, args.dst_ram)):
-        parser().error("migrate needs --launch; or --src, --dst and --uri of VMs attached to the daemon; "
+        parser().error("migrate needs --launch; or --libvirt DOMAIN and --to URI; "
+                       "or --src, --dst and --uri of VMs attached to the daemon; "
                        "or --src-qmp, --dst-qmp, --uri, --src-ram and --dst-ram")
     try:
         return args.run(args)

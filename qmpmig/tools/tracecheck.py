@@ -31,7 +31,8 @@ RULES = {
     "barrier": ("no device goes past a grace state before every device of its side reached it",
                 "seed 000: grace states are cross-device synchronisation points"),
     "end-of-stream": ("every source device's data was read to the end of its stream before "
-                      "migrate-continue", "uAPI: STOP_COPY end of stream; seed 002 save_live_complete_precopy"),
+                      "migrate-continue (qmpmig's, or its manager's: seen as the source QEMU going past "
+                      "pre-switchover)", "uAPI: STOP_COPY end of stream; seed 002 save_live_complete_precopy"),
     "resume-before-run": ("destination devices run only after every one left RESUMING without error",
                           "seed 000 resume flow; uAPI RESUMING -> STOP validates"),
     "cont-after-copy": ("the destination vCPUs start only after the DMA-dirty pages were copied",
@@ -159,10 +160,13 @@ class _Checker:
         self.outstanding: dict[tuple[str, str], int] = {}
         self.handlers: dict[str, Callable[[dict], None]] = {
             "start": self.on_start,
+            "paired": self.on_start,
             "phase": self.on_phase,
             "page_request": self.on_page_request,
             "page_complete": self.on_page_complete,
             "qmp_command": self.on_qmp_command,
+            "libvirt_call": self.on_libvirt_call,
+            "vm_state": self.on_vm_state,
             "qmp_event": self.on_qmp_event,
             "end_of_stream": self.on_end_of_stream,
             "data": self.on_data,
@@ -180,6 +184,7 @@ class _Checker:
         self.dst_error = False
         self.copied = False
         self.ram_differs = False
+        self.continued = False
 
     def fail(self, rule: str, rec: dict, message: str) -> None:
         self.out.append(Violation(rule, rec.get("seq", -1), message))
@@ -225,9 +230,7 @@ class _Checker:
             for problem in self._not_quiesced():
                 self.fail("vcpu-stop", rec, f"vCPUs stopped while {problem}")
         elif side == "src" and command == "migrate-continue":
-            for name in self.side_devices("src"):
-                if name not in self.eos or self.state.get(("src", name)) != "STOP_COPY":
-                    self.fail("end-of-stream", rec, f"migrate-continue before {name}'s stream ended")
+            self._continued(rec, "migrate-continue")
         elif side == "dst" and command == "cont":
             if not self.copied:
                 self.fail("cont-after-copy", rec, "destination cont before the DMA-dirty copy")
@@ -237,6 +240,26 @@ class _Checker:
                 if self.state.get(("dst", name)) != "RUNNING":
                     self.fail("resume-before-run", rec, f"destination cont while {name} is in "
                                                         f"{self._name('dst', name)}")
+
+    def on_libvirt_call(self, rec: dict) -> None:
+        """A libvirt call is held to the rule of the QMP command libvirt
+        sends for it (virDomainSuspend: stop, virDomainResume: cont)."""
+        self.on_qmp_command({**rec, "command": rec["qmp"]})
+
+    def on_vm_state(self, rec: dict) -> None:
+        """end-of-stream: a source QEMU past pre-switchover (``device``,
+        ``completed``) was continued, by qmpmig or by whoever answered
+        pre-switchover (libvirt answers it at once)."""
+        if rec["side"] == "src" and rec["status"] in ("device", "completed"):
+            self._continued(rec, f"the source QEMU {rec['status']}")
+
+    def _continued(self, rec: dict, what: str) -> None:
+        if self.continued:
+            return
+        self.continued = True
+        for name in self.side_devices("src"):
+            if name not in self.eos or self.state.get(("src", name)) != "STOP_COPY":
+                self.fail("end-of-stream", rec, f"{what} before {name}'s stream ended")
 
     def _not_quiesced(self) -> list[str]:
         """Why the source vCPUs may not stop now (seed 000 grace: every P2P

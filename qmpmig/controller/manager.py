@@ -1,0 +1,92 @@
+"""Who drives QEMU's side of a migration: qmpmig itself, over QMP
+(:class:`QmpManager`), or libvirt (``qmpmig.libvirt.manager``).
+
+The flows ask the manager for every step that starts, holds, stops,
+releases, cancels or resumes QEMU's migration; the devices, the guest RAM
+and the trace are the flows' own whoever the manager is.  Two facts set the
+managers apart, and the flows read them here:
+
+- :attr:`answers_pre_switchover`: qmpmig answers QEMU's ``pre-switchover``
+  itself, so the devices' stop-copy runs in that pause.  libvirt answers it
+  at once (docs/libvirt-flow.md), so there the vCPUs stop with QEMU still
+  held and the devices' stop-copy ends before QEMU is released.
+- :attr:`dst_ready`: the destination VM is attached before the migration
+  starts.  Under libvirt it exists only once libvirt's Prepare started it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .core import Controller
+    from .side import Side
+
+#: The migration capabilities the flow turns on, per side.
+CAPABILITIES = {"src": ("events", "pause-before-switchover"), "dst": ("events",)}
+#: The migration parameters the flow changes (on the source).
+PARAMETERS = ("max-bandwidth", "downtime-limit")
+
+
+class QmpManager:
+    """qmpmig drives both QEMUs over QMP: seed 000's flows as they stand."""
+
+    answers_pre_switchover = True
+    dst_ready = True
+
+    async def settings(self, c: Controller) -> dict[str, dict]:
+        """side -> the capabilities and parameters the flow will change, as
+        they are now; then the capabilities it needs turned on."""
+        saved = {}
+        for side in (c.src, c.dst):
+            caps = {cap["capability"]: cap["state"] for cap in await side.qemu.execute("query-migrate-capabilities")}
+            saved[side.name] = {"capabilities": [{"capability": name, "state": caps.get(name, False)}
+                                                 for name in CAPABILITIES[side.name]]}
+        params = await c.src.qemu.execute("query-migrate-parameters")
+        saved["src"]["parameters"] = {name: params[name] for name in PARAMETERS if name in params}
+        for side in (c.src, c.dst):
+            await side.qmp("migrate-set-capabilities", {"capabilities": [
+                {"capability": name, "state": True} for name in CAPABILITIES[side.name]]})
+        return saved
+
+    async def put_back(self, side: Side, saved: dict) -> None:
+        await put_back(side.qmp, saved)
+
+    async def set_parameters(self, c: Controller, parameters: dict) -> None:
+        await c.src.qmp("migrate-set-parameters", parameters)
+
+    async def start(self, c: Controller) -> None:
+        """The destination listens, the source sends."""
+        await c.dst.qmp("migrate-incoming", {"uri": c.uri})
+        await c.src.qmp("migrate", {"uri": c.uri})
+
+    async def stop(self, c: Controller) -> None:
+        await c.src.qmp("stop")
+
+    async def continue_switchover(self, c: Controller) -> None:
+        await c.src.qmp("migrate-continue", {"state": "pre-switchover"})
+
+    async def resume_destination(self, c: Controller) -> None:
+        await c.dst.qmp("cont")
+
+    async def cancel(self, c: Controller) -> None:
+        await c.src.qmp("migrate_cancel")
+
+    async def resume_source(self, c: Controller) -> None:
+        await c.src.qmp("cont")
+
+    async def end_destination(self, c: Controller, timeout: float) -> None:
+        """No second copy of the guest may ever start at the destination."""
+        await c.dst.quit(timeout)
+
+    async def done(self, c: Controller) -> None:
+        """The migration has ended, either way: nothing of the manager's is left running."""
+
+
+async def put_back(execute, saved: dict) -> None:
+    """Set QEMU's migration parameters and capabilities as ``saved`` has
+    them, through ``execute(command, arguments)``."""
+    if "parameters" in saved:
+        await execute("migrate-set-parameters", saved["parameters"])
+    if "capabilities" in saved:
+        await execute("migrate-set-capabilities", {"capabilities": saved["capabilities"]})
