@@ -234,3 +234,48 @@ def test_short_soak_the_daemon_does_not_grow(tmp_path, guest_image):
     assert rows[-1]["daemon_rss_kib"] - rows[0]["daemon_rss_kib"] < 8 << 10, rows
     seqs = [row["dma_seq"] for row in rows]
     assert seqs == sorted(seqs) and seqs[0] > 0, rows
+
+
+@pytest.mark.qemu
+def test_a_migration_the_daemon_does_not_drive_is_cancelled_before_its_switchover(run_dir, tmp_path, guest_image):
+    """Another manager migrates an attached VM over its own QMP monitor (the
+    rig's observer plays it): the devices' state would stay behind, so the
+    daemon cancels it before its switchover; the guest runs on with its
+    device RUNNING and never reset, and a trace of its own records the
+    violation, which the trace checker reports under ``managed``."""
+    from qmpmig.qemu.qmp import Qemu
+
+    src = Vm("src", "source", workdir=tmp_path).start()
+    dst = Vm("dst", "destination", workdir=tmp_path).start()
+    dev = DeviceProcess(tmp_path / "s.sock", "--state-size", "1M").start()
+    try:
+        src.wait_heartbeat(1, 60)
+        done = qmpmig(run_dir, "attach", "src", "--qmp", str(src.qmp_path), "--ram", str(src.ram_path),
+                      "--device", str(dev.socket))
+        assert done.returncode == 0, done.stderr
+
+        async def other_manager() -> None:
+            uri = f"unix:{tmp_path / 'other.sock'}"
+            for vm, command in ((dst, "migrate-incoming"), (src, "migrate")):
+                qemu = Qemu(f"other-{vm.name}")
+                await qemu.connect(str(vm.observer_qmp_path))
+                await qemu.execute(command, {"uri": uri})
+                await qemu.disconnect()
+        asyncio.run(other_manager())
+        deadline = time.monotonic() + 30
+        while not (status := json.loads(qmpmig(run_dir, "status", "--json").stdout))["unmanaged"]:
+            assert time.monotonic() < deadline, "the daemon did not stop the migration"
+            time.sleep(0.2)
+        (stopped,) = status["unmanaged"]
+        assert stopped["stopped"] and "cancelled before its switchover" in stopped["message"], stopped
+        check = subprocess.run([sys.executable, "-m", "qmpmig", "trace", "check", stopped["trace"]],
+                               capture_output=True, text=True, timeout=60)
+        assert check.returncode != 0 and "managed" in check.stdout + check.stderr
+        beat = src.last_heartbeat()
+        src.wait_heartbeat(beat, 30)
+        (vm,) = json.loads(qmpmig(run_dir, "status", "--json").stdout)["vms"]
+        assert vm["runstate"] == "running" and vm["status"] == "cancelled", vm
+        assert [(d["state"], d["client_losses"]) for d in vm["devices"]] == [("RUNNING", 0)]
+    finally:
+        for proc in (dev, src, dst):
+            proc.close()

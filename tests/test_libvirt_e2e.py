@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.qemu,
               pytest.mark.skipif(os.geteuid() != 0, reason="two libvirtd in namespaces need root")]
 
 
-def test_libvirt_e2e_refuses_a_plain_migration_migrates_across_and_leaves_nothing_running(guest_image, tmp_path):
+def test_libvirt_e2e_refuses_stops_a_followed_one_migrates_and_leaves_nothing_running(guest_image, tmp_path):
     env = {**os.environ, "LV": str(tmp_path / "lv"), "PYTHON": sys.executable,
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     done = subprocess.run([str(ROOT / "scripts/libvirt-e2e")], capture_output=True, text=True, timeout=900, env=env)
@@ -28,7 +28,17 @@ def test_libvirt_e2e_refuses_a_plain_migration_migrates_across_and_leaves_nothin
     across = result["cases"]["across"]
     assert across["migrate"]["ok"] and across["hashes_equal"] and across["heartbeat_at_b"], across
     assert across["rogue_refused"] and across["b_after_rogue"] == ["running"], across
-    assert result["traces"] == [across["trace"]]
+    followed = result["cases"]["followed"]
+    assert followed["migrate_exit"] != 0 and followed["stopped"]["stopped"], followed
+    assert [line.split()[1] for line in followed["trace_check"]] == ["managed"], followed
+    assert followed["on_a"] == "running" and followed["on_b"] == "" and followed["device"] == [["RUNNING", 0]]
+    moved = result["cases"]["libvirt"]
+    assert moved["migrate"]["ok"] and moved["migrate"]["trace_violations"] == [] and moved["hashes_equal"], moved
+    assert moved["heartbeat_at_b"] and moved["on_a"] == "" and moved["on_b"] == "running", moved
+    assert "dst virDomainResume" in moved["libvirt_calls"] and "src virDomainSuspend" in moved["libvirt_calls"]
+    early = moved["early_release"]
+    assert early["trace_violations"] and all(v.startswith("end-of-stream") for v in early["trace_violations"])
+    assert result["traces"] == [followed["trace"], across["trace"], moved["trace"], early["trace"]]
     left = subprocess.run(["pgrep", "-f", f"libvirtd|virtlogd|{tmp_path}"], capture_output=True, text=True)
     running = [pid for pid in left.stdout.split() if _state(pid) not in ("Z", "X", None)]
     assert running == [], f"left running: {running}"

@@ -120,6 +120,14 @@ async def test_negative_control_device_past_the_barrier_early(guest_image):
     assert rules(report) == {"barrier"}, report.violations
 
 
+async def test_negative_control_switchover_before_the_end_of_stream(guest_image):
+    # migrate-continue once the device is in STOP_COPY but before its stream
+    # was read: the destination only runs after the device's state arrived
+    # (it is paused until qmpmig's cont), but the rule is broken, and said.
+    report = await launch(options(devices=1, controller={"debug": frozenset({"early-release"})}))
+    assert rules(report) == {"end-of-stream"}, report.violations
+
+
 async def test_qemu_switching_over_early_is_caught_and_the_source_runs_on(guest_image):
     # Without the hold, and with the devices kept in pre-copy, QEMU's RAM
     # converges first and it stops the vCPUs itself: the migration fails

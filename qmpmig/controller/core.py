@@ -41,6 +41,8 @@ DEBUG = {
     "early-barrier": "let one destination device run before the others reached RUNNING_P2P",
     "corrupt-dst-ram": "flip a byte of the destination's guest RAM after QEMU's load, before --verify-ram "
                        "compares it",
+    "early-release": "let QEMU switch over (migrate-continue, or under libvirt the release), and see it past "
+                     "pre-switchover, once the devices are in STOP_COPY but before their streams were read",
     "no-hold": "leave QEMU's downtime-limit alone during pre-copy, so QEMU may switch over by itself",
     "scribble-after-load": "overwrite the start of each compared region of the destination devices after "
                            "their load, so their state differs from the source's",

@@ -134,11 +134,13 @@ async def save(c: Controller, running: bool) -> None:
         await src.status("pre-switchover")
     await c.walker.walk_all(src, c.lifecycle_target)
     await precopy.drain_page_requests(c)
+    early = "early-release" in c.options.debug
+    if early:
+        await _let_switch_over(c)
+        await src.wait(lambda s: s.status in ("device", "completed"), "QEMU past its switchover")
     await asyncio.gather(*(_end_of_stream(c, pair) for pair in c.pairs))
-    if ours:
-        await c.manager.continue_switchover(c)
-    elif c.run.held:
-        await _release_held(c)
+    if not early:
+        await _let_switch_over(c)
 
     c.enter("switchover")
     await src.status("completed")
@@ -148,6 +150,15 @@ async def save(c: Controller, running: bool) -> None:
         with contextlib.suppress(QmpmigError):
             c.run.qemu_downtime = (await c.src.qemu.query_migrate()).downtime
     await c.dst.status("completed")
+
+
+async def _let_switch_over(c: Controller) -> None:
+    """QEMU may switch over now: qmpmig continues it at pre-switchover, or,
+    where its manager answers that itself (libvirt), it is released."""
+    if c.manager.answers_pre_switchover:
+        await c.manager.continue_switchover(c)
+    elif c.run.held:
+        await _release_held(c)
 
 
 async def _release_held(c: Controller) -> None:

@@ -135,7 +135,8 @@ def _options(value: object) -> bool:
 #: :func:`check_args` names the ones an op cannot do without.
 ARGUMENTS = {
     "attach": {"name": _name, "qmp": _path, "ram": _path, "devices": _paths,
-               "protocol": lambda v: v in (None, "v1", "v2"), "start_ring": _ring},
+               "protocol": lambda v: v in (None, "v1", "v2"), "start_ring": _ring,
+               "libvirt": lambda v: v in (None, "refuse", "follow")},
     "detach": {"name": _name, "when_idle": lambda v: isinstance(v, bool)},
     "status": {},
     "migrations": {},

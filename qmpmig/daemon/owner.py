@@ -70,6 +70,9 @@ class AttachedVm:
     watcher: asyncio.Task | None = field(default=None, repr=False)
     #: A peer daemon's VM: the connection to close once the migration ends.
     closer: peer.Peer | None = field(default=None, repr=False)
+    #: A libvirt domain of this host (its hook handed it over): what its
+    #: metadata says of incoming migrations (``refuse`` or ``follow``).
+    libvirt: str | None = None
 
 
 class Owner:
@@ -107,6 +110,8 @@ class Owner:
         self.stopping = False
         #: What the start found half done and how it ended it.
         self.recovered: list[dict] = []
+        #: Migrations of attached VMs that qmpmig did not drive, and how they were stopped.
+        self.unmanaged: list[dict] = []
         #: The run directory's lock (flock), held while serving.
         self._lock = -1
 
@@ -175,7 +180,7 @@ class Owner:
         for record in vms.values():
             try:
                 await self.attach(record["vm"], record["qmp"], record["devices"], record["ram"],
-                                  record.get("protocol"), record.get("start_ring"))
+                                  record.get("protocol"), record.get("start_ring"), record.get("libvirt"))
             except Exception as err:
                 log.warning("%s not taken back: %s", record.get("vm"), reason(err))
                 self.journal.write("release", vm=record.get("vm"))
@@ -274,7 +279,8 @@ class Owner:
     # -- VMs -----------------------------------------------------------------
 
     async def attach(self, name: str, qmp: str, devices: list[str], ram: str | None = None,
-                     protocol: str | None = None, start_ring: list[int] | None = None) -> dict:
+                     protocol: str | None = None, start_ring: list[int] | None = None,
+                     libvirt: str | None = None) -> dict:
         """Take a VM's devices in: connect to its QMP and to each device, map
         its guest RAM into them (the file ``ram``, else the one QEMU's
         memory backend names), follow it.  ``start_ring`` (iova, size)
@@ -285,7 +291,7 @@ class Owner:
             raise QmpmigError("the daemon is stopping")
         self._attaching.add(name)
         self.journal.write("attach", vm=name, qmp=qmp, ram=ram, devices=devices, protocol=protocol,
-                           start_ring=start_ring)
+                           start_ring=start_ring, libvirt=libvirt)
         qemu = Qemu(name)
         opened: list[RemoteDevice] = []
         guest_ram = side = None
@@ -313,18 +319,25 @@ class Owner:
             await qemu.disconnect()
             raise
         self._attaching.discard(name)
-        vm = AttachedVm(name, qmp, side, opened, record={
+        vm = AttachedVm(name, qmp, side, opened, libvirt=libvirt, record={
             "op": "attach", "vm": name, "qmp": qmp, "ram": ram, "devices": devices, "protocol": protocol,
-            "start_ring": start_ring})
+            "start_ring": start_ring, "libvirt": libvirt})
         vm.watcher = asyncio.create_task(self._watch(vm))
         self.vms[name] = vm
         log.info("attached %s (%d devices)", name, len(opened))
         return await self._describe(vm)
 
     async def _watch(self, vm: AttachedVm) -> None:
-        """A VM whose QEMU went away is over: release its devices (after the
-        migration it takes part in, if any, has ended)."""
-        await vm.side.wait_gone(None)
+        """A migration of the VM that qmpmig does not drive is stopped
+        (:meth:`_stop_unmanaged`); a VM whose QEMU went away is over: its
+        devices are released (after the migration it takes part in, if
+        any, has ended)."""
+        while not vm.side.gone:
+            await vm.side.next_update(60.0)
+            state = vm.side.vm
+            if (not vm.busy and state and state.status in UNMANAGED and state.runstate != "inmigrate"
+                    and not vm.side.gone):
+                await self._stop_unmanaged(vm)
         while vm.busy in self.migrations:
             _, task = self.migrations[vm.busy]
             with contextlib.suppress(BaseException):
@@ -332,6 +345,53 @@ class Owner:
         if self.vms.get(vm.name) is vm:
             log.info("%s: QEMU gone (%s): releasing its devices", vm.name, vm.side.gone)
             await self.release(vm)
+
+    async def _stop_unmanaged(self, vm: AttachedVm) -> None:
+        """A migration of an attached VM that qmpmig does not drive (a plain
+        ``virsh migrate`` to a host without qmpmig's hook; one of a domain
+        whose metadata allows following; a ``migrate`` over anyone's QMP)
+        would leave the devices' state behind.  Following it cannot keep
+        the rules: its manager started QEMU before the devices logged their
+        DMA, and libvirt answers pre-switchover at once, leaving the
+        devices' stop-copy no window.  So it is cancelled before its
+        switchover (libvirt's virDomainAbortJob for a domain, QMP
+        ``migrate_cancel`` otherwise), and a trace of its own in the run
+        directory records the violation and the outcome."""
+        state = vm.side.vm
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        path = self.run_dir / f"unmanaged-{vm.name.replace('/', '_')}-{stamp}.jsonl"
+        trace = Trace(str(path))
+        trace.emit("start", devices=[{"name": end.name, "side": "src", "protocol": end.device.protocol,
+                                      "flags": int(end.device.flags)} for end in vm.side.devices])
+        trace.emit("vm_state", side="src", runstate=state.runstate, status=state.status)
+        why = ("its domain allows following, but a followed migration leaves the devices no window: its manager "
+               "started QEMU before they logged their DMA, and libvirt answers pre-switchover at once"
+               if vm.libvirt == "follow" else "their state would be left behind")
+        trace.emit("violation", side="src", rule="managed",
+                   message=f"{vm.name}: a migration qmpmig does not drive started (QEMU {state.status}); {why}")
+        try:
+            if vm.libvirt:
+                lv = Libvirt(self.libvirt_uri)
+                try:
+                    trace.emit("libvirt_call", side="src", call="virDomainAbortJob", qmp="migrate_cancel",
+                               arguments={})
+                    await lv.call("virDomainAbortJob", (await lv.domain(vm.name)).abortJob)
+                finally:
+                    lv.close()
+            else:
+                trace.emit("qmp_command", side="src", command="migrate_cancel", arguments={})
+                await vm.side.qemu.execute("migrate_cancel")
+            end = await vm.side.wait(lambda s: s.status not in UNMANAGED | {"cancelling"}, "the cancel", timeout=30)
+            ok = end.status != "completed"
+            outcome = (f"cancelled before its switchover ({end.status}): {vm.name} runs on here with its devices"
+                       if ok else f"not cancelled in time: QEMU {end.status}, the guest left without its devices' "
+                                  f"state, which stays here")
+        except QmpmigError as err:
+            ok, outcome = False, f"not cancelled: {reason(err)}"
+        trace.emit("result", ok=False, message=f"a migration qmpmig does not drive: {outcome}")
+        trace.close()
+        log.warning("%s: a migration qmpmig does not drive: %s (trace %s)", vm.name, outcome, path)
+        self.unmanaged.append({"vm": vm.name, "stopped": ok, "message": outcome, "trace": str(path)})
 
     async def release(self, vm: AttachedVm) -> None:
         """Let go of a VM: each device's connection closes (the device resets)."""
@@ -478,7 +538,7 @@ class Owner:
         return self.vms[name]
 
     async def status(self) -> dict:
-        return {"pid": os.getpid(), "recovered": self.recovered,
+        return {"pid": os.getpid(), "recovered": self.recovered, "unmanaged": self.unmanaged,
                 "vms": [await self._describe(vm) for vm in list(self.vms.values())],
                 **await self.migrations_now()}
 
@@ -629,6 +689,10 @@ class Owner:
         self.stopped.set()
         return {"stopping": os.getpid()}
 
+
+#: QEMU migration statuses of a source that has not switched over yet: a
+#: migration in one of them that qmpmig does not drive is stopped.
+UNMANAGED = frozenset({"setup", "active", "pre-switchover"})
 
 #: Seconds a device may take to answer ``status``.
 ASK_DEVICE_TIMEOUT = 2.0

@@ -50,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("domain")
     a.add_argument("--monitor", required=True)
     a.add_argument("--device", action="append", required=True)
+    a.add_argument("--incoming", choices=("refuse", "follow"), default="refuse")
     g = sub.add_parser("let-go", help="the daemon lets go of a domain; its device processes stop")
     g.add_argument("domain")
     g.add_argument("--monitor")
@@ -69,7 +70,7 @@ def main(argv: list[str]) -> int:
             return run(args.args, sys.stdin.read(), run_dir)
         elif args.command == "adopt":
             from .handover import adopt
-            asyncio.run(adopt(args.domain, args.monitor, args.device, run_dir))
+            asyncio.run(adopt(args.domain, args.monitor, args.device, run_dir, args.incoming))
             print(f"qmpmig: {args.domain}: the daemon owns its devices")
         else:
             from .handover import let_go

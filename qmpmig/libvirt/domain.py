@@ -19,9 +19,10 @@ namespace under ``<metadata>``; ``virsh metadata`` and
   -mon chardev=qmpmig,mode=control``); libvirt owns the first one.
 - ``incoming``: what the hook does with an incoming migration that qmpmig
   does not drive: ``refuse`` (the default: a plain ``virsh migrate`` would
-  leave the device state behind) or ``follow`` (``qmpmig follow`` moves the
-  devices, failing the migration safely where the manager's sequence
-  leaves no window for a rule).
+  leave the device state behind) or ``follow`` (admitted; the source
+  host's daemon follows it, and where the manager's sequence leaves no
+  window for a rule, which is libvirt's case, records the violation and
+  cancels it before its switchover).
 - each ``device``: its vfio-user socket and, optionally, the command that
   starts its process (the hook starts it at ``prepare`` and stops it at
   ``release``; without one the device is someone else's to run).

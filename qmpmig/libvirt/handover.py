@@ -16,7 +16,8 @@ from .hook import stop_devices
 READY_TIMEOUT = 30.0
 
 
-async def adopt(name: str, monitor: str, devices: list[str], run_dir: Path, timeout: float = READY_TIMEOUT) -> dict:
+async def adopt(name: str, monitor: str, devices: list[str], run_dir: Path, incoming: str = "refuse",
+                timeout: float = READY_TIMEOUT) -> dict:
     """Once the second QMP monitor and every device listen, the daemon (one
     is started if none runs) attaches the domain under its name; its guest
     RAM is the file QEMU's memory backend names."""
@@ -27,7 +28,7 @@ async def adopt(name: str, monitor: str, devices: list[str], run_dir: Path, time
             raise QmpmigError(f"{name}: not listening after {timeout:.0f} s: {', '.join(waiting)}")
         await asyncio.sleep(0.1)
     await client.ensure_daemon(run_dir)
-    return await client.call(run_dir, "attach", name=name, qmp=monitor, devices=devices)
+    return await client.call(run_dir, "attach", name=name, qmp=monitor, devices=devices, libvirt=incoming)
 
 
 async def let_go(name: str, run_dir: Path) -> None:

@@ -20,9 +20,12 @@ The operations it acts on (reference: libvirt docs/hooks.rst):
 - ``migrate begin`` (on the destination, before anything starts there):
   an incoming migration that qmpmig is not driving would arrive without
   the devices' state; it is refused (a non-zero exit cancels it) with a
-  message that names ``qmpmig migrate --libvirt``.  One qmpmig drives
-  carries a migration id in the domain's metadata that the destination's
-  daemon was told to expect.
+  message that names ``qmpmig migrate --libvirt``, unless the domain's
+  metadata allows following (``incoming="follow"``): then the source
+  host's daemon follows it, which under libvirt means recording that
+  the rules leave it no window, and cancelling it before its switchover.
+  One qmpmig drives carries a migration id in the domain's metadata that
+  the destination's daemon was told to expect.
 
 Every other call, and every domain without qmpmig metadata, is left alone.
 """
@@ -129,6 +132,7 @@ def _zombie(pid: int) -> bool:
 
 def hand_over(spec: DomainSpec, run_dir: Path) -> None:
     _detached(_qmpmig("libvirt", "adopt", spec.name, "--monitor", spec.monitor, "--run-dir", str(run_dir),
+                      "--incoming", spec.incoming,
                       *[arg for dev in spec.devices for arg in ("--device", dev.socket)]),
               _domain_dir(run_dir, spec.name) / "adopt.log")
 
@@ -152,8 +156,7 @@ def admit_incoming(spec: DomainSpec, run_dir: Path, migration: str | None) -> No
         raise Refused(f"domain {spec.name}: qmpmig migration {migration} was not announced to this host's "
                       f"daemon ({run_dir}); refused")
     if spec.incoming == "follow":
-        raise Refused(f"domain {spec.name} allows following (incoming='follow'), which this qmpmig cannot do "
-                      f"under libvirt yet; refused.  Use: qmpmig migrate --libvirt {spec.name} --to URI")
+        return          # the source's daemon follows it (owner._stop_unmanaged)
     raise Refused(f"domain {spec.name} has qmpmig devices ({names}) whose state a plain migration would "
                   f"leave behind; refused.  Migrate it with: qmpmig migrate --libvirt {spec.name} --to URI")
 

@@ -9,8 +9,9 @@ that the destination waits for its devices), holds and releases QEMU with
 stops the vCPUs with ``virDomainSuspend`` and cancels with
 ``virDomainAbortJob``.  The destination is resumed by its own host's
 daemon through its own libvirt (``incoming_resume``).  The domain's second
-QMP monitor only watches: QEMU's (run state, migration status), its
-events and ``query-migrate``.
+QMP monitor watches (QEMU's run state, migration status, events and
+``query-migrate``) and does one thing libvirt's API cannot: hold QEMU below
+1 MiB/s while the devices' stop-copy runs (:data:`STOP_HOLD_BANDWIDTH`).
 
 Each libvirt call is traced as a ``libvirt_call`` record naming the QMP
 command libvirt sends for it, so that the trace checker holds it to the
@@ -41,6 +42,12 @@ JOB_TIMEOUT = 60.0
 RESTORE_TIMEOUT = 10.0
 #: QEMU's bandwidth while the destination's devices are not there yet (MiB/s).
 START_BANDWIDTH = 4
+#: QEMU's bandwidth from the vCPU stop to the end of the devices' streams
+#: (bytes/s): about ten pages a second (QEMU's rate limit allows a tenth
+#: per 100 ms and sends at least a page), and zero pages held as well,
+#: which libvirt's whole MiB/s cannot do (1 MiB/s lets 25 pages and some
+#: 13,000 zero pages through per 100 ms).
+STOP_HOLD_BANDWIDTH = 1024
 
 
 def _mib(nbytes: int) -> int:
@@ -145,6 +152,12 @@ class LibvirtManager:
         if self.job and self.job.done() and not self.job.cancelled() and self.job.exception():
             return reason(self.job.exception())
         return None
+
+    async def hold_for_stop(self, c: Controller) -> None:
+        """QEMU down to a trickle before the vCPUs stop, over the domain's
+        second monitor: libvirt has no API for a bandwidth below 1 MiB/s.
+        The release (virDomainMigrateSetMaxSpeed) takes it back."""
+        await c.src.qmp("migrate-set-parameters", {"max-bandwidth": STOP_HOLD_BANDWIDTH})
 
     async def stop(self, c: Controller) -> None:
         dom = await self.lv.domain(self.domain)

@@ -39,6 +39,9 @@ RULES = {
                         "qmpmig: QEMU cannot see device DMA (DESIGN.md)"),
     "ram-verify": ("a destination whose guest RAM was found to differ from the source's is never started",
                    "qmpmig --verify-ram: not a byte of guest RAM lost"),
+    "managed": ("a VM whose devices qmpmig owns migrates only in a migration qmpmig drives (one it does not "
+                "drive, or cannot follow within the rules, is recorded here and cancelled before its switchover)",
+                "qmpmig: a device's state moves only with its migration"),
 }
 
 # -- the fsm rule: the kernel's arc lists ------------------------------------
@@ -167,6 +170,7 @@ class _Checker:
             "qmp_command": self.on_qmp_command,
             "libvirt_call": self.on_libvirt_call,
             "vm_state": self.on_vm_state,
+            "violation": self.on_violation,
             "qmp_event": self.on_qmp_event,
             "end_of_stream": self.on_end_of_stream,
             "data": self.on_data,
@@ -252,6 +256,10 @@ class _Checker:
         pre-switchover (libvirt answers it at once)."""
         if rec["side"] == "src" and rec["status"] in ("device", "completed"):
             self._continued(rec, f"the source QEMU {rec['status']}")
+
+    def on_violation(self, rec: dict) -> None:
+        """What the controller itself saw could not be kept, under its rule."""
+        self.fail(rec["rule"] if rec["rule"] in RULES else "managed", rec, rec["message"])
 
     def _continued(self, rec: dict, what: str) -> None:
         if self.continued:
