@@ -33,6 +33,7 @@ def test_libvirt_e2e_refuses_stops_a_followed_one_migrates_and_leaves_nothing_ru
     assert [line.split()[1] for line in followed["trace_check"]] == ["managed"], followed
     assert followed["on_a"] == "running" and followed["on_b"] == "" and followed["device"] == [["RUNNING", 0]]
     moved = result["cases"]["libvirt"]
+    assert moved["rogue"]["ok"], moved["rogue"]
     assert moved["migrate"]["ok"] and moved["migrate"]["trace_violations"] == [] and moved["hashes_equal"], moved
     assert moved["heartbeat_at_b"] and moved["on_a"] == "" and moved["on_b"] == "running", moved
     assert "dst virDomainResume" in moved["libvirt_calls"] and "src virDomainSuspend" in moved["libvirt_calls"]
