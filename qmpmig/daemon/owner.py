@@ -31,7 +31,6 @@ import os
 import socket
 import ssl
 import stat
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,14 +45,11 @@ from ..libvirt.manager import LibvirtManager
 from ..qemu.guestmem import COMPARE_CHUNK, GuestRam
 from ..qemu.qmp import Qemu
 from ..tools import tracecheck
+from ..vfio_user.server import peer_uid
 from . import control, incoming, journal, peer
 from .restart import end_unfinished
 
 log = logging.getLogger("qmpmig.daemon")
-
-#: struct ucred: pid, uid, gid.
-UCRED = struct.Struct("iII")
-
 
 @dataclass(eq=False)
 class AttachedVm:
@@ -208,8 +204,7 @@ class Owner:
         return sock
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        _, uid, _ = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))
+        uid = peer_uid(writer.get_extra_info("socket"))
         try:
             if uid not in (0, os.getuid()):
                 log.warning("refused a control connection from uid %d", uid)

@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--null-stream", type=size, default=0, metavar="SIZE",
                    help="bench mode: the stop-copy stream is SIZE bytes served from memory and a resume "
                         "discards it (no state migrates; measures the data path alone)")
+    p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
+                   help="a uid besides root and this process's that may be the device's client (the socket is 0600 "
+                        "all the same: the owner of its directory decides who reaches it)")
     p.add_argument("--log-level", default="WARNING")
     return p
 
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                           defects=frozenset(args.defect), null_stream=args.null_stream)
 
     async def serve() -> None:
-        task = asyncio.create_task(run(args.socket, ReferenceDevice(config)))
+        task = asyncio.create_task(run(args.socket, ReferenceDevice(config), allowed_uids=frozenset(args.allow_uid)))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)

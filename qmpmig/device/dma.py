@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 
 from ..errors import DeviceError
@@ -116,6 +117,11 @@ class DmaSpace:
                 raise DeviceError(errno.EEXIST, f"{address:#x}+{size:#x} overlaps {m.address:#x}+{m.size:#x}")
         mem = None
         if fd is not None:
+            info = os.fstat(fd)
+            if stat.S_ISREG(info.st_mode) and offset + size > info.st_size:
+                os.close(fd)
+                raise DeviceError(errno.EINVAL, f"{address:#x}+{size:#x} at offset {offset:#x} goes past the end "
+                                                f"of its file ({info.st_size:#x} bytes): DMA there would be a SIGBUS")
             prot = (mmap.PROT_READ if flags & DmaFlags.READ else 0) | (mmap.PROT_WRITE if flags & DmaFlags.WRITE else 0)
             try:
                 mem = mmap.mmap(fd, size, mmap.MAP_SHARED, prot or mmap.PROT_READ, offset=offset)

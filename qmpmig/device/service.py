@@ -298,12 +298,13 @@ class DeviceService:
         return codec.Empty()
 
 
-async def run(path: str, device: ReferenceDevice, ready: asyncio.Event | None = None) -> None:
+async def run(path: str, device: ReferenceDevice, ready: asyncio.Event | None = None,
+              allowed_uids: frozenset[int] = frozenset()) -> None:
     """Serve ``device`` on ``path`` with its engines running, until cancelled."""
     service = DeviceService(device)
     engines = asyncio.create_task(device.run_engines(), name="device engines")
     try:
-        await serve_unix(path, service, ready=ready)
+        await serve_unix(path, service, ready=ready, allowed_uids=allowed_uids)
     finally:
         engines.cancel()
         with contextlib.suppress(asyncio.CancelledError):

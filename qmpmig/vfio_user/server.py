@@ -16,6 +16,7 @@ import inspect
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -81,18 +82,38 @@ class ServerEndpoint(Endpoint):
         return codec.Version(MAJOR, min(proposal.minor, MINOR), self.capabilities)
 
 
+#: struct ucred: pid, uid, gid.
+UCRED = struct.Struct("iII")
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a UNIX socket (SO_PEERCRED)."""
+    return UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, UCRED.size))[1]
+
+
 async def serve_unix(path: str, handler: Handler, capabilities: dict | None = None,
-                     ready: asyncio.Event | None = None) -> None:
+                     ready: asyncio.Event | None = None, allowed_uids: frozenset[int] = frozenset()) -> None:
     """Serve clients on ``path``, one at a time, until cancelled.  The
-    handler's ``attach(endpoint)`` and ``detach()`` bracket each client."""
+    handler's ``attach(endpoint)`` and ``detach()`` bracket each client.
+
+    The socket is 0600 whatever the umask, in a directory made 0700 if it
+    is missing; a client whose uid (SO_PEERCRED) is not root's, this
+    process's or one of ``allowed_uids`` is hung up on before a byte is
+    read: a device's client can read and write the guest memory it maps."""
     capabilities = capabilities or {"max_msg_fds": 8, "max_data_xfer_size": codec.QMPMIG_MAX_DATA_XFER}
+    allowed = {0, os.getuid(), *allowed_uids}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # Bind aside and rename into place once listening: whoever sees the
     # path can connect.
     staging = f"{path}.{os.getpid()}.tmp"
-    listener.bind(staging)
+    umask = os.umask(0o177)
+    try:
+        listener.bind(staging)
+    finally:
+        os.umask(umask)
     listener.listen(1)
     os.rename(staging, path)
     listener.setblocking(False)
@@ -102,6 +123,10 @@ async def serve_unix(path: str, handler: Handler, capabilities: dict | None = No
     try:
         while True:
             sock, _ = await loop.sock_accept(listener)
+            if (uid := peer_uid(sock)) not in allowed:
+                log.warning("refused a client of uid %d on %s", uid, path)
+                sock.close()
+                continue
             endpoint = ServerEndpoint(sock, handler, capabilities,
                                       max_data_xfer_size=capabilities.get("max_data_xfer_size", codec.DEFAULT_MAX_DATA_XFER))
             handler.attach(endpoint)
