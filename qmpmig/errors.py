@@ -133,5 +133,9 @@ class MigrationFailed(QmpmigError):
     """The migration did not complete; the message says what happened."""
 
 
+class Desync(MigrationFailed):
+    """A device is not in the state the controller left it in."""
+
+
 class EarlySwitchover(MigrationFailed):
     """QEMU stopped the vCPUs and switched over before the grace state."""

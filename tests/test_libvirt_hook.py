@@ -92,6 +92,25 @@ def test_prepare_starts_the_declared_devices_and_release_stops_them(tmp_path):
     assert not sock.exists()
 
 
+def test_a_release_stops_only_the_processes_of_its_own_start(tmp_path):
+    """The domain started again (or migrated back) right after a release:
+    the release's let-go, however late, stops the old processes only."""
+    run_dir, xml = tmp_path / "run", domain_xml(tmp_path)
+    sock = tmp_path / "guest1-dev0.sock"
+    record = run_dir / "libvirt/guest1/devices.json"
+    assert hook(run_dir, xml, "guest1", "prepare", "begin", "-").returncode == 0
+    wait_for(lambda: listening(sock), what="the first device listening")
+    old = [p["pid"] for p in __import__("json").loads(record.read_text())]
+    assert hook(run_dir, xml, "guest1", "release", "end", "-").returncode == 0
+    assert hook(run_dir, xml, "guest1", "prepare", "begin", "-").returncode == 0
+    new = [p["pid"] for p in __import__("json").loads(record.read_text())]
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in old), what="the old device stopped")
+    time.sleep(1)
+    assert all(Path(f"/proc/{pid}").exists() for pid in new), "the new start's device was stopped"
+    assert hook(run_dir, xml, "guest1", "release", "end", "-").returncode == 0
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in new), what="the new device stopped")
+
+
 def test_a_device_command_that_cannot_start_fails_the_domain_start(tmp_path):
     xml = domain_xml(tmp_path, devices='<qmpmig:device name="d" socket="/tmp/x.sock" command="/nonexistent/dev"/>')
     done = hook(tmp_path / "run", xml, "guest1", "prepare", "begin", "-")

@@ -105,6 +105,20 @@ async def test_negative_control_verify_ram_keeps_the_guest_on_the_source(guest_i
     assert not any(report.checks.values()), report.checks
 
 
+async def test_repair_ram_copies_what_differs_from_the_stopped_source(guest_image):
+    """--repair-ram with the corrupt-dst-ram control: the flipped page is
+    found, copied again from the source's RAM (stopped, final), compared
+    again, and the migration completes with the repair said."""
+    report = await launch(options(devices=1, controller={"debug": frozenset({"corrupt-dst-ram"}),
+                                                         "repair_ram": True}))
+    summary = report.summary
+    assert summary.ok and summary.ram_repaired == 4096, summary.message
+    verified = [r["differing"] for r in report.records if r["kind"] == "ram_verify"]
+    assert verified == [1, 0]
+    assert [r["pages"] for r in report.records if r["kind"] == "ram_repair"] == [1]
+    assert report.violations == [] and not any(report.checks.values()), report.checks
+
+
 async def test_negative_control_vcpu_stop_before_ndma(guest_image):
     report = await launch(options(devices=2, fault_stride=2, dma_rate=2000,
                                   controller={"debug": frozenset({"stop-before-ndma"}),
@@ -249,6 +263,35 @@ async def test_a_device_killed_in_any_phase(guest_image, side, phase):
     else:
         assert report.checks["source heartbeat"] is None, report.checks
         assert report.checks.get("destination QEMU ended") in (None, "skipped"), report.checks
+
+
+@pytest.mark.parametrize("side", ["src", "dst"])
+@pytest.mark.parametrize("phase", ("precopy", "grace", "stop-copy"))
+async def test_a_device_reset_behind_qmpmigs_back_is_detected(guest_image, side, phase):
+    """A device that resets itself without its client asking (the device's
+    reset-on-sigusr1 defect: a function-level reset through another path,
+    which no vfio-user message does; libvfio-user issue #853) in each phase,
+    on each side: the controller, reading the device's state before each
+    arc and after a failed request, finds it elsewhere than it left it; the
+    migration fails naming the device and both states (a ``desync`` trace
+    record), and the guest runs on at the source, the destination QEMU
+    ended."""
+    async def reset(rig, watch):
+        if await watch.wait_phase(phase):
+            os.kill(rig.devices[0][0 if side == "src" else 1].pid, signal.SIGUSR1)
+
+    report = await launch(options(devices=1, state_size="16M", device_defects=("reset-on-sigusr1",)),
+                          during=reset)
+    summary = report.summary
+    if summary.ok:
+        pytest.skip(f"the migration was through before the reset landed in {phase}")
+    assert "reset or moved by someone else" in summary.message, summary.message
+    (desync,) = [r for r in report.records if r["kind"] == "desync"]
+    assert desync["side"] == side and desync["device"] == "dev0" and desync["actual"] == "RUNNING", desync
+    assert desync["expected"] != "RUNNING"
+    assert summary.guest_on == "source" and report.violations == []
+    for check in ("source heartbeat", "source stopped", "destination QEMU ended"):
+        assert report.checks.get(check) is None, report.checks
 
 
 @pytest.mark.parametrize("side", ["src", "dst"])

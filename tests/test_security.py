@@ -58,11 +58,11 @@ import socket, struct, sys
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect(sys.argv[1])
 body = struct.pack("<HH", 0, 2) + b"{}\x00"
-s.sendall(struct.pack("<HHIII", 1, 1, 16 + len(body), 0, 0) + body)
 s.settimeout(10)
 try:
+    s.sendall(struct.pack("<HHIII", 1, 1, 16 + len(body), 0, 0) + body)
     print("reply" if s.recv(16) else "hung up")
-except ConnectionResetError:
+except (BrokenPipeError, ConnectionResetError):
     print("hung up")
 """
 

@@ -21,11 +21,11 @@ from ..errors import MigrationFailed, QmpmigError, reason
 from ..migration import lifecycle
 from ..migration.states import MigFlags, MigState
 from . import flows, precopy
-from .manager import QmpManager
+from .manager import Manager, QmpManager
 from .pump import Pair, Pump
 from .recovery import go_forward, recover
 from .side import DeviceEnd, Side
-from .trace import Trace
+from .trace import Trace, device_list
 from .walk import Walker
 
 log = logging.getLogger("qmpmig.controller")
@@ -89,6 +89,10 @@ class Options:
     #: byte, before the destination runs (both RAM files on this host; the
     #: time is inside the guest's pause: about 0.05 s per 256 MiB).
     verify_ram: bool = False
+    #: With verify_ram: copy what differs from the source's RAM (stopped,
+    #: final) and compare again, instead of failing (QEMU < 9.0 under TCG
+    #: loses guest stores, and a libvirt domain's RAM cannot be padded).
+    repair_ram: bool = False
     debug: frozenset[str] = frozenset()
 
     def as_request(self) -> dict:
@@ -121,6 +125,8 @@ class Summary:
     #: acknowledging RUNNING; and each pair's own.
     device_outage: float | None = None
     device_outages: dict[str, float] = field(default_factory=dict)
+    #: Bytes of guest RAM that differed at the destination and --repair-ram copied.
+    ram_repaired: int = 0
 
     def as_dict(self) -> dict:
         """The summary as ``qmpmig migrate --json`` prints it (seconds, rounded)."""
@@ -131,14 +137,16 @@ class Summary:
                 "phases_s": {k: round(v, 3) for k, v in self.phases.items()}, "guest_on": self.guest_on,
                 "unverified": self.unverified,
                 "device_outage_s": self.device_outage and round(self.device_outage, 3),
-                "device_outages_s": {k: round(v, 3) for k, v in self.device_outages.items()}}
+                "device_outages_s": {k: round(v, 3) for k, v in self.device_outages.items()},
+                "ram_repaired": self.ram_repaired}
 
     @classmethod
     def from_dict(cls, d: dict) -> Summary:
         """The summary back from :meth:`as_dict` (a daemon's reply)."""
         return cls(d["ok"], d["message"], d["total_time_s"], d["downtime_s"], d["qemu_downtime_ms"],
                    d["device_bytes"], d["dma_pages_copied"], dict(d["phases_s"]), d["guest_on"],
-                   list(d.get("unverified", ())), d.get("device_outage_s"), dict(d.get("device_outages_s", {})))
+                   list(d.get("unverified", ())), d.get("device_outage_s"), dict(d.get("device_outages_s", {})),
+                   d.get("ram_repaired", 0))
 
 
 @dataclass
@@ -182,6 +190,8 @@ class Run:
     ram_ready: bool = False
     #: QEMU's own downtime (ms), once asked.
     qemu_downtime: int | None = None
+    #: Bytes of guest RAM --repair-ram copied (the units that differed).
+    repaired: int = 0
 
 
 class Controller:
@@ -189,7 +199,7 @@ class Controller:
     the same name form the pairs."""
 
     def __init__(self, src: Side, dst: Side, uri: str, trace: Trace, options: Options | None = None,
-                 manager: QmpManager | None = None):
+                 manager: Manager | None = None):
         self.options = options or Options()
         self.trace = trace
         self.uri = uri
@@ -212,7 +222,7 @@ class Controller:
 
     def pair_up(self) -> None:
         """The source's and the destination's devices of the same name form
-        the pairs; each pair speaks one protocol with the same flags."""
+        the pairs (flows.check_pairs holds them to one protocol)."""
         theirs = {end.name: end for end in self.dst.devices}
         if set(theirs) != {end.name for end in self.src.devices}:
             raise MigrationFailed(f"the source has devices {sorted(end.name for end in self.src.devices)}, "
@@ -220,17 +230,10 @@ class Controller:
         for end in self.dst.devices:
             end.device.use_only(self.options.device_flags)
         self.pairs = [Pair(end.name, end, theirs[end.name]) for end in self.src.devices]
-        for pair in self.pairs:
-            s, d = pair.src.device, pair.dst.device
-            if s.protocol != d.protocol or s.flags != d.flags:
-                raise MigrationFailed(f"{pair.name}: source {s.protocol} flags {s.flags:#x} "
-                                      f"but destination {d.protocol} flags {d.flags:#x}")
 
     def trace_devices(self, kind: str, sides: tuple[Side, ...]) -> None:
         """The devices of ``sides`` as the trace checker needs them."""
-        self.trace.emit(kind, devices=[
-            {"name": end.name, "side": end.side.name, "protocol": end.device.protocol, "flags": int(end.device.flags)}
-            for side in sides for end in side.devices])
+        self.trace.emit(kind, devices=device_list(end for side in sides for end in side.devices))
 
     @property
     def phase(self) -> str:
@@ -301,7 +304,7 @@ class Controller:
         self.enter("done")
         summary = Summary(True, "migration completed", time.monotonic() - t0, self.run.downtime, qemu_downtime,
                           sum(p.sent for p in self.pairs), self.run.copied, dict(self.run.phases),
-                          guest_on="destination", unverified=self.unverified())
+                          guest_on="destination", unverified=self.unverified(), ram_repaired=self.run.repaired)
         self.outage(summary)
         self.trace.emit("result", ok=True, message=summary.message)
         return summary

@@ -53,7 +53,8 @@ async def migrate(c: Controller, running: bool) -> int | None:
     c.run.we_stopped = False
     for pair in c.pairs:
         pair.sent, pair.moved_seconds = 0, 0.0
-        pair.src.dma_off_at = pair.dst.running_at = None
+    for end in (*c.src.devices, *c.dst.devices):
+        end.dma_off_at = end.running_at = None
     c.trace.emit("phase", name="attempt", attempt=1)
     await precopy.prepare_switchover(c)
     await save(c, running)
@@ -81,6 +82,16 @@ async def preflight(c: Controller) -> None:
     if caps.get("postcopy-ram"):
         raise MigrationFailed("postcopy-ram is on: VFIO device migration has no postcopy (seed 002); "
                               "nothing was started")
+    check_pairs(c)
+
+
+def check_pairs(c: Controller) -> None:
+    """Each pair speaks one protocol with the same flags at both ends."""
+    for pair in c.pairs:
+        s, d = pair.src.device, pair.dst.device
+        if s.protocol != d.protocol or s.flags != d.flags:
+            raise MigrationFailed(f"{pair.name}: source {s.protocol} flags {s.flags:#x} "
+                                  f"but destination {d.protocol} flags {d.flags:#x}")
 
 
 async def prepare_resume(c: Controller) -> None:
@@ -99,16 +110,17 @@ async def save(c: Controller, running: bool) -> None:
     for end in src.devices:
         await c.walker.call(end, end.device.client.dma_logging_start(PAGE_SIZE, [(0, src.ram.size)]),
                             "DMA_LOGGING_START")
-    c.run.incoming = True
-    c.note("incoming")
     # The destination's devices are RESUMING before QEMU starts (resetting
     # one takes long enough for QEMU's first pass to end unwatched); under
     # libvirt they exist only once it has started, QEMU held meanwhile.
     if c.manager.dst_ready:
         await prepare_resume(c)
+    c.run.incoming = True
+    c.note("incoming")
     started = src.updates
     await c.manager.start(c)
     if not c.manager.dst_ready:
+        check_pairs(c)
         await prepare_resume(c)
     await src.status(*PRECOPY, since=started)
     # SAVING|RUNNING (PRE_COPY), where the lifecycle table says so.
@@ -230,18 +242,33 @@ async def verify_ram(c: Controller) -> None:
     must equal the source's byte for byte (the source is stopped, the
     destination not yet run): a page QEMU's RAM migration lost fails the
     migration before anything runs there, so the guest stays on the source.
-    Compared page by page on one host, by a CRC-32 per MiB across hosts."""
+    Compared page by page on one host, by a CRC-32 per MiB across hosts.
+    With --repair-ram what differs is copied from the source's RAM, final
+    since its vCPUs and devices stopped, and compared again."""
     if "corrupt-dst-ram" in c.options.debug:
         page = c.dst.ram.size // PAGE_SIZE // 2
         c.dst.ram.mem[page * PAGE_SIZE] ^= 0xFF
-    unit, differing = await c.dst.differing(c.src.ram)
-    c.trace.emit("ram_verify", bytes=c.src.ram.size, unit=unit, differing=len(differing),
-                 first_gpa=differing[0] if differing else None)
+    unit, differing = await _compare_ram(c)
+    if differing and c.options.repair_ram:
+        last = c.src.ram.size // PAGE_SIZE
+        pages = [page for gpa in differing for page in range(gpa // PAGE_SIZE, min(last, (gpa + unit) // PAGE_SIZE))]
+        copied = await c.dst.receive_pages(c.src.ram, pages)
+        c.run.repaired = len(differing) * unit
+        c.trace.emit("ram_repair", units=len(differing), unit=unit, pages=copied)
+        log.warning("guest RAM repaired at the destination: %d unit(s) of %d bytes differed", len(differing), unit)
+        unit, differing = await _compare_ram(c)
     if differing:
         raise MigrationFailed(
             f"the destination's guest RAM differs from the source's after QEMU's RAM load: "
             f"{len(differing)} unit(s) of {unit} bytes, the first at GPA {differing[0]:#x} (QEMU before 9.0 "
             f"under TCG loses guest stores: docs/known-problems.md)")
+
+
+async def _compare_ram(c: Controller) -> tuple[int, list[int]]:
+    unit, differing = await c.dst.differing(c.src.ram)
+    c.trace.emit("ram_verify", bytes=c.src.ram.size, unit=unit, differing=len(differing),
+                 first_gpa=differing[0] if differing else None)
+    return unit, differing
 
 
 async def _pause(c: Controller) -> float | None:

@@ -16,7 +16,7 @@ managers apart, and the flows read them here:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .core import Controller
@@ -26,6 +26,45 @@ if TYPE_CHECKING:
 CAPABILITIES = {"src": ("events", "pause-before-switchover"), "dst": ("events",)}
 #: The migration parameters the flow changes (on the source).
 PARAMETERS = ("max-bandwidth", "downtime-limit")
+
+
+class Manager(Protocol):
+    """What the flows ask of whoever drives QEMU's migration."""
+
+    answers_pre_switchover: bool
+    dst_ready: bool
+
+    async def settings(self, c: Controller) -> dict[str, dict]:
+        """side -> what the flow will change, as it is now (for put_back)."""
+
+    async def put_back(self, side: Side, saved: dict) -> None: ...
+
+    async def set_parameters(self, c: Controller, parameters: dict) -> None:
+        """QEMU's max-bandwidth (bytes/s) and downtime-limit (ms)."""
+
+    async def start(self, c: Controller) -> None:
+        """QEMU's migration under way; under a manager that is not
+        :attr:`dst_ready`, the destination attached and the pairs made."""
+
+    async def hold_for_stop(self, c: Controller) -> None:
+        """QEMU held hard enough for the devices' stop-copy to end before
+        its switchover (a manager that answers pre-switchover itself)."""
+
+    async def stop(self, c: Controller) -> None:
+        """The source vCPUs stopped, and seen so."""
+
+    async def continue_switchover(self, c: Controller) -> None: ...
+
+    async def resume_destination(self, c: Controller) -> None: ...
+
+    async def cancel(self, c: Controller) -> None: ...
+
+    async def resume_source(self, c: Controller) -> None: ...
+
+    async def end_destination(self, c: Controller, timeout: float) -> None: ...
+
+    async def done(self, c: Controller) -> None:
+        """The manager's part has ended; MigrationFailed if it failed."""
 
 
 class QmpManager:
@@ -59,6 +98,9 @@ class QmpManager:
         """The destination listens, the source sends."""
         await c.dst.qmp("migrate-incoming", {"uri": c.uri})
         await c.src.qmp("migrate", {"uri": c.uri})
+
+    async def hold_for_stop(self, c: Controller) -> None:
+        """Not needed: qmpmig answers pre-switchover itself."""
 
     async def stop(self, c: Controller) -> None:
         await c.src.qmp("stop")

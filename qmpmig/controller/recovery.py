@@ -82,6 +82,10 @@ async def go_forward(c: Controller, running: bool) -> str:
             await asyncio.wait_for(c.walker.walk(end, target), RECOVER_TIMEOUT)
         except (QmpmigError, OSError, asyncio.TimeoutError) as err:
             notes.append(f"destination {end.name} not {target.name}: {reason(err)}")
+    if unloaded := [end.name for end in dst.devices if end.state in (MigState.RESUMING, MigState.ERROR)]:
+        # Never a guest run with a device that has not loaded its state.
+        running = False
+        notes.append(f"the destination stays paused: {', '.join(unloaded)} did not load its state")
     if running and not dst.gone and dst.vm and dst.vm.runstate != "running":
         try:
             await asyncio.wait_for(c.manager.resume_destination(c), RECOVER_TIMEOUT)

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from ..migration.states import MigState
+
+if TYPE_CHECKING:
+    from .side import DeviceEnd
 
 
 class Trace:
@@ -43,3 +47,10 @@ class Trace:
         if self._file:
             self._file.close()
             self._file = None
+
+
+def device_list(ends: Iterable[DeviceEnd], side: str | None = None) -> list[dict]:
+    """Devices as the trace's ``start`` and ``paired`` records list them
+    (what the trace checker needs of each), on ``side`` or their own."""
+    return [{"name": end.name, "side": side or end.side.name, "protocol": end.device.protocol,
+             "flags": int(end.device.flags)} for end in ends]

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from ..errors import MigrationFailed
+from ..errors import Desync, MigrationFailed
 from ..migration import fsm
 from ..migration.states import V1, MigState, v2_to_v1
 from .side import DeviceEnd, Side
@@ -96,11 +96,39 @@ class Walker:
 
     async def call(self, end: DeviceEnd, request: Awaitable[T], what: str) -> T:
         """One request to a device, bounded; a failure of it fails the
-        migration with the device and the step named."""
+        migration with the device and the step named (and, where the device
+        is not in the state qmpmig left it in, with that)."""
         try:
             return await self._bounded(end, request, what)
         except OSError as err:
+            try:
+                await self.check_state(end)
+            except Desync:
+                raise
+            except MigrationFailed:
+                pass            # no answer to the read either: the request's own failure says more
             raise MigrationFailed(f"{end.side.name} device {end.name}: {what} failed: {err}") from err
+
+    async def check_state(self, end: DeviceEnd) -> None:
+        """The device's device_state, read, must be the one qmpmig left it
+        in: a device reset or moved by someone else (libvfio-user issue
+        #853 is QEMU missing exactly that) fails the migration, naming the
+        device and both states; the controller knows the real one from
+        then on.  (ERROR is where a device goes by itself when a request
+        fails: not a desync.)"""
+        try:
+            actual = await self._bounded(end, end.device.state(), "a device_state read")
+        except OSError as err:
+            raise MigrationFailed(f"{end.side.name} device {end.name}: a device_state read failed: {err}") from err
+        if actual is MigState.ERROR and end.state is not MigState.ERROR:
+            # The uAPI's own end of a failed request, not someone else's doing.
+            end.state = actual
+            raise MigrationFailed(f"{end.side.name} device {end.name} is in ERROR")
+        if actual is not end.state:
+            end.side.trace.emit("desync", side=end.side.name, device=end.name, expected=end.state, actual=actual)
+            expected, end.state = end.state, actual
+            raise Desync(f"{end.side.name} device {end.name} is in {actual.name}, not in {expected.name} "
+                         f"where qmpmig left it: reset or moved by someone else")
 
     async def _bounded(self, end: DeviceEnd, request: Awaitable[T], what: str) -> T:
         """A device that stops answering fails the migration instead of
@@ -134,6 +162,7 @@ class Walker:
         trace, side = end.side.trace, end.side.name
         cur = end.state
         for step in fsm.plan(cur, target, end.device.flags):
+            await self.check_state(end)
             try:
                 await self._bounded(end, end.device.set_state(step), f"{cur.name} -> {step.name}")
             except OSError as err:

@@ -125,7 +125,7 @@ def _options(value: object) -> bool:
     kinds = {"threshold": int, "min_precopy": number, "max_precopy": number,
              "downtime_limit": int, "max_downtime_limit": int, "page_request_timeout": number, "device_timeout": number,
              "timeout": number, "max_pause": number, "device_flags": int, "compare_regions": list,
-             "verify_ram": bool, "debug": list}
+             "verify_ram": bool, "repair_ram": bool, "debug": list}
     return isinstance(value, dict) and all(
         key in kinds and isinstance(v, kinds[key]) and (kinds[key] is bool or not isinstance(v, bool))
         for key, v in value.items())

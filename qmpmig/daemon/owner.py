@@ -37,10 +37,11 @@ from pathlib import Path
 
 from ..controller import Controller, Options, RemoteDevice, Side, Trace
 from ..controller.peerside import PeerSide
+from ..controller.trace import device_list
 from ..controller.precopy import settings_now
 from ..device.bar0 import is_reference, read_register, start_ring
 from ..errors import QmpmigError, reason
-from ..libvirt.api import SYSTEM, Libvirt
+from ..libvirt.api import SYSTEM, Libvirt, LibvirtError
 from ..libvirt.manager import LibvirtManager
 from ..qemu.guestmem import COMPARE_CHUNK, GuestRam
 from ..qemu.qmp import Qemu
@@ -332,7 +333,10 @@ class Owner:
             state = vm.side.vm
             if (not vm.busy and state and state.status in UNMANAGED and state.runstate != "inmigrate"
                     and not vm.side.gone):
-                await self._stop_unmanaged(vm)
+                try:
+                    await self._stop_unmanaged(vm)
+                except Exception:           # the watch must go on to release the VM
+                    log.exception("%s: stopping a migration qmpmig does not drive failed", vm.name)
         while vm.busy in self.migrations:
             _, task = self.migrations[vm.busy]
             with contextlib.suppress(BaseException):
@@ -356,8 +360,7 @@ class Owner:
         stamp = time.strftime("%Y%m%dT%H%M%S")
         path = self.run_dir / f"unmanaged-{vm.name.replace('/', '_')}-{stamp}.jsonl"
         trace = Trace(str(path))
-        trace.emit("start", devices=[{"name": end.name, "side": "src", "protocol": end.device.protocol,
-                                      "flags": int(end.device.flags)} for end in vm.side.devices])
+        trace.emit("start", devices=device_list(vm.side.devices, "src"))
         trace.emit("vm_state", side="src", runstate=state.runstate, status=state.status)
         why = ("its domain allows following, but a followed migration leaves the devices no window: its manager "
                "started QEMU before they logged their DMA, and libvirt answers pre-switchover at once"
@@ -365,15 +368,15 @@ class Owner:
         trace.emit("violation", side="src", rule="managed",
                    message=f"{vm.name}: a migration qmpmig does not drive started (QEMU {state.status}); {why}")
         try:
-            if vm.libvirt:
-                lv = Libvirt(self.libvirt_uri)
-                try:
+            try:
+                if not vm.libvirt:
+                    raise LibvirtError("not a libvirt domain")
+                with contextlib.closing(Libvirt(self.libvirt_uri)) as lv:
                     trace.emit("libvirt_call", side="src", call="virDomainAbortJob", qmp="migrate_cancel",
                                arguments={})
                     await lv.call("virDomainAbortJob", (await lv.domain(vm.name)).abortJob)
-                finally:
-                    lv.close()
-            else:
+            except LibvirtError:
+                # Not libvirt's migration (a migrate over someone's QMP): QEMU's own cancel.
                 trace.emit("qmp_command", side="src", command="migrate_cancel", arguments={})
                 await vm.side.qemu.execute("migrate_cancel")
             end = await vm.side.wait(lambda s: s.status not in UNMANAGED | {"cancelling"}, "the cancel", timeout=30)
@@ -446,7 +449,7 @@ class Owner:
         libvirt the hook hands it over (``started``) after libvirt has
         started it for the incoming migration."""
         deadline = time.monotonic() + timeout
-        while vm not in self.vms:
+        while vm not in self.vms or self.vms[vm].side.gone:
             if time.monotonic() > deadline:
                 raise QmpmigError(f"{vm} was not handed to this host's daemon within {timeout:g} s "
                                   f"(is qmpmig's libvirt hook installed here, with this run directory?)")
@@ -461,12 +464,8 @@ class Owner:
         paused: VIR_MIGRATE_PAUSED); it waits for libvirt's incoming job to
         end first."""
         attached = self._incoming_vm(vm, migration)
-        lv = Libvirt(self.libvirt_uri)
-        try:
-            dom = await lv.domain(vm)
-            await lv.call("virDomainResume", dom.resume)
-        finally:
-            lv.close()
+        with contextlib.closing(Libvirt(self.libvirt_uri)) as lv:
+            await lv.call("virDomainResume", (await lv.domain(vm)).resume)
         await attached.side.wait(lambda s: s.runstate == "running", "running after virDomainResume", timeout=30)
         return {"resumed": vm}
 
@@ -586,6 +585,13 @@ class Owner:
         libvirt at ``to``, its devices to the daemon at ``peer``
         (docs/libvirt-flow.md); libvirt drives QEMU's migration."""
         source, opts = self._source(domain, options, peer)
+        if not source.libvirt:
+            raise QmpmigError(f"{domain} was not handed to this daemon by qmpmig's libvirt hook")
+        if source.side.vm.runstate != "running":
+            # Stopped vCPUs dirty nothing: QEMU would switch over, and libvirt
+            # continue it, before the devices' stop-copy could end.
+            raise QmpmigError(f"{domain} is {source.side.vm.runstate}: qmpmig migrates only a running domain "
+                              f"under libvirt")
         destination = await self._peer_vm(domain, peer, attach=False)
         manager = LibvirtManager(Libvirt(self.libvirt_uri), domain, to, destination.busy, migrate_uri)
         controller = Controller(source.side, destination.side, migrate_uri or "", Trace(trace), Options(**opts),

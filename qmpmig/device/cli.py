@@ -67,10 +67,13 @@ def main(argv: list[str] | None = None) -> int:
                           defects=frozenset(args.defect), null_stream=args.null_stream)
 
     async def serve() -> None:
-        task = asyncio.create_task(run(args.socket, ReferenceDevice(config), allowed_uids=frozenset(args.allow_uid)))
+        device = ReferenceDevice(config)
+        task = asyncio.create_task(run(args.socket, device, allowed_uids=frozenset(args.allow_uid)))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
+        if "reset-on-sigusr1" in config.defects:
+            loop.add_signal_handler(signal.SIGUSR1, device.reset)
         try:
             await task
         except asyncio.CancelledError:

@@ -110,18 +110,14 @@ class DmaSpace:
         self.log = log
 
     def map(self, address: int, size: int, flags: int, fd: int | None, offset: int) -> None:
-        if not size:
-            raise DeviceError(errno.EINVAL, "zero-sized mapping")
-        for m in self.maps:
-            if address < m.end and m.address < address + size:
-                raise DeviceError(errno.EEXIST, f"{address:#x}+{size:#x} overlaps {m.address:#x}+{m.size:#x}")
+        try:
+            self._check(address, size, fd, offset)
+        except DeviceError:
+            if fd is not None:
+                os.close(fd)
+            raise
         mem = None
         if fd is not None:
-            info = os.fstat(fd)
-            if stat.S_ISREG(info.st_mode) and offset + size > info.st_size:
-                os.close(fd)
-                raise DeviceError(errno.EINVAL, f"{address:#x}+{size:#x} at offset {offset:#x} goes past the end "
-                                                f"of its file ({info.st_size:#x} bytes): DMA there would be a SIGBUS")
             prot = (mmap.PROT_READ if flags & DmaFlags.READ else 0) | (mmap.PROT_WRITE if flags & DmaFlags.WRITE else 0)
             try:
                 mem = mmap.mmap(fd, size, mmap.MAP_SHARED, prot or mmap.PROT_READ, offset=offset)
@@ -129,6 +125,21 @@ class DmaSpace:
                 os.close(fd)
                 raise DeviceError(errno.EINVAL, f"cannot map the fd: {err}") from None
         self.maps.append(Mapping(address, size, flags, -1 if fd is None else fd, offset, mem))
+
+    def _check(self, address: int, size: int, fd: int | None, offset: int) -> None:
+        """A mapping of some size, overlapping none, within its file (a DMA
+        past the end of a file's mapping is a SIGBUS; a client that
+        shrinks the file afterwards can still bring one about)."""
+        if not size:
+            raise DeviceError(errno.EINVAL, "zero-sized mapping")
+        for m in self.maps:
+            if address < m.end and m.address < address + size:
+                raise DeviceError(errno.EEXIST, f"{address:#x}+{size:#x} overlaps {m.address:#x}+{m.size:#x}")
+        if fd is not None:
+            info = os.fstat(fd)
+            if stat.S_ISREG(info.st_mode) and offset + size > info.st_size:
+                raise DeviceError(errno.EINVAL, f"{address:#x}+{size:#x} at offset {offset:#x} goes past the end "
+                                                f"of its file ({info.st_size:#x} bytes)")
 
     def unmap(self, address: int, size: int) -> None:
         for m in self.maps:

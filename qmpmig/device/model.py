@@ -44,6 +44,8 @@ DEFECTS = {
                       "connection closed",
     "slow-start": "the first start after a resume takes 3 s, the device answering nothing meanwhile "
                   "(opens a window between the load and the run for a fault to land in)",
+    "reset-on-sigusr1": "SIGUSR1 resets the device without its client asking (a function-level reset through "
+                        "another path, as in libvfio-user issue #853), which no message of the protocol does",
 }
 
 #: Seconds the slow-start defect takes.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shlex
 import sys
@@ -54,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("let-go", help="the daemon lets go of a domain; its device processes stop")
     g.add_argument("domain")
     g.add_argument("--monitor")
+    g.add_argument("--started", type=json.loads, default=[],
+                   help="the device processes the hook started, as its record had them (JSON)")
     for s in (i, h, a, g):
         s.add_argument("--run-dir", type=Path, default=argparse.SUPPRESS)
     return p
@@ -74,7 +77,7 @@ def main(argv: list[str]) -> int:
             print(f"qmpmig: {args.domain}: the daemon owns its devices")
         else:
             from .handover import let_go
-            asyncio.run(let_go(args.domain, run_dir))
+            asyncio.run(let_go(args.domain, run_dir, args.started))
     except QmpmigError as err:
         print(f"qmpmig libvirt {args.command}: {err}", file=sys.stderr)
         return 1

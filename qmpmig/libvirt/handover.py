@@ -31,14 +31,15 @@ async def adopt(name: str, monitor: str, devices: list[str], run_dir: Path, inco
     return await client.call(run_dir, "attach", name=name, qmp=monitor, devices=devices, libvirt=incoming)
 
 
-async def let_go(name: str, run_dir: Path) -> None:
+async def let_go(name: str, run_dir: Path, started: list[dict]) -> None:
     """The daemon lets go of the domain (its devices reset), if it has it,
     once the migration it takes part in has ended (libvirt ends a migrated
     domain's source while qmpmig may still finish there); then the device
-    processes the hook started stop."""
+    processes the hook had started for it stop (``started``, taken at the
+    release: a start of the domain meanwhile keeps its own)."""
     try:
         if await client.running(run_dir):
             await client.call(run_dir, "detach", name=name, when_idle=True)
     except QmpmigError:
         pass
-    stop_devices(run_dir, name)
+    stop_devices(started)

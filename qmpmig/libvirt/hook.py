@@ -95,15 +95,22 @@ def start_devices(spec: DomainSpec, run_dir: Path) -> None:
     (here / "devices.json").write_text(json.dumps(started))
 
 
-def stop_devices(run_dir: Path, name: str, grace: float = 2.0) -> None:
-    """SIGTERM the device processes the hook started for ``name``, SIGKILL
-    what is left after ``grace`` seconds (only processes that are still
-    the ones it started)."""
+def started_devices(run_dir: Path, name: str) -> list[dict]:
+    """The device processes the hook started for ``name`` (their record is
+    taken: a later start of the domain writes its own)."""
     record = _domain_dir(run_dir, name) / "devices.json"
     try:
         started = json.loads(record.read_text())
     except (OSError, ValueError):
-        return
+        return []
+    record.unlink(missing_ok=True)
+    return started
+
+
+def stop_devices(started: list[dict], grace: float = 2.0) -> None:
+    """SIGTERM the device processes of ``started``, SIGKILL what is left
+    after ``grace`` seconds (only processes that are still the ones the
+    hook started: pid and start time)."""
     alive = [p["pid"] for p in started if p.get("start") is not None and _start_time(p["pid"]) == p["start"]]
     for pid in alive:
         _signal(pid, signal.SIGTERM)
@@ -113,7 +120,6 @@ def stop_devices(run_dir: Path, name: str, grace: float = 2.0) -> None:
         alive = [pid for pid in alive if _start_time(pid) is not None and not _zombie(pid)]
     for pid in alive:
         _signal(pid, signal.SIGKILL)
-    record.unlink(missing_ok=True)
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -138,7 +144,8 @@ def hand_over(spec: DomainSpec, run_dir: Path) -> None:
 
 
 def take_back(spec: DomainSpec, run_dir: Path) -> None:
-    _detached(_qmpmig("libvirt", "let-go", spec.name, "--monitor", spec.monitor, "--run-dir", str(run_dir)),
+    _detached(_qmpmig("libvirt", "let-go", spec.name, "--monitor", spec.monitor, "--run-dir", str(run_dir),
+                      "--started", json.dumps(started_devices(run_dir, spec.name))),
               _domain_dir(run_dir, spec.name) / "adopt.log")
 
 

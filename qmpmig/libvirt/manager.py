@@ -25,6 +25,7 @@ import contextlib
 from typing import TYPE_CHECKING
 
 from ..errors import MigrationFailed, QmpmigError, reason
+from ..qemu.qmp import PRECOPY
 from .api import Libvirt, module
 from .domain import with_migration
 
@@ -40,8 +41,9 @@ ARRIVAL_TIMEOUT = 60.0
 JOB_TIMEOUT = 60.0
 #: Seconds libvirt has to resume the source of a failed migration itself.
 RESTORE_TIMEOUT = 10.0
-#: QEMU's bandwidth while the destination's devices are not there yet (MiB/s).
-START_BANDWIDTH = 4
+#: QEMU's bandwidth as libvirt starts it (MiB/s, its least), until the
+#: trickle hold takes over.
+START_BANDWIDTH = 1
 #: QEMU's bandwidth from the vCPU stop to the end of the devices' streams
 #: (bytes/s): about ten pages a second (QEMU's rate limit allows a tenth
 #: per 100 ms and sends at least a page), and zero pages held as well,
@@ -122,11 +124,16 @@ class LibvirtManager:
             params[lv.VIR_MIGRATE_PARAM_URI] = self.migrate_uri
         flags = lv.VIR_MIGRATE_LIVE | lv.VIR_MIGRATE_PEER2PEER | lv.VIR_MIGRATE_PAUSED
         conn = await self.lv.open()
-        own = await self.lv.call(f"domain {self.domain}", conn.lookupByName, self.domain)
+        try:
+            own = await self.lv.call(f"domain {self.domain}", conn.lookupByName, self.domain)
+        except BaseException:
+            await asyncio.to_thread(conn.close)
+            raise
         c.trace.emit("libvirt_call", side="src", call="virDomainMigrateToURI3", qmp="migrate",
                      arguments={"dconnuri": self.dest_uri, "flags": ["LIVE", "PEER2PEER", "PAUSED"],
                                 "bandwidth_mib": START_BANDWIDTH, "uri": self.migrate_uri})
         c.run.held = True
+        seen = c.src.updates
 
         async def migrate() -> None:
             try:
@@ -136,17 +143,30 @@ class LibvirtManager:
                     await asyncio.to_thread(conn.close)
         self.job = asyncio.create_task(migrate())
         dst: PeerSide = c.dst
-        arriving = asyncio.create_task(dst.arrive(ARRIVAL_TIMEOUT))
-        await asyncio.wait({arriving, self.job}, return_when=asyncio.FIRST_COMPLETED)
-        if not arriving.done():
-            arriving.cancel()
-            with contextlib.suppress(BaseException):
-                await arriving
+        arriving = asyncio.create_task(self._arrive(c, dst, seen))
+        try:
+            await asyncio.wait({arriving, self.job}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not arriving.done():
+                arriving.cancel()
+                with contextlib.suppress(BaseException):
+                    await arriving
+        if arriving.cancelled() or arriving.exception() and self.job.done():
             raise MigrationFailed(f"libvirt's migration ended before the destination's daemon had the domain: "
                                   f"{self._job_error() or 'no error given'}")
         arriving.result()
         c.pair_up()
         c.trace_devices("paired", (c.dst,))
+
+    async def _arrive(self, c: Controller, dst: PeerSide, seen: int) -> None:
+        """QEMU held to a trickle as soon as it migrates (libvirt's slowest,
+        1 MiB/s, lets zero pages through by the hundred MiB/s: the pass
+        could end, and QEMU switch over, before the devices are there);
+        then the destination, once its hook handed it to its daemon."""
+        await c.src.wait(lambda s: c.src.updates > seen and s.status in PRECOPY, "libvirt's migration to start",
+                         timeout=ARRIVAL_TIMEOUT)
+        await self.hold_for_stop(c)
+        await dst.arrive(ARRIVAL_TIMEOUT)
 
     def _job_error(self) -> str | None:
         if self.job and self.job.done() and not self.job.cancelled() and self.job.exception():
@@ -154,9 +174,10 @@ class LibvirtManager:
         return None
 
     async def hold_for_stop(self, c: Controller) -> None:
-        """QEMU down to a trickle before the vCPUs stop, over the domain's
-        second monitor: libvirt has no API for a bandwidth below 1 MiB/s.
-        The release (virDomainMigrateSetMaxSpeed) takes it back."""
+        """QEMU down to a trickle (before the vCPUs stop, and while the
+        destination's devices are not there), over the domain's second
+        monitor: libvirt has no API for a bandwidth below 1 MiB/s.  The
+        release (virDomainMigrateSetMaxSpeed) takes it back."""
         await c.src.qmp("migrate-set-parameters", {"max-bandwidth": STOP_HOLD_BANDWIDTH})
 
     async def stop(self, c: Controller) -> None:
@@ -211,6 +232,7 @@ class LibvirtManager:
         """libvirt's job, to its end: MigrationFailed with libvirt's words if
         it failed."""
         if self.job is None:
+            self.lv.close()
             return
         try:
             await asyncio.wait_for(asyncio.shield(self.job), JOB_TIMEOUT)

@@ -194,8 +194,9 @@ class Vm:
         sweep_stale()
         # Guest RAM is the guest's secrets: a file of ours alone, which QEMU
         # (memory-backend-file on an existing file) sizes and keeps as it is.
-        os.close(os.open(self.ram_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600))
-        os.chmod(self.ram_path, 0o600)
+        fd = os.open(self.ram_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)
+        os.close(fd)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([*self.launcher, *self.argv()], stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, preexec_fn=die_with_parent)

@@ -67,7 +67,7 @@ def _controller_options(args) -> Options:
                    max_downtime_limit=max(args.max_downtime_limit, args.downtime_limit),
                    timeout=args.timeout, max_pause=args.max_pause, debug=frozenset(args.debug),
                    device_flags=int(args.device_flags), compare_regions=tuple(args.compare_regions),
-                   verify_ram=args.verify_ram)
+                   verify_ram=args.verify_ram or args.repair_ram, repair_ram=args.repair_ram)
 
 
 def _region_write(text: str) -> tuple[int, int, bytes]:
@@ -103,6 +103,9 @@ def _print_summary(d: dict) -> None:
     print(f"  device data {d['device_bytes']} bytes, DMA-dirty pages copied {d['dma_pages_copied']}"
           + "".join(f"; {name} outage {s} s" for name, s in d.get("device_outages_s", {}).items()))
     print("  phases: " + ", ".join(f"{k} {v}s" for k, v in d["phases_s"].items()))
+    if d.get("ram_repaired"):
+        print(f"  guest RAM repaired: {d['ram_repaired']} bytes differed at the destination after QEMU's load "
+              f"and were copied from the source (--repair-ram)")
     for note in d.get("unverified", ()):
         print(f"  not verified: {note}")
     for name, result in d.get("checks", {}).items():
@@ -169,7 +172,10 @@ async def _ask_migrate_libvirt(args, progress: Progress) -> tuple[dict, bool]:
     at ``--peer`` (by default the host of ``--to``, port 7780)."""
     if not args.to:
         raise SystemExit("qmpmig migrate --libvirt DOMAIN needs --to, the destination's libvirt URI")
-    peer_address = args.peer or f"{urllib.parse.urlsplit(args.to).hostname}:{peer.DEFAULT_PORT}"
+    host = urllib.parse.urlsplit(args.to).hostname
+    if not (args.peer or host):
+        raise SystemExit(f"qmpmig migrate --libvirt: {args.to} names no host: say where its daemon is (--peer)")
+    peer_address = args.peer or (f"[{host}]" if ":" in host else host) + f":{peer.DEFAULT_PORT}"
     request = client.call(args.run_dir, "migrate_libvirt", domain=args.libvirt, to=args.to, peer=peer_address,
                           migrate_uri=args.uri, trace=args.trace and os.path.abspath(args.trace),
                           options=_controller_options(args).as_request())
@@ -358,6 +364,10 @@ def parser() -> argparse.ArgumentParser:
                    help="compare the destination's guest RAM with the source's, byte for byte, before the "
                         "destination runs; a difference fails the migration and the guest stays on the source "
                         "(both RAM files on this host; costs about 0.05 s of pause per 256 MiB)")
+    m.add_argument("--repair-ram", action="store_true",
+                   help="with the comparison of --verify-ram: copy what differs from the source's RAM (stopped "
+                        "and final by then) and compare again, instead of failing: a workaround for QEMU before "
+                        "9.0 under TCG, which loses guest stores (docs/known-problems.md), said in the summary")
     m.add_argument("--threshold", type=int, default=1 << 20, help="device bytes pending to end pre-copy")
     m.add_argument("--max-downtime", "--downtime-limit", dest="downtime_limit", type=int, default=300,
                    metavar="MS", help="the downtime budget: the vCPUs stop once QEMU's RAM and the devices' data "

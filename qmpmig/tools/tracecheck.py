@@ -171,6 +171,7 @@ class _Checker:
             "libvirt_call": self.on_libvirt_call,
             "vm_state": self.on_vm_state,
             "violation": self.on_violation,
+            "desync": self.on_desync,
             "qmp_event": self.on_qmp_event,
             "end_of_stream": self.on_end_of_stream,
             "data": self.on_data,
@@ -256,6 +257,11 @@ class _Checker:
         pre-switchover (libvirt answers it at once)."""
         if rec["side"] == "src" and rec["status"] in ("device", "completed"):
             self._continued(rec, f"the source QEMU {rec['status']}")
+
+    def on_desync(self, rec: dict) -> None:
+        """The controller found a device elsewhere than it left it (someone
+        else reset or moved it): its arcs go on from there."""
+        self.state[rec["side"], rec["device"]] = rec["actual"]
 
     def on_violation(self, rec: dict) -> None:
         """What the controller itself saw could not be kept, under its rule."""
