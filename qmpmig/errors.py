@@ -133,6 +133,10 @@ class MigrationFailed(QmpmigError):
     """The migration did not complete; the message says what happened."""
 
 
+class QemuMigrationFailed(MigrationFailed):
+    """QEMU reported its migration failed (often: the other end went away)."""
+
+
 class Desync(MigrationFailed):
     """A device is not in the state the controller left it in."""
 

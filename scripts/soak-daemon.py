@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Soak: one qmpmig daemon, a guest migrated N times in a row, each time to a
-fresh QEMU with a fresh reference device (so the guest goes back and forth
-between generations of VMs), and the daemon's open descriptors and resident
-memory after each migration, side by side with the first one's.
+fresh QEMU with fresh reference devices doing DMA (so the guest goes back
+and forth between generations of VMs), and the daemon's open descriptors,
+threads and resident memory after each migration, side by side with the
+first one's.
 
-    .venv/bin/python scripts/soak-daemon.py [--migrations 20] [--memory 256]
+    .venv/bin/python scripts/soak-daemon.py [--migrations 20] [--devices 2] [--memory 256]
 
-Every migration must succeed with a clean trace and the destination device
-never losing its client; the figures say whether the owner grows.
+Every migration must pass its checks: it succeeds with a clean trace, each
+device's state hash matches, the guest's heartbeat goes on at the
+destination, and each destination device keeps writing DMA records without
+losing its client.  The figures say whether the owner grows.
 """
 
 from __future__ import annotations
@@ -28,13 +31,12 @@ from qmpmig.rig.processes import DeviceProcess  # noqa: E402
 from qmpmig.rig.vm import DMA_WINDOW, Vm  # noqa: E402
 
 
-def daemon_figures(run_dir: Path) -> tuple[int, int]:
-    """(open descriptors, resident KiB) of the daemon of ``run_dir``."""
+def daemon_figures(run_dir: Path) -> tuple[int, int, int]:
+    """(open descriptors, resident KiB, threads) of the daemon of ``run_dir``."""
     pid = int((run_dir / "daemon.pid").read_text())
     fds = len(list(Path(f"/proc/{pid}/fd").iterdir()))
-    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-               if line.startswith("VmRSS:"))
-    return fds, rss
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return fds, int(status["VmRSS"].split()[0]), int(status["Threads"])
 
 
 def qmpmig(run_dir: Path, *argv: str) -> dict:
@@ -45,43 +47,58 @@ def qmpmig(run_dir: Path, *argv: str) -> dict:
     return json.loads(done.stdout)
 
 
-def soak(migrations: int, workdir: Path, memory: int = 256) -> list[dict]:
+def soak(migrations: int, workdir: Path, memory: int = 256, devices: int = 1) -> list[dict]:
     """Migrate a guest ``migrations`` times through one daemon; a row of
-    figures per migration."""
+    figures per migration (RuntimeError at the first that fails a check)."""
     run_dir = workdir / "run"
     asyncio.run(client.ensure_daemon(run_dir))
     ring = f"{DMA_WINDOW[0]:#x}:{DMA_WINDOW[1]:#x}"
-    vm = Vm("g0", "source", workdir=workdir, memory_mib=memory).start()
-    dev = DeviceProcess(workdir / "g0.sock", "--state-size", "16M").start()
+
+    def generation(n: int, role: str) -> tuple[Vm, list[DeviceProcess]]:
+        return (Vm(f"g{n}", role, workdir=workdir, memory_mib=memory).start(),
+                [DeviceProcess(workdir / f"g{n}-{i}.sock", "--state-size", "16M").start() for i in range(devices)])
+
+    def attach(n: int, vm: Vm, devs: list[DeviceProcess], *extra: str) -> None:
+        qmpmig(run_dir, "attach", f"g{n}", "--qmp", str(vm.qmp_path), "--ram", str(vm.ram_path),
+               *[arg for dev in devs for arg in ("--device", str(dev.socket))], *extra)
+
+    vm, devs = generation(0, "source")
     rows = []
     try:
         vm.wait_heartbeat(1, 60)
-        qmpmig(run_dir, "attach", "g0", "--qmp", str(vm.qmp_path), "--ram", str(vm.ram_path),
-               "--device", str(dev.socket), "--start-ring", ring)
+        attach(0, vm, devs, "--start-ring", ring)
         for n in range(1, migrations + 1):
-            new = Vm(f"g{n}", "destination", workdir=workdir, memory_mib=memory).start()
-            new_dev = DeviceProcess(workdir / f"g{n}.sock", "--state-size", "16M").start()
-            qmpmig(run_dir, "attach", f"g{n}", "--qmp", str(new.qmp_path), "--ram", str(new.ram_path),
-                   "--device", str(new_dev.socket))
+            new, new_devs = generation(n, "destination")
+            attach(n, new, new_devs)
             t0 = time.monotonic()
             result = qmpmig(run_dir, "migrate", "--src", f"g{n - 1}", "--dst", f"g{n}",
                             "--uri", f"unix:{workdir / f'mig{n}.sock'}")
+            seconds = time.monotonic() - t0
             if not result["ok"] or result["trace_violations"]:
                 raise RuntimeError(f"migration {n}: {result['message']} {result['trace_violations']}")
-            seconds = time.monotonic() - t0
-            device = qmpmig(run_dir, "status")["vms"][0]["devices"][0]
-            if device["client_losses"]:
-                raise RuntimeError(f"migration {n}: the destination device lost its client")
+            if any(d["src_hash"] != d["dst_hash"] or not d["compared"] for d in result["devices"].values()):
+                raise RuntimeError(f"migration {n}: device state differs: {result['devices']}")
+            beat = vm.last_heartbeat()
+            new.wait_heartbeat(beat, 30)
+            first = qmpmig(run_dir, "status")["vms"][0]["devices"]
+            time.sleep(0.3)
+            later = qmpmig(run_dir, "status")["vms"][0]["devices"]
+            for a, b in zip(first, later):
+                if b["client_losses"] or not b["dma_seq"] > a["dma_seq"]:
+                    raise RuntimeError(f"migration {n}: destination device {b['name']} no longer works: {b}")
             vm.close()
-            dev.close()
-            vm, dev = new, new_dev
-            fds, rss = daemon_figures(run_dir)
+            for dev in devs:
+                dev.close()
+            vm, devs = new, new_devs
+            fds, rss, threads = daemon_figures(run_dir)
             rows.append({"migration": n, "seconds": round(seconds, 2), "daemon_fds": fds, "daemon_rss_kib": rss,
-                         "pause_s": result["downtime_s"], "dma_seq": device.get("dma_seq")})
+                         "daemon_threads": threads, "pause_s": result["downtime_s"],
+                         "dma_seq": [d.get("dma_seq") for d in later]})
     finally:
         subprocess.run([sys.executable, "-m", "qmpmig", "daemon", "--stop", "--run-dir", str(run_dir)],
                        capture_output=True, timeout=60)
-        dev.close()
+        for dev in devs:
+            dev.close()
         vm.close()
     return rows
 
@@ -90,16 +107,18 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--migrations", type=int, default=20)
     p.add_argument("--memory", type=int, default=256, help="guest MiB")
+    p.add_argument("--devices", type=int, default=2, help="reference devices doing DMA")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="qmpmig-soak-") as workdir:
-        rows = soak(args.migrations, Path(workdir), args.memory)
+        rows = soak(args.migrations, Path(workdir), args.memory, args.devices)
     first = rows[0]
     print(f"{'migration':>9} {'seconds':>8} {'pause s':>8} {'daemon fds':>10} {'vs first':>8} "
-          f"{'daemon RSS KiB':>14} {'vs first':>9} {'dst dma_seq':>11}")
+          f"{'threads':>7} {'vs first':>8} {'daemon RSS KiB':>14} {'vs first':>9}  dst dma_seq")
     for row in rows:
         print(f"{row['migration']:>9} {row['seconds']:>8} {row['pause_s']!s:>8} {row['daemon_fds']:>10} "
-              f"{row['daemon_fds'] - first['daemon_fds']:>+8} {row['daemon_rss_kib']:>14} "
-              f"{row['daemon_rss_kib'] - first['daemon_rss_kib']:>+9} {row['dma_seq']!s:>11}")
+              f"{row['daemon_fds'] - first['daemon_fds']:>+8} {row['daemon_threads']:>7} "
+              f"{row['daemon_threads'] - first['daemon_threads']:>+8} {row['daemon_rss_kib']:>14} "
+              f"{row['daemon_rss_kib'] - first['daemon_rss_kib']:>+9}  {row['dma_seq']}")
     return 0
 
 

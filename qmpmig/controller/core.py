@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import MigrationFailed, QmpmigError, reason
+from ..errors import MigrationFailed, QemuMigrationFailed, QmpmigError, reason
 from ..migration import lifecycle
 from ..migration.states import MigFlags, MigState
 from . import flows, precopy
@@ -41,8 +41,8 @@ DEBUG = {
     "early-barrier": "let one destination device run before the others reached RUNNING_P2P",
     "corrupt-dst-ram": "flip a byte of the destination's guest RAM after QEMU's load, before --verify-ram "
                        "compares it",
-    "early-release": "let QEMU switch over (migrate-continue, or under libvirt the release), and see it past "
-                     "pre-switchover, once the devices are in STOP_COPY but before their streams were read",
+    "early-release": "let QEMU switch over (migrate-continue, or under libvirt the release), and see it "
+                     "complete, once the devices are in STOP_COPY but before their streams were read",
     "no-hold": "leave QEMU's downtime-limit alone during pre-copy, so QEMU may switch over by itself",
     "scribble-after-load": "overwrite the start of each compared region of the destination devices after "
                            "their load, so their state differs from the source's",
@@ -289,6 +289,13 @@ class Controller:
                 log.exception("migration flow failed")
             phase, committed = self.phase, self.run.committed
             what = "interrupted" if interrupted else reason(err)
+            if isinstance(err, QemuMigrationFailed):
+                # The usual cause is the other end going away: its monitor's
+                # EOF may be a moment behind, to say so.
+                await self.dst.wait_gone(1.0)
+            for side, who in ((self.dst, "destination"), (self.src, "source")):
+                if side.gone and f"{who} QEMU died" not in what:
+                    what += f" (the {who} QEMU died: {side.gone})"
             recovered = await (go_forward(self, running) if committed else recover(self, running))
             with contextlib.suppress(QmpmigError):
                 await self.manager.done(self)

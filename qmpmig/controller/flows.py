@@ -149,7 +149,7 @@ async def save(c: Controller, running: bool) -> None:
     early = "early-release" in c.options.debug
     if early:
         await _let_switch_over(c)
-        await src.wait(lambda s: s.status in ("device", "completed"), "QEMU past its switchover")
+        await src.wait(lambda s: s.status == "completed", "QEMU past its switchover")
     await asyncio.gather(*(_end_of_stream(c, pair) for pair in c.pairs))
     if not early:
         await _let_switch_over(c)

@@ -15,7 +15,7 @@ import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ..errors import MigrationFailed, QemuGone
+from ..errors import MigrationFailed, QemuGone, QemuMigrationFailed
 from ..migration.lifecycle import Role
 from ..migration.states import MigState
 from ..qemu.guestmem import GuestRam
@@ -204,7 +204,8 @@ class Side:
         state = await self.wait(reached, f"status {'/'.join(statuses)}")
         if state.status not in statuses:
             info = await self.qemu.query_migrate()
-            raise MigrationFailed(f"{self.name} migration {state.status}: {info.error_desc or 'no reason given'}")
+            failure = QemuMigrationFailed if state.status == "failed" else MigrationFailed
+            raise failure(f"{self.name} migration {state.status}: {info.error_desc or 'no reason given'}")
         return state
 
     async def quit(self, timeout: float) -> None:

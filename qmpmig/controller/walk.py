@@ -103,11 +103,12 @@ class Walker:
         except OSError as err:
             try:
                 await self.check_state(end)
+                also = ""
             except Desync:
                 raise
-            except MigrationFailed:
-                pass            # no answer to the read either: the request's own failure says more
-            raise MigrationFailed(f"{end.side.name} device {end.name}: {what} failed: {err}") from err
+            except MigrationFailed as state_err:
+                also = f" ({state_err})"
+            raise MigrationFailed(f"{end.side.name} device {end.name}: {what} failed: {err}{also}") from err
 
     async def check_state(self, end: DeviceEnd) -> None:
         """The device's device_state, read, must be the one qmpmig left it

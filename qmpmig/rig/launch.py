@@ -166,7 +166,10 @@ async def launch(opts: LaunchOptions, progress: Callable[[dict], None] | None = 
                   for name, pair in result["devices"].items()}
         reference = not opts.device_commands
         summary = report.summary
-        if summary.guest_on == "destination" and await _dst_paused(rig):
+        if summary.guest_on == "destination" and rig.dst.proc.poll() is not None:
+            report.checks["destination QEMU"] = ("gone after the guest's place had become the destination: "
+                                                 "the guest is lost")
+        elif summary.guest_on == "destination" and await _dst_paused(rig):
             await _verify_paused(report, rig, watch, hashes)
         elif summary.guest_on == "destination":
             await _verify(report, rig, watch, hashes, rams[1], last_src_beat, reference)

@@ -252,11 +252,13 @@ class _Checker:
         self.on_qmp_command({**rec, "command": rec["qmp"]})
 
     def on_vm_state(self, rec: dict) -> None:
-        """end-of-stream: a source QEMU past pre-switchover (``device``,
-        ``completed``) was continued, by qmpmig or by whoever answered
-        pre-switchover (libvirt answers it at once)."""
-        if rec["side"] == "src" and rec["status"] in ("device", "completed"):
-            self._continued(rec, f"the source QEMU {rec['status']}")
+        """end-of-stream: a source QEMU that completed was continued past
+        pre-switchover, by qmpmig or by whoever answered it (libvirt answers
+        at once).  Not ``device``: QEMU 7.2's migrate_cancel wakes a paused
+        migration before it marks it cancelling, and it may pass through
+        ``device`` on its way to ``cancelled``."""
+        if rec["side"] == "src" and rec["status"] == "completed":
+            self._continued(rec, "the source QEMU completed")
 
     def on_desync(self, rec: dict) -> None:
         """The controller found a device elsewhere than it left it (someone
