@@ -79,6 +79,7 @@ async def go_forward(c: Controller, running: bool) -> str:
     target = MigState.RUNNING if running else MigState.STOP
     for end in dst.devices:
         try:
+            await asyncio.wait_for(c.walker.check_state(end, strict=False), RECOVER_TIMEOUT)
             await asyncio.wait_for(c.walker.walk(end, target), RECOVER_TIMEOUT)
         except (QmpmigError, OSError, asyncio.TimeoutError) as err:
             notes.append(f"destination {end.name} not {target.name}: {reason(err)}")
@@ -100,6 +101,7 @@ async def go_forward(c: Controller, running: bool) -> str:
 
 
 async def _recover_source_device(c: Controller, end: DeviceEnd, target: MigState) -> None:
+    await c.walker.check_state(end, strict=False)
     if end.state is MigState.ERROR:
         await c.walker.reset(end)
     await c.walker.walk(end, target)
