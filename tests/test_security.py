@@ -67,21 +67,34 @@ except (BrokenPipeError, ConnectionResetError):
 """
 
 
+def open_socket_dir() -> Path:
+    """A directory another uid can pass through (pytest's tmp_path is 0700)."""
+    top = Path(tempfile.mkdtemp(prefix="qmpmig-sec-", dir="/tmp"))
+    os.chmod(top, 0o711)
+    return top
+
+
+def as_nobody(path: Path) -> str:
+    """The version probe, as nobody, at a socket an administrator left open
+    to all (0666): ``reply`` or ``hung up``."""
+    os.chmod(path, 0o666)
+    probe = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                            "/usr/bin/python3", "-c", VERSION_PROBE, str(path)],
+                           capture_output=True, text=True, timeout=30)
+    assert probe.stdout.strip() in ("reply", "hung up"), probe.stdout + probe.stderr
+    return probe.stdout.strip()
+
+
 @root_only
 def test_a_client_of_another_uid_is_hung_up_on_before_a_byte_is_read():
     """Even where an administrator left the socket open to all (0666 in a
     0711 directory), a client whose uid is not the device's, root's or an
     --allow-uid gets no answer, and the device serves its own client on."""
-    top = Path(tempfile.mkdtemp(prefix="qmpmig-sec-", dir="/tmp"))
-    os.chmod(top, 0o711)
+    top = open_socket_dir()
     path = top / "dev.sock"
     proc = start_device(path, "--state-size", "1M", "--log-level", "INFO")
     try:
-        os.chmod(path, 0o666)
-        probe = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                                "/usr/bin/python3", "-c", VERSION_PROBE, str(path)],
-                               capture_output=True, text=True, timeout=30)
-        assert probe.stdout.strip() == "hung up", probe.stdout + probe.stderr
+        assert as_nobody(path) == "hung up"
 
         async def own_client() -> int:
             client = await Client.connect(str(path))
@@ -99,16 +112,11 @@ def test_a_client_of_another_uid_is_hung_up_on_before_a_byte_is_read():
 
 @root_only
 def test_an_allowed_uid_is_served():
-    top = Path(tempfile.mkdtemp(prefix="qmpmig-sec-", dir="/tmp"))
-    os.chmod(top, 0o711)
+    top = open_socket_dir()
     path = top / "dev.sock"
     proc = start_device(path, "--state-size", "1M", "--allow-uid", str(NOBODY))
     try:
-        os.chmod(path, 0o666)
-        probe = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                                "/usr/bin/python3", "-c", VERSION_PROBE, str(path)],
-                               capture_output=True, text=True, timeout=30)
-        assert probe.stdout.strip() == "reply", probe.stdout + probe.stderr
+        assert as_nobody(path) == "reply"
     finally:
         stop_process(proc)
         shutil.rmtree(top, ignore_errors=True)
