@@ -89,7 +89,7 @@ def migration_ended(tmp, timeout: float = 120) -> dict:
 @pytest.mark.parametrize("phase,sig", [(p, signal.SIGKILL) for p in
                                        ("setup", "precopy", "grace", "stop-copy", "switchover", "resume")]
                          + [("precopy", signal.SIGINT)], ids=lambda x: getattr(x, "name", x))
-def test_the_command_killed_in_any_phase_leaves_the_migration_going(setup, phase, sig):
+def test_the_command_killed_in_any_phase_leaves_the_migration_going(setup, phase, sig, fault_cell):
     src, dst, devices, argv, tmp = setup
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_phase(tmp, phase)
@@ -97,6 +97,7 @@ def test_the_command_killed_in_any_phase_leaves_the_migration_going(setup, phase
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), out + err
     result = migration_ended(tmp)
+    fault_cell.outcome(f"the CLI {sig.name}", phase, "destination", 0, result["message"])
     assert result["ok"], result
     dst.wait_heartbeat(src.last_heartbeat(), 30)
     vms = status(tmp)["vms"]

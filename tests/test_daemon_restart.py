@@ -76,7 +76,7 @@ WINNER = {"setup": "src", "precopy": "src", "grace": "src", "stop-copy": "src", 
 
 
 @pytest.mark.parametrize("phase", WINNER)
-def test_daemon_killed_then_recovered(tmp_path, guest_image, phase):
+def test_daemon_killed_then_recovered(tmp_path, guest_image, phase, fault_cell):
     run_dir = tmp_path / "run"
     src = Vm("src", "source", workdir=tmp_path).start()
     dst = Vm("dst", "destination", workdir=tmp_path).start()
@@ -100,6 +100,7 @@ def test_daemon_killed_then_recovered(tmp_path, guest_image, phase):
         else:
             wait_for_phase(tmp_path, phase)
         os.kill(daemon, signal.SIGKILL)
+        fault_cell.fault()
         cli.communicate(timeout=30)
 
         t0 = time.monotonic()
@@ -121,6 +122,8 @@ def test_daemon_killed_then_recovered(tmp_path, guest_image, phase):
             other_stopped = (not asyncio.run(vcpus_running(src.qmp_path)) if on_dst
                              else dst.proc.poll() is not None or asyncio.run(never_listened(dst.qmp_path)))
             if runs and other_stopped:
+                fault_cell.outcome("the daemon SIGKILL, then qmpmig recover", phase, "destination" if on_dst
+                                   else "source", time.monotonic(), recovered[0]["message"])
                 break
             assert time.monotonic() - t0 < 10, f"after 10 s: {attached}, other side stopped: {other_stopped}; {recovered}"
             time.sleep(0.1)

@@ -240,10 +240,11 @@ async def test_a_failure_after_every_destination_device_loaded_goes_forward(gues
 
 
 PHASES = ("setup", "precopy", "grace", "stop-copy", "switchover", "resume")
+WHO = {"src": "source", "dst": "destination"}
 
 
 @pytest.mark.parametrize("phase", PHASES)
-async def test_the_destination_qemu_killed_in_any_phase(guest_image, phase):
+async def test_the_destination_qemu_killed_in_any_phase(guest_image, phase, fault_cell, nothing_left_behind):
     """The destination QEMU SIGKILLed in each phase: the migration fails
     saying the destination QEMU died, and, before every destination device
     loaded its state, the guest runs on at the source with its devices; a
@@ -252,11 +253,13 @@ async def test_the_destination_qemu_killed_in_any_phase(guest_image, phase):
     async def kill(rig, watch):
         if await watch.wait_phase(phase):
             rig.dst.kill()
+            fault_cell.fault()
 
     report = await launch(options(devices=1, state_size="16M"), during=kill)
     summary = report.summary
     if summary.ok:
         pytest.skip(f"the migration was through before the kill landed in {phase}")
+    fault_cell.outcome("destination QEMU SIGKILL", phase, summary.guest_on, report.ended, summary.message)
     assert "destination QEMU died" in summary.message or "dst: QMP connection lost" in summary.message, \
         summary.message
     if summary.guest_on == "source":
@@ -268,7 +271,7 @@ async def test_the_destination_qemu_killed_in_any_phase(guest_image, phase):
 
 @pytest.mark.parametrize("side", ["src", "dst"])
 @pytest.mark.parametrize("phase", PHASES)
-async def test_a_device_killed_in_any_phase(guest_image, side, phase):
+async def test_a_device_killed_in_any_phase(guest_image, side, phase, fault_cell, nothing_left_behind):
     """A device process SIGKILLed in each phase: the guest runs on exactly
     one side (the destination only once every device there had loaded its
     state), the other side's QEMU is ended or stopped, and the message names
@@ -276,11 +279,13 @@ async def test_a_device_killed_in_any_phase(guest_image, side, phase):
     async def kill(rig, watch):
         if await watch.wait_phase(phase):
             rig.devices[0][0 if side == "src" else 1].kill()
+            fault_cell.fault()
 
     report = await launch(options(devices=1, state_size="16M"), during=kill)
     summary = report.summary
     if summary.ok:
         pytest.skip(f"the migration was through before the kill landed in {phase}")
+    fault_cell.outcome(f"{WHO[side]} device SIGKILL", phase, summary.guest_on, report.ended, summary.message)
     assert f"{side} device dev0" in summary.message, summary.message
     if summary.guest_on == "destination":
         assert report.checks["heartbeat"] is None and report.checks["source stopped"] is None, report.checks
@@ -291,7 +296,8 @@ async def test_a_device_killed_in_any_phase(guest_image, side, phase):
 
 @pytest.mark.parametrize("side", ["src", "dst"])
 @pytest.mark.parametrize("phase", ("precopy", "grace", "stop-copy"))
-async def test_a_device_reset_behind_qmpmigs_back_is_detected(guest_image, side, phase):
+async def test_a_device_reset_behind_qmpmigs_back_is_detected(guest_image, side, phase, fault_cell,
+                                                              nothing_left_behind):
     """A device that resets itself without its client asking (the device's
     reset-on-sigusr1 defect: a function-level reset through another path,
     which no vfio-user message does; libvfio-user issue #853) in each phase,
@@ -303,12 +309,14 @@ async def test_a_device_reset_behind_qmpmigs_back_is_detected(guest_image, side,
     async def reset(rig, watch):
         if await watch.wait_phase(phase):
             os.kill(rig.devices[0][0 if side == "src" else 1].pid, signal.SIGUSR1)
+            fault_cell.fault()
 
     report = await launch(options(devices=1, state_size="16M", device_defects=("reset-on-sigusr1",)),
                           during=reset)
     summary = report.summary
     if summary.ok:
         pytest.skip(f"the migration was through before the reset landed in {phase}")
+    fault_cell.outcome(f"{WHO[side]} device reset", phase, summary.guest_on, report.ended, summary.message)
     if side == "src" and "reset or moved" not in summary.message:
         # A source reset while its stream flows can spoil the piece being
         # read; the destination then refuses the stream before the source is
@@ -326,7 +334,7 @@ async def test_a_device_reset_behind_qmpmigs_back_is_detected(guest_image, side,
 
 @pytest.mark.parametrize("side", ["src", "dst"])
 @pytest.mark.parametrize("phase", PHASES)
-async def test_a_device_hung_in_any_phase(guest_image, side, phase):
+async def test_a_device_hung_in_any_phase(guest_image, side, phase, fault_cell, nothing_left_behind):
     """A device that stops answering (SIGSTOP) in each phase, on each side,
     and comes back (SIGCONT) once the migration is being recovered: the
     request it did not answer fails the migration within the device timeout
@@ -343,6 +351,7 @@ async def test_a_device_hung_in_any_phase(guest_image, side, phase):
         device = rig.devices[0][0 if side == "src" else 1]
         os.kill(device.pid, signal.SIGSTOP)
         hung.append(time.monotonic())
+        fault_cell.fault()
         try:
             await watch.wait_phase("recover", timeout=30)
             await asyncio.sleep(1.0)
@@ -354,6 +363,7 @@ async def test_a_device_hung_in_any_phase(guest_image, side, phase):
     summary = report.summary
     if summary.ok:
         pytest.skip(f"the migration was through before the hang landed in {phase}")
+    fault_cell.outcome(f"{WHO[side]} device SIGSTOP", phase, summary.guest_on, report.ended, summary.message)
     assert f"{side} device dev0 did not answer" in summary.message, summary.message
     events = [(r["t"], r["event"]) for r in report.records
               if r["kind"] == "qmp_event" and r["side"] == "src" and r["event"] in ("STOP", "RESUME")]
@@ -433,3 +443,35 @@ async def test_a_device_that_does_not_converge_fails_with_the_figures_before_its
     assert "PRE_COPY_P2P" not in states and "STOP_COPY" not in states
     assert not any(report.checks.values()), report.checks
     assert report.checks["destination QEMU ended"] is None
+
+
+
+@pytest.mark.parametrize("phase", PHASES)
+async def test_the_source_qemu_killed_in_any_phase(guest_image, phase, fault_cell, nothing_left_behind):
+    """The source QEMU SIGKILLed in each phase.  Before the destination had
+    all of the guest (every destination device loaded) this cannot be made
+    safe: the guest ran only at the source, so it is lost; the migration
+    says so (guest_on "nowhere"), ends the destination QEMU (no half a
+    guest may run) and the daemon lets every device of both VMs go.  After
+    that the guest goes on at the destination."""
+    async def kill(rig, watch):
+        if await watch.wait_phase(phase):
+            rig.src.kill()
+            fault_cell.fault()
+
+    report = await launch(options(devices=1, state_size="16M"), during=kill)
+    summary = report.summary
+    if summary.ok:
+        pytest.skip(f"the migration was through before the kill landed in {phase}")
+    fault_cell.outcome("source QEMU SIGKILL", phase, summary.guest_on, report.ended, summary.message)
+    assert "source QEMU died" in summary.message or "src: QMP connection lost" in summary.message, \
+        summary.message
+    if phase in ("setup", "precopy", "grace", "stop-copy"):
+        assert summary.guest_on == "nowhere", summary
+    if summary.guest_on == "nowhere":
+        assert "the guest is lost" in summary.message, summary.message
+        assert not any(report.checks.values()), report.checks
+        assert set(report.checks) >= {"source QEMU gone", "devices let go"}
+    else:
+        assert summary.guest_on == "destination" and report.checks["heartbeat"] is None, report.checks
+    assert report.violations == []

@@ -116,7 +116,9 @@ class Summary:
     device_bytes: int = 0
     dma_pages_copied: int = 0
     phases: dict[str, float] = field(default_factory=dict)
-    #: Where the guest runs (or would, once started): ``source`` or ``destination``.
+    #: Where the guest runs (or would, once started): ``source``,
+    #: ``destination``, or ``nowhere`` (the source QEMU died before the
+    #: destination had all of the guest: it is lost).
     guest_on: str = "source"
     #: What could not be verified, for want of an extension (one line each).
     unverified: list[str] = field(default_factory=list)
@@ -293,15 +295,20 @@ class Controller:
                 # The usual cause is the other end going away: its monitor's
                 # EOF may be a moment behind, to say so.
                 await self.dst.wait_gone(1.0)
+            for side in (self.src, self.dst):
+                if not side.gone and not side.qemu.connected:
+                    await side.wait_gone(1.0)   # a lost monitor: its watcher says why in a moment
             for side, who in ((self.dst, "destination"), (self.src, "source")):
-                if side.gone and f"{who} QEMU died" not in what:
+                if side.gone and side.gone not in what:
                     what += f" (the {who} QEMU died: {side.gone})"
+            lost = not committed and self.src.gone
+            if lost:
+                what += ": the guest is lost (it ran only at the source, and the destination did not have all of it)"
             recovered = await (go_forward(self, running) if committed else recover(self, running))
             with contextlib.suppress(QmpmigError):
                 await self.manager.done(self)
             summary = self._failed(t0, f"in {phase}: {what}; {recovered}")
-            if committed:
-                summary.guest_on = "destination"
+            summary.guest_on = "destination" if committed else "nowhere" if lost else "source"
             if interrupted:
                 raise
             return summary

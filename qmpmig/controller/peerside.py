@@ -35,6 +35,10 @@ WATCH_POLL = 10.0
 class PeerQemu:
     """The destination QEMU, as far as a peer may drive it."""
 
+    #: Its monitor is the peer daemon's: that QEMU's end comes through the
+    #: peer's ``incoming_watch`` (PeerSide.gone), never as a lost connection here.
+    connected = True
+
     def __init__(self, call: Call, name: str):
         self._call = call
         #: How logs and ``status`` name it: VM@HOST:PORT.

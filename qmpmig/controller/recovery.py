@@ -41,9 +41,11 @@ async def recover(c: Controller, running: bool) -> str:
                 await src.wait(lambda s: s.runstate == "running", "source running", timeout=10)
         notes.append(f"source VM {src.vm.runstate if src.vm else 'unknown'}")
     else:
+        # Its devices are let go with it (their owner's rule: a device
+        # resets when its VM's client leaves); nothing to walk them back for.
         notes.append(f"source QEMU gone: {src.gone}")
     target = MigState.RUNNING if running else MigState.STOP
-    for end in src.devices:
+    for end in src.devices if not src.gone else ():
         try:
             await asyncio.wait_for(_recover_source_device(c, end, target), RECOVER_TIMEOUT)
             notes.append(f"{end.name} {target.name}")

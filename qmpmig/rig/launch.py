@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -77,6 +78,9 @@ class Report:
     violations: list[tracecheck.Violation] = field(default_factory=list)
     heartbeat: tuple[int, int] | None = None
     records: list = field(default_factory=list)
+    #: time.monotonic() when the daemon answered the migration request: the
+    #: migration over, recovered or not (before the rig's own checks).
+    ended: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -160,11 +164,12 @@ async def launch(opts: LaunchOptions, progress: Callable[[dict], None] | None = 
         result = await client.reporting(run_dir, request, progress, "src")
         if side_task:
             await side_task
-        report = Report(Summary.from_dict(result))
+        report = Report(Summary.from_dict(result), ended=time.monotonic())
         report.records = tracecheck.load(trace_path)
         hashes = {name: (pair["src_hash"], pair["dst_hash"], pair["compared"])
                   for name, pair in result["devices"].items()}
         reference = not opts.device_commands
+        incoming = any(r["kind"] == "qmp_command" and r["command"] == "migrate-incoming" for r in report.records)
         summary = report.summary
         if summary.guest_on == "destination" and rig.dst.proc.poll() is not None:
             report.checks["destination QEMU"] = ("gone after the guest's place had become the destination: "
@@ -174,9 +179,11 @@ async def launch(opts: LaunchOptions, progress: Callable[[dict], None] | None = 
         elif summary.guest_on == "destination":
             await _verify(report, rig, watch, hashes, rams[1], last_src_beat, reference)
             await _verify_source_stopped(report, rig)
+        elif summary.guest_on == "nowhere":
+            await _verify_lost(report, rig, watch, incoming)
         else:
             await _verify_source_survived(report, rig, watch, rams[0], reference)
-            if any(r["kind"] == "qmp_command" and r["command"] == "migrate-incoming" for r in report.records):
+            if incoming:
                 await _verify_destination_ended(report, rig)
         if controller.verify_ram and summary.guest_on == "destination":
             verified = [r for r in report.records if r["kind"] == "ram_verify"]
@@ -207,6 +214,9 @@ async def _dst_paused(rig: Rig) -> bool:
 
 async def _verify_source_stopped(report: Report, rig: Rig) -> None:
     """Once the destination has the guest, the source never runs it again."""
+    if rig.src.proc.poll() is not None:
+        report.checks["source stopped"] = None
+        return
     status = await rig.src_qmp.query_status()
     report.checks["source stopped"] = None if not status.running else f"the source runs too ({status.runstate})"
 
@@ -219,6 +229,22 @@ async def _verify_destination_ended(report: Report, rig: Rig) -> None:
         report.checks["destination QEMU ended"] = None
     except subprocess.TimeoutExpired:
         report.checks["destination QEMU ended"] = "the destination QEMU still runs after a failed migration"
+
+
+async def _verify_lost(report: Report, rig: Rig, watch: Watch, incoming: bool) -> None:
+    """The source QEMU died before the destination had all of the guest:
+    nothing runs it any more, and the daemon lets the devices of each VM
+    whose QEMU is gone go (the owner's rule resets them).  A destination
+    never asked to listen holds nothing of the guest and may wait on."""
+    report.checks["source QEMU gone"] = (None if rig.src.proc.poll() is not None
+                                         else "the source QEMU runs, yet the guest is said to be lost")
+    if incoming:
+        await _verify_destination_ended(report, rig)
+    deadline = asyncio.get_running_loop().time() + 10
+    while (held := [vm for vm in ("src", "dst")[:1 + incoming] if await watch.devices(vm) is not None]) \
+            and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+    report.checks["devices let go"] = None if not held else f"the daemon still holds {held}"
 
 
 async def _verify(report: Report, rig: Rig, watch: Watch, hashes: dict, dst_ram: GuestRam,

@@ -97,6 +97,7 @@ def _summary_dict(summary, report=None) -> dict:
 
 def _print_summary(d: dict) -> None:
     print(("OK: " if d["ok"] else "FAILED: ") + d["message"])
+    print(f"  the guest: {GUEST_IS[d['guest_on']]}")
     print(f"  total {d['total_time_s']} s; guest paused {d['downtime_s']} s (QEMU's STOP to RESUME events; "
           f"QEMU's own downtime {d['qemu_downtime_ms']} ms); device I/O outage {d.get('device_outage_s')} s "
           f"(first device without DMA to last destination device RUNNING)")
@@ -112,6 +113,16 @@ def _print_summary(d: dict) -> None:
         print(f"  check {name}: {result}")
     if "trace_violations" in d:
         print("  trace check: " + ("ok" if not d["trace_violations"] else "; ".join(d["trace_violations"])))
+
+
+#: ``qmpmig migrate``'s exit status when it did not complete cleanly, by
+#: where the guest is (README, "Exit status"); 0 is a migration completed
+#: with every check passed, 2 a command line argparse refused.
+EXIT_STATUS = {"source": 1, "destination": 3, "nowhere": 4}
+
+#: Where the guest is, in words.
+GUEST_IS = {"source": "runs on at the source", "destination": "is at the destination",
+            "nowhere": "is lost: its source QEMU died before the destination had all of it"}
 
 
 async def _migrate(args) -> int:
@@ -137,7 +148,7 @@ async def _migrate(args) -> int:
         print()
     else:
         _print_summary(result)
-    return 0 if ok else 1
+    return 0 if ok else EXIT_STATUS[result.get("guest_on", "source")]
 
 
 async def _attach_and_migrate(args, progress: Progress) -> tuple[dict, bool]:
