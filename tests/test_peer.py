@@ -366,51 +366,99 @@ def test_a_payload_that_cannot_be_is_refused(line):
         control.LineReader().feed(line)
 
 
-def migrating_in_precopy(runs: dict, address: str, tmp: Path) -> subprocess.Popen:
+PHASES = ("setup", "precopy", "grace", "stop-copy", "switchover", "resume")
+
+
+def migrating_in(phase: str, runs: dict, address: str, tmp: Path) -> subprocess.Popen | None:
     """``qmpmig migrate`` of g0 to B's g1 under way (the command running),
-    once host A's daemon says the migration is in pre-copy."""
+    once host A's daemon says the migration is in ``phase``; None if it
+    ended before getting there."""
     argv = [sys.executable, "-m", "qmpmig", "migrate", "--src", "g0", "--dst", f"g1@{address}", "--uri",
-            f"unix:{tmp / 'mig.sock'}", "--json", "--run-dir", str(runs["a"])]
+            f"unix:{tmp / 'mig.sock'}", "--json", "--run-dir", str(runs["a"]), "--trace", str(tmp / "trace.jsonl")]
     command = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline, phase = time.monotonic() + 60, None
-    while phase != "precopy" and time.monotonic() < deadline:
+    deadline, seen = time.monotonic() + 60, None
+    while time.monotonic() < deadline:
         migrations = asyncio.run(client.call(runs["a"], "migrations"))["migrations"]
-        phase = migrations[0]["phase"] if migrations else None
-        assert not migrations or migrations[0]["dst"] == f"g1@{address}"
-        time.sleep(0.02)
-    assert phase == "precopy"
-    return command
+        if migrations and migrations[0]["phase"] == phase:
+            return command
+        if not migrations and seen:
+            return None
+        seen = seen or migrations
+        time.sleep(0.002)
+    raise AssertionError(f"no {phase} within 60 s")
+
+
+def b_holds_nothing_of_the_attempt(runs: dict, dst) -> None:
+    """After a failed attempt the destination QEMU has ended (no second copy
+    of the guest may ever run) and B's daemon, once it sees it gone, holds
+    neither it nor a migration."""
+    dst.proc.wait(20)
+    deadline = time.monotonic() + 10
+    while (b := asyncio.run(client.call(runs["b"], "status")))["vms"] or b["migrations"]:
+        assert time.monotonic() < deadline, b
+        time.sleep(0.1)
 
 
 @pytest.mark.qemu
-def test_the_destination_hosts_daemon_killed_mid_migration_leaves_the_source_running(two_hosts, pki):
+@pytest.mark.parametrize("phase", PHASES)
+def test_the_destination_hosts_daemon_killed_in_any_phase(two_hosts, pki, phase, fault_cell):
+    """Host B's daemon SIGKILLed in each phase: its devices lose their
+    client (and so reset) with it; before the switchover the guest runs on
+    at the source with its device RUNNING, never reset, and the command
+    says the peer went away (exit 1); B's QEMU, its monitor gone with the
+    daemon, is left to whoever runs B (it was asked to listen, so it holds
+    no more than a half-loaded copy, never started)."""
     hosts, src, dst, tmp = two_hosts
     runs, address = hosts(pki["host-a"])
-    command = migrating_in_precopy(runs, address, tmp)
-    b_pid = int((runs["b"] / "daemon.pid").read_text())
-    os.kill(b_pid, signal.SIGKILL)
+    command = migrating_in(phase, runs, address, tmp)
+    if command is None:
+        pytest.skip(f"the migration was through before {phase}")
+    os.kill(int((runs["b"] / "daemon.pid").read_text()), signal.SIGKILL)
+    fault_cell.fault()
     out, err = command.communicate(timeout=120)
+    ended = time.monotonic()
     result = json.loads(out)
-    assert not result["ok"] and result["guest_on"] == "source" and "peer" in result["message"], result
-    # The source runs on with its device, as it was.
-    src.wait_heartbeat(src.last_heartbeat(), 30)
-    a = asyncio.run(client.call(runs["a"], "status"))
-    assert a["migrations"] == [] and a["vms"][0]["devices"][0]["state"] == "RUNNING"
-    assert a["vms"][0]["runstate"] == "running" and a["vms"][0]["devices"][0]["client_losses"] == 0
+    if result["ok"]:
+        pytest.skip(f"the migration was through before the kill landed in {phase}")
+    fault_cell.outcome("destination host's daemon SIGKILL", phase, result["guest_on"], ended, result["message"],
+                       exit=command.returncode)
+    assert "peer" in result["message"], result
+    if result["guest_on"] == "source":
+        assert command.returncode == 1
+        src.wait_heartbeat(src.last_heartbeat(), 30)
+        a = asyncio.run(client.call(runs["a"], "status"))
+        assert a["migrations"] == [] and a["vms"][0]["devices"][0]["state"] == "RUNNING"
+        assert a["vms"][0]["runstate"] == "running" and a["vms"][0]["devices"][0]["client_losses"] == 0
+        assert dst.last_heartbeat() == 0, "the destination ran the guest"
+    else:
+        assert phase in ("switchover", "resume") and command.returncode == 3, result
 
 
 @pytest.mark.qemu
-def test_the_source_hosts_daemon_killed_mid_migration_falls_back_to_the_source(two_hosts, pki):
+@pytest.mark.parametrize("phase", PHASES)
+def test_the_source_hosts_daemon_killed_in_any_phase(two_hosts, pki, phase, fault_cell):
+    """Host A's daemon (the controller's) SIGKILLed in each phase, then
+    ``qmpmig recover`` at A: the guest goes on at the source in every
+    phase (the new daemon cannot know whether B's devices loaded: the
+    journal's rule gives the source) and the destination never runs it;
+    the recovery says that B's daemon (named) keeps its destination,
+    paused and never started."""
     hosts, src, dst, tmp = two_hosts
     runs, address = hosts(pki["host-a"])
-    command = migrating_in_precopy(runs, address, tmp)
+    command = migrating_in(phase, runs, address, tmp)
+    if command is None:
+        pytest.skip(f"the migration was through before {phase}")
     os.kill(int((runs["a"] / "daemon.pid").read_text()), signal.SIGKILL)
+    fault_cell.fault()
     command.communicate(timeout=30)
     done = subprocess.run([sys.executable, "-m", "qmpmig", "recover", "--json", "--run-dir", str(runs["a"])],
                           capture_output=True, text=True, timeout=120)
     recovered = json.loads(done.stdout)
-    assert len(recovered) == 1 and not recovered[0]["ok"], recovered
-    assert f"the daemon at {address}" in recovered[0]["message"], recovered
-    # The guest goes on at the source; the destination never ran it.
-    src.wait_heartbeat(src.last_heartbeat(), 30)
-    assert dst.last_heartbeat() == 0
+    assert len(recovered) == 1, recovered
+    on_dst = recovered[0]["ok"]
+    winner = dst if on_dst else src
+    winner.wait_heartbeat(winner.last_heartbeat(), 30)
+    fault_cell.outcome("source host's daemon SIGKILL, then qmpmig recover", phase,
+                       "destination" if on_dst else "source", time.monotonic(), recovered[0]["message"])
+    assert not on_dst and f"the daemon at {address}" in recovered[0]["message"], recovered
+    assert dst.last_heartbeat() == 0, "the destination ran the guest"

@@ -300,7 +300,7 @@ class Controller:
                     await side.wait_gone(1.0)   # a lost monitor: its watcher says why in a moment
             for side, who in ((self.dst, "destination"), (self.src, "source")):
                 if side.gone and side.gone not in what:
-                    what += f" (the {who} QEMU died: {side.gone})"
+                    what += f" (the {who} {side.lost}: {side.gone})"
             lost = not committed and self.src.gone
             if lost:
                 what += ": the guest is lost (it ran only at the source, and the destination did not have all of it)"

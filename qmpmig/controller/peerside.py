@@ -48,7 +48,7 @@ class PeerQemu:
         try:
             return (await self._call("incoming_qmp", command=command, arguments=arguments))["return"]
         except QmpmigError as err:
-            raise QemuCommandError(f"{command} at the destination: {err}") from err
+            raise QemuCommandError(command, "PeerError", f"at the destination: {err}") from err
 
     async def query_migrate(self) -> MigrationInfo:
         return MigrationInfo.from_qmp(await self.execute("query-migrate"))
@@ -133,6 +133,8 @@ class PeerSide(Side):
     """A VM attached to the daemon of another host, as this controller's
     destination."""
 
+    lost = "VM is out of reach"
+
     def __init__(self, call: Call, name: str, timeout: float, trace: Trace | None = None):
         super().__init__(PeerQemu(call, name), None, timeout, trace, name="dst")
         self._call = call
@@ -183,7 +185,7 @@ class PeerSide(Side):
                     self._changed.notify_all()
         except QmpmigError as err:
             async with self._changed:
-                self.gone = f"the peer daemon: {err}"
+                self.gone = f"its host's daemon is out of reach: {err}"
                 self._changed.notify_all()
 
     def _mirror(self, status: dict) -> None:

@@ -49,6 +49,9 @@ class DeviceEnd:
 class Side:
     """A QEMU, its guest RAM and its devices."""
 
+    #: What ``gone`` means, as a failure says it.
+    lost = "QEMU died"
+
     def __init__(self, qemu: Qemu, ram: GuestRam, timeout: float, trace: Trace | None = None,
                  name: str = "src"):
         #: ``src`` or ``dst``: the part it takes in a migration, as the trace says it.
