@@ -188,6 +188,8 @@ class Run:
     #: the guest's place is the destination, and a failure goes forward,
     #: never back.
     committed: bool = False
+    #: Whether the destination's vCPUs were ever asked to run (``cont``).
+    dst_started: bool = False
     #: The destination's guest RAM has the DMA-dirty pages (and was verified).
     ram_ready: bool = False
     #: QEMU's own downtime (ms), once asked.
@@ -301,14 +303,22 @@ class Controller:
             for side, who in ((self.dst, "destination"), (self.src, "source")):
                 if side.gone and side.gone not in what:
                     what += f" (the {who} {side.lost}: {side.gone})"
-            lost = not committed and self.src.gone
-            if lost:
+            if committed and self.dst.gone and not self.run.dst_started and self.manager.answers_pre_switchover:
+                # The destination died with its copy never run: the source,
+                # paused with its RAM and its devices stopped, not reset, is
+                # the one copy left, and nothing has diverged from it.
+                committed = False
+                what += ": the guest goes back to the source (the destination never ran it)"
+            lost = self.dst.gone if committed else self.src.gone
+            if lost and committed:
+                what += ": the guest is lost (its place was the destination, whose QEMU died)"
+            elif lost:
                 what += ": the guest is lost (it ran only at the source, and the destination did not have all of it)"
             recovered = await (go_forward(self, running) if committed else recover(self, running))
             with contextlib.suppress(QmpmigError):
                 await self.manager.done(self)
             summary = self._failed(t0, f"in {phase}: {what}; {recovered}")
-            summary.guest_on = "destination" if committed else "nowhere" if lost else "source"
+            summary.guest_on = "nowhere" if lost else "destination" if committed else "source"
             if interrupted:
                 raise
             return summary

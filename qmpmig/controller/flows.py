@@ -215,6 +215,7 @@ async def resume(c: Controller, running: bool) -> None:
     barrier = MigState.RUNNING_P2P if MigState.RUNNING_P2P in target.values() else None
     await c.walker.walk_all(dst, lambda end: target[end], barrier=barrier)
     await c.walker.walk_all(dst, lambda end: MigState.RUNNING)
+    c.run.dst_started = True
     await c.manager.resume_destination(c)
     await dst.wait(lambda s: s.runstate == "running", "destination running")
     c.walker.resumed()

@@ -70,7 +70,8 @@ async def go_forward(c: Controller, running: bool) -> str:
     finish there as far as possible, and never start the source again."""
     c.enter("recover")
     c.walker.resumed()
-    dst, notes = c.dst, ["the guest stays on the destination (every device there had loaded its state, "
+    dst, notes = c.dst, ["the source stays stopped: the destination had started the guest" if c.dst.gone else
+                         "the guest stays on the destination (every device there had loaded its state, "
                          "or QEMU had completed under a manager that then ends the source)"]
     try:
         await asyncio.wait_for(ready_ram(c), RECOVER_TIMEOUT)
@@ -90,6 +91,7 @@ async def go_forward(c: Controller, running: bool) -> str:
         running = False
         notes.append(f"the destination stays paused: {', '.join(unloaded)} did not load its state")
     if running and not dst.gone and dst.vm and dst.vm.runstate != "running":
+        c.run.dst_started = True
         try:
             await asyncio.wait_for(c.manager.resume_destination(c), RECOVER_TIMEOUT)
             notes.append("destination vCPUs started")

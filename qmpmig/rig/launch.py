@@ -232,16 +232,19 @@ async def _verify_destination_ended(report: Report, rig: Rig) -> None:
 
 
 async def _verify_lost(report: Report, rig: Rig, watch: Watch, incoming: bool) -> None:
-    """The source QEMU died before the destination had all of the guest:
-    nothing runs it any more, and the daemon lets the devices of each VM
-    whose QEMU is gone go (the owner's rule resets them).  A destination
-    never asked to listen holds nothing of the guest and may wait on."""
-    report.checks["source QEMU gone"] = (None if rig.src.proc.poll() is not None
-                                         else "the source QEMU runs, yet the guest is said to be lost")
+    """A QEMU died when the guest had no other copy: nothing runs it any
+    more (a source still there stays stopped), a destination asked to
+    listen is ended, and the daemon lets go of the devices of each VM whose
+    QEMU is gone (the owner's rule resets them).  A destination never asked
+    to listen holds nothing of the guest and may wait on."""
+    if rig.src.proc.poll() is None:
+        await _verify_source_stopped(report, rig)
     if incoming:
         await _verify_destination_ended(report, rig)
+    gone = [vm for vm, proc in (("src", rig.src.proc), ("dst", rig.dst.proc)) if proc.poll() is not None]
+    report.checks["a QEMU gone"] = None if gone else "both QEMUs run, yet the guest is said to be lost"
     deadline = asyncio.get_running_loop().time() + 10
-    while (held := [vm for vm in ("src", "dst")[:1 + incoming] if await watch.devices(vm) is not None]) \
+    while (held := [vm for vm in gone if await watch.devices(vm) is not None]) \
             and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.1)
     report.checks["devices let go"] = None if not held else f"the daemon still holds {held}"
