@@ -10,7 +10,8 @@ first one's.
 Every migration must pass its checks: it succeeds with a clean trace, each
 device's state hash matches, the guest's heartbeat goes on at the
 destination, and each destination device keeps writing DMA records without
-losing its client.  The figures say whether the owner grows.
+losing its client, every record it wrote (before and after the migration)
+in place in the destination's guest RAM.  The figures say whether the owner grows.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qmpmig.daemon import client  # noqa: E402
+from qmpmig.device import records  # noqa: E402
 from qmpmig.rig.processes import DeviceProcess  # noqa: E402
 from qmpmig.rig.vm import DMA_WINDOW, Vm  # noqa: E402
 
@@ -47,7 +49,20 @@ def qmpmig(run_dir: Path, *argv: str) -> dict:
     return json.loads(done.stdout)
 
 
-def soak(migrations: int, workdir: Path, memory: int = 256, devices: int = 1) -> list[dict]:
+def devices_now(run_dir: Path, tries: int = 5) -> list[dict]:
+    """The attached VM's devices as the daemon describes them; asked again
+    while one is described as unanswered (the daemon gives a device 2 s to
+    answer ``status``, which a loaded 2-CPU machine can exceed)."""
+    for _ in range(tries):
+        devices = qmpmig(run_dir, "status")["vms"][0]["devices"]
+        if all("dma_seq" in d for d in devices):
+            return devices
+        time.sleep(0.5)
+    raise RuntimeError(f"a device did not answer the daemon {tries} times: {devices}")
+
+
+def soak(migrations: int, workdir: Path, memory: int = 256, devices: int = 1,
+         report=lambda row: None) -> list[dict]:
     """Migrate a guest ``migrations`` times through one daemon; a row of
     figures per migration (RuntimeError at the first that fails a check)."""
     run_dir = workdir / "run"
@@ -56,7 +71,8 @@ def soak(migrations: int, workdir: Path, memory: int = 256, devices: int = 1) ->
 
     def generation(n: int, role: str) -> tuple[Vm, list[DeviceProcess]]:
         return (Vm(f"g{n}", role, workdir=workdir, memory_mib=memory).start(),
-                [DeviceProcess(workdir / f"g{n}-{i}.sock", "--state-size", "16M").start() for i in range(devices)])
+                [DeviceProcess(workdir / f"g{n}-{i}.sock", "--state-size", "16M", "--device-id", str(i + 1)).start()
+                 for i in range(devices)])
 
     def attach(n: int, vm: Vm, devs: list[DeviceProcess], *extra: str) -> None:
         qmpmig(run_dir, "attach", f"g{n}", "--qmp", str(vm.qmp_path), "--ram", str(vm.ram_path),
@@ -80,12 +96,19 @@ def soak(migrations: int, workdir: Path, memory: int = 256, devices: int = 1) ->
                 raise RuntimeError(f"migration {n}: device state differs: {result['devices']}")
             beat = vm.last_heartbeat()
             new.wait_heartbeat(beat, 30)
-            first = qmpmig(run_dir, "status")["vms"][0]["devices"]
+            first = devices_now(run_dir)
             time.sleep(0.3)
-            later = qmpmig(run_dir, "status")["vms"][0]["devices"]
+            later = devices_now(run_dir)
             for a, b in zip(first, later):
                 if b["client_losses"] or not b["dma_seq"] > a["dma_seq"]:
                     raise RuntimeError(f"migration {n}: destination device {b['name']} no longer works: {b}")
+            with open(new.ram_path, "rb") as ram:
+                ram.seek(DMA_WINDOW[0])
+                window = ram.read(DMA_WINDOW[1])
+            share = len(window) // devices
+            for i, b in enumerate(later):
+                if errors := records.verify(window[i * share:(i + 1) * share], i + 1, b["dma_seq"]):
+                    raise RuntimeError(f"migration {n}: {b['name']}'s DMA records in guest RAM: {errors[:3]}")
             vm.close()
             for dev in devs:
                 dev.close()
@@ -94,6 +117,7 @@ def soak(migrations: int, workdir: Path, memory: int = 256, devices: int = 1) ->
             rows.append({"migration": n, "seconds": round(seconds, 2), "daemon_fds": fds, "daemon_rss_kib": rss,
                          "daemon_threads": threads, "pause_s": result["downtime_s"],
                          "dma_seq": [d.get("dma_seq") for d in later]})
+            report(rows[-1])
     finally:
         subprocess.run([sys.executable, "-m", "qmpmig", "daemon", "--stop", "--run-dir", str(run_dir)],
                        capture_output=True, timeout=60)
@@ -109,16 +133,20 @@ def main() -> int:
     p.add_argument("--memory", type=int, default=256, help="guest MiB")
     p.add_argument("--devices", type=int, default=2, help="reference devices doing DMA")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="qmpmig-soak-") as workdir:
-        rows = soak(args.migrations, Path(workdir), args.memory, args.devices)
-    first = rows[0]
     print(f"{'migration':>9} {'seconds':>8} {'pause s':>8} {'daemon fds':>10} {'vs first':>8} "
-          f"{'threads':>7} {'vs first':>8} {'daemon RSS KiB':>14} {'vs first':>9}  dst dma_seq")
-    for row in rows:
+          f"{'threads':>7} {'vs first':>8} {'daemon RSS KiB':>14} {'vs first':>9}  dst dma_seq", flush=True)
+    rows: list[dict] = []
+
+    def report(row: dict) -> None:
+        rows.append(row)
+        first = rows[0]
         print(f"{row['migration']:>9} {row['seconds']:>8} {row['pause_s']!s:>8} {row['daemon_fds']:>10} "
               f"{row['daemon_fds'] - first['daemon_fds']:>+8} {row['daemon_threads']:>7} "
               f"{row['daemon_threads'] - first['daemon_threads']:>+8} {row['daemon_rss_kib']:>14} "
-              f"{row['daemon_rss_kib'] - first['daemon_rss_kib']:>+9}  {row['dma_seq']}")
+              f"{row['daemon_rss_kib'] - first['daemon_rss_kib']:>+9}  {row['dma_seq']}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="qmpmig-soak-") as workdir:
+        soak(args.migrations, Path(workdir), args.memory, args.devices, report)
     return 0
 
 
