@@ -1,8 +1,8 @@
 """Who may reach a device and a guest's memory (issue 14, "Security"): the
 device's socket is its owner's alone whatever the umask, a client of
 another uid is hung up on, a DMA_MAP cannot point the device past the end
-of its file, and the rig's guest RAM files are 0600.  Real device
-processes; the other uid is ``nobody``, by setpriv."""
+of its file nor a shrink afterwards kill it, and the rig's guest RAM files
+are 0600.  Real device processes; the other uid is ``nobody``, by setpriv."""
 
 import asyncio
 import errno
@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from qmpmig.device.bar0 import CTRL_DMA_ENABLE
+from qmpmig.device.service import MIGRATION_REGION
 from qmpmig.rig.processes import listening, stop_process
 from qmpmig.rig.vm import Vm
 from qmpmig.vfio_user.client import Client
 
-from devtools import guest_memory
+from devtools import guest_memory, reg_read, reg_write, start_dma, until
 
 MiB = 1 << 20
 NOBODY = 65534
@@ -141,10 +143,71 @@ async def test_a_dma_map_past_the_end_of_its_file_is_refused(spawn_device):
         await client.close()
 
 
+def shm_memory(size: int) -> int:
+    """A file in /dev/shm standing in for guest RAM, as QEMU's
+    memory-backend-file has it (no seals possible), already unlinked."""
+    path = Path(tempfile.mktemp(prefix="qmpmig-sec-", suffix=".ram", dir="/dev/shm"))
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    path.unlink()
+    os.ftruncate(fd, size)
+    return fd
+
+
+@pytest.mark.parametrize("memory", [guest_memory, shm_memory], ids=["memfd", "shm-file"])
+async def test_a_client_that_shrinks_its_file_under_a_dma_map_faults_the_dma_not_the_device(spawn_device, memory):
+    """The client truncates the file behind its mapping while the device
+    writes into it: each DMA there was a SIGBUS that killed the device.
+    Now the device counts a DMA fault, stops its engine and answers on;
+    the client that gives the memory back and restarts the engine gets
+    DMA again (issue 14, seed 003)."""
+    dev = spawn_device("--state-size", "1M", "--dma-rate", "2000")
+    client = await Client.connect(str(dev.socket))
+    mem = memory(2 * MiB)
+    try:
+        await start_dma(client, mem, 2 * MiB, ring_size=MiB)
+        await until(lambda: reg_above(client, "dma_seq", 100), "DMA")
+        os.ftruncate(mem, 0)
+        await until(lambda: reg_above(client, "dma_faults", 0), "DMA fault reported")
+        assert dev.proc.poll() is None
+        assert not await reg_read(client, "ctrl") & CTRL_DMA_ENABLE
+        stopped = await reg_read(client, "dma_seq")
+        assert (await client.device_info()).num_regions == 9
+        assert await client.state_hash()
+        os.ftruncate(mem, 2 * MiB)
+        await reg_write(client, "ctrl", CTRL_DMA_ENABLE)
+        await until(lambda: reg_above(client, "dma_seq", stopped + 100), "DMA after the memory came back")
+        assert await reg_read(client, "dma_faults") == 1
+    finally:
+        await client.close()
+        os.close(mem)
+
+
+async def reg_above(client, name: str, value: int) -> bool:
+    return await reg_read(client, name) > value
+
+
+async def test_the_v1_region_window_is_sealed_at_its_size(spawn_device):
+    """The v1 migration region's fd goes to the client; the device maps
+    its window itself, so the client may not shrink it (F_SEAL_SHRINK)."""
+    dev = spawn_device("--state-size", "1M", "--migration", "v1")
+    client = await Client.connect(str(dev.socket))
+    try:
+        region, fd = await client.region_info(MIGRATION_REGION)
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)
+        os.close(fd)
+        assert len(await client.region_read(MIGRATION_REGION, region.size - 8, 8)) == 8
+    finally:
+        await client.close()
+
+
 @pytest.mark.qemu
 def test_the_rigs_guest_ram_file_is_0600(tmp_path):
     vm = Vm("sec", "destination", workdir=tmp_path).start()
     try:
+        deadline = time.monotonic() + 10        # QEMU sizes it after its QMP sockets exist
+        while vm.ram_path.stat().st_size < 256 * MiB and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert stat.S_IMODE(vm.ram_path.stat().st_mode) == 0o600
         assert vm.ram_path.stat().st_size >= 256 * MiB
     finally:
