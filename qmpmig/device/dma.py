@@ -27,6 +27,7 @@ import stat
 from dataclasses import dataclass
 
 from ..errors import DeviceError
+from ..vfio_user.codec import LOG_MAX_RANGES
 from ..vfio_user.uapi import PAGE_SIZE, DmaFlags, bitmap_set, dirty_bitmap_size
 
 
@@ -95,9 +96,6 @@ class Mapping:
 class DmaLog:
     """Dirty pages of device writes, tracked at PAGE_SIZE granularity."""
 
-    #: As many ranges as one page of (iova, length) pairs holds.
-    MAX_RANGES = PAGE_SIZE // 16
-
     def __init__(self):
         self.ranges: list[tuple[int, int]] | None = None
         self.page_size = PAGE_SIZE
@@ -113,8 +111,8 @@ class DmaLog:
             raise DeviceError(errno.EBUSY, "DMA logging already started")
         if not ranges:
             raise DeviceError(errno.EINVAL, "no ranges")
-        if len(ranges) > self.MAX_RANGES:
-            raise DeviceError(errno.E2BIG, f"more than {self.MAX_RANGES} ranges")
+        if len(ranges) > LOG_MAX_RANGES:
+            raise DeviceError(errno.E2BIG, f"more than {LOG_MAX_RANGES} ranges")
         if page_size < PAGE_SIZE or page_size & (page_size - 1):
             page_size = PAGE_SIZE
         spans = sorted(ranges)
@@ -141,17 +139,22 @@ class DmaLog:
             if any(a <= addr < a + n for a, n in self.ranges):
                 self._dirty.add(page)
 
-    def report(self, iova: int, length: int, page_size: int) -> bytes:
+    def report(self, iova: int, length: int, page_size: int, max_bytes: int) -> bytes:
         """The bitmap of [iova, iova+length) at ``page_size``: bit n (word
         n // 64, bit n % 64) for the page at iova + n * page_size.  Clears
-        what it reports."""
+        what it reports.  A bitmap longer than ``max_bytes`` (what one reply
+        carries) is E2BIG before anything is allocated: its size is the
+        client's to choose (issue 14)."""
         if not self.running:
             raise DeviceError(errno.EINVAL, "DMA logging is not started")
         if page_size < PAGE_SIZE or page_size & (page_size - 1):
             raise DeviceError(errno.EINVAL, f"page size {page_size} is not a power of two >= {PAGE_SIZE}")
         if iova + length > 1 << 64:
             raise DeviceError(errno.EOVERFLOW, "range overflows")
-        bitmap = bytearray(dirty_bitmap_size(length, page_size))
+        size = dirty_bitmap_size(length, page_size)
+        if size > max_bytes:
+            raise DeviceError(errno.E2BIG, f"a bitmap of {size} bytes, more than the {max_bytes} a reply carries")
+        bitmap = bytearray(size)
         first, last = iova // PAGE_SIZE, (iova + length - 1) // PAGE_SIZE
         hits = [p for p in self._dirty if first <= p <= last]
         for page in hits:
