@@ -4,10 +4,12 @@ another uid is hung up on, a DMA_MAP cannot point the device past the end
 of its file nor a shrink afterwards kill it, and the rig's guest RAM files
 are 0600.  Real device processes; the other uid is ``nobody``, by setpriv."""
 
+import array
 import asyncio
 import errno
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -17,11 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from qmpmig.device.bar0 import CTRL_DMA_ENABLE
+from qmpmig.device.bar0 import CTRL_DMA_ENABLE, REGISTERS
+from qmpmig.device.dma import MAX_DMA_MAPS
 from qmpmig.device.service import MIGRATION_REGION
+from qmpmig.migration.states import MigState
 from qmpmig.rig.processes import listening, stop_process
 from qmpmig.rig.vm import Vm
+from qmpmig.vfio_user import codec
 from qmpmig.vfio_user.client import Client
+from qmpmig.vfio_user.codec import Command as C
+from qmpmig.vfio_user.uapi import Feature, FeatureFlags as FF, IrqSetFlags, PciIrq, PciRegion
 
 from devtools import guest_memory, reg_read, reg_write, start_dma, until
 
@@ -30,10 +37,10 @@ NOBODY = 65534
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="another uid needs root (setpriv)")
 
 
-def start_device(path: Path, *options: str, umask: int = 0o022) -> subprocess.Popen:
+def start_device(path: Path, *options: str, umask: int = 0o022, stderr=subprocess.PIPE) -> subprocess.Popen:
     """The reference device under ``umask``, once it listens."""
     proc = subprocess.Popen([sys.executable, "-m", "qmpmig.device.cli", "--socket", str(path), *options],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            stdout=subprocess.DEVNULL, stderr=stderr, text=True,
                             preexec_fn=lambda: os.umask(umask))
     deadline = time.monotonic() + 20
     while not listening(path):
@@ -212,3 +219,160 @@ def test_the_rigs_guest_ram_file_is_0600(tmp_path):
         assert vm.ram_path.stat().st_size >= 256 * MiB
     finally:
         vm.close()
+
+
+# -- what a hostile client sends (issue 14: no allocation sized by an
+#    unchecked field; seed 003: it spoils its own migration at most) -----------
+
+class RawClient:
+    """A synchronous vfio-user client that frames payloads as they are,
+    unchecked: it sends what qmpmig's own client refuses to."""
+
+    def __init__(self, path: Path | str, version: bool = True):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.sock.settimeout(20)
+        self.conn = codec.Connection(codec.Party.CLIENT, codec.QMPMIG_MAX_DATA_XFER, max_msg_fds=8)
+        self._id = 0
+        if version:
+            assert self.version() == 0
+
+    def version(self, **capabilities) -> int | None:
+        capabilities = {"max_data_xfer_size": codec.QMPMIG_MAX_DATA_XFER, **capabilities}
+        return self.errno(C.VERSION, codec.Version(0, 1, capabilities))
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, cmd: int, payload, fds: tuple[int, ...] = (), msg_size: int | None = None):
+        """The reply (a Message), or None once the device hung up."""
+        body = payload if isinstance(payload, bytes) else b"".join(map(bytes, payload._pieces()))
+        self._id = (self._id + 1) & 0xFFFF
+        data = codec.HEADER.pack(self._id, cmd, msg_size or codec.HEADER.size + len(body), 0, 0) + body
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        try:
+            sent = self.sock.sendmsg([data], ancillary)
+            self.sock.sendall(data[sent:])
+        except (BrokenPipeError, ConnectionResetError):
+            return None
+        return self.reply()
+
+    def reply(self):
+        while (event := self.conn.next_event()) is codec.NEED_DATA:
+            try:
+                data = self.sock.recv(self.conn.max_message_size)
+            except ConnectionResetError:
+                return None
+            if not data:
+                return None
+            self.conn.receive_data(data)
+        return event
+
+    def errno(self, cmd: int, payload, fds: tuple[int, ...] = ()) -> int | None:
+        """0 for a reply, the errno of an error reply, None if hung up on."""
+        reply = self.send(cmd, payload, fds)
+        return None if reply is None else reply.error_no
+
+    def feature(self, feature: int, flags: int, data: bytes = b"", room: int = 0):
+        return self.send(C.DEVICE_FEATURE, codec.DeviceFeature(8 + len(data) + room, flags | feature, data))
+
+    def set_state(self, state: MigState) -> int:
+        return self.feature(Feature.MIG_DEVICE_STATE, FF.SET, codec.MigDeviceStateData(state).pack()).error_no
+
+    def reg(self, name: str) -> int:
+        field = REGISTERS[name]
+        return field.unpack(self.send(C.REGION_READ, codec.RegionAccess(field.offset, PciRegion.BAR0, field.size))
+                            .payload.data)
+
+    def set_reg(self, name: str, value: int) -> None:
+        field = REGISTERS[name]
+        assert self.errno(C.REGION_WRITE, codec.RegionAccess(field.offset, PciRegion.BAR0, field.size,
+                                                             field.pack(value))) == 0
+
+
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """A process's resident memory (VmRSS), or its peak (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def oversized_fields(raw: RawClient, mem: int) -> dict[str, int | None]:
+    """Every length, count and size of the wire a client chooses, at or
+    past its bound: the errno each gets (None: hung up on)."""
+    E, xfer, big_ranges = raw.errno, codec.QMPMIG_MAX_DATA_XFER, ((0, 4096),) * ((4 << 20) // 16 - 8)
+    logging = {"START with LOG_MAX_RANGES + 1 ranges": ((0, 4096),) * (codec.LOG_MAX_RANGES + 1),
+               "START with 4 MiB of ranges": big_ranges}
+    out = {"DMA_MAP of the memory": E(C.DMA_MAP, codec.DmaMap(3, 0, 0, MiB), (os.dup(mem),)),
+           "DMA_MAP of 2^64 - 1 bytes": E(C.DMA_MAP, codec.DmaMap(3, 0, 1 << 40, (1 << 64) - 1)),
+           "REGION_READ of max_data_xfer_size + 1": E(C.REGION_READ, codec.RegionAccess(0, PciRegion.BAR0, xfer + 1)),
+           "REGION_READ of max_data_xfer_size": E(C.REGION_READ, codec.RegionAccess(0, PciRegion.BAR0, xfer)),
+           "MIG_DATA_READ of 2^32 - 1": E(C.MIG_DATA_READ, codec.MigDataRead(8, (1 << 32) - 1)),
+           "SET_IRQS of 2^32 - 1 IRQs": E(C.DEVICE_SET_IRQS, codec.SetIrqs(
+               20, IrqSetFlags.DATA_NONE | IrqSetFlags.ACTION_TRIGGER, PciIrq.INTX, 0, (1 << 32) - 1)),
+           "REGION_WRITE_MULTI of MULTI_MAX + 1": E(C.REGION_WRITE_MULTI, codec.RegionWriteMulti(
+               (codec.RegionAccess(0x30, PciRegion.BAR0, 8, bytes(8)),) * (codec.MULTI_MAX + 1)))}
+    for name, ranges in logging.items():
+        out[name] = raw.feature(Feature.DMA_LOGGING_START, FF.SET, codec.DmaLoggingControl(4096, ranges)._encode()).error_no
+    out["START of the memory"] = raw.feature(Feature.DMA_LOGGING_START, FF.SET,
+                                             codec.DmaLoggingControl(4096, ((0, MiB),)).pack()).error_no
+    for length in (1 << 44, (1 << 64) - 4096):
+        report = codec.DmaLoggingReport(0, length, 4096)._encode()
+        out[f"REPORT of 2^{length.bit_length()} bytes"] = raw.feature(Feature.DMA_LOGGING_REPORT, FF.GET, report).error_no
+    for i in range(1, MAX_DMA_MAPS + 1):
+        if (err := E(C.DMA_MAP, codec.DmaMap(3, 0, (1 << 32) + i * 4096, 4096))) != 0:
+            out[f"DMA_MAP number {i + 1}"] = err
+            break
+    out["msg_size 2^32 - 1"] = raw.send(C.DEVICE_GET_INFO, codec.DeviceInfo(16, 0, 0, 0), msg_size=(1 << 32) - 1) \
+        .error_no
+    out["then"] = None if raw.reply() is None else "still connected"
+    return out
+
+
+#: What :func:`oversized_fields` must get.
+OVERSIZED_ANSWERS = {
+    "DMA_MAP of the memory": 0,
+    "DMA_MAP of 2^64 - 1 bytes": errno.EINVAL,
+    "REGION_READ of max_data_xfer_size + 1": errno.EINVAL,
+    "REGION_READ of max_data_xfer_size": errno.EINVAL,
+    "MIG_DATA_READ of 2^32 - 1": errno.EINVAL,
+    "SET_IRQS of 2^32 - 1 IRQs": errno.EINVAL,
+    "REGION_WRITE_MULTI of MULTI_MAX + 1": errno.EINVAL,
+    "START with LOG_MAX_RANGES + 1 ranges": errno.E2BIG,
+    "START with 4 MiB of ranges": errno.E2BIG,
+    "START of the memory": 0,
+    "REPORT of 2^45 bytes": errno.E2BIG,
+    "REPORT of 2^64 bytes": errno.E2BIG,
+    f"DMA_MAP number {MAX_DMA_MAPS + 1}": errno.ENOSPC,
+    "msg_size 2^32 - 1": errno.EINVAL,
+    "then": None,
+}
+
+
+def test_every_size_a_client_chooses_is_bounded_before_anything_is_allocated(spawn_device):
+    """Each length, count or size field of the client's at its bound or
+    past it gets a clean error reply; a msg_size past the bound loses the
+    framing and the device hangs up.  The device answers on, and its
+    memory stays within a few messages of 4 MiB, at its peak too (a 2^44-byte
+    DMA_LOGGING_REPORT took the device to 1 GiB, a 1 MiB VERSION some
+    20 MiB more)."""
+    dev = spawn_device("--state-size", "1M")
+    before = rss_mib(dev.proc.pid)
+    raw = RawClient(dev.socket, version=False)
+    mem = guest_memory(MiB)
+    try:
+        assert raw.version(pad=[[]] * (1 << 18)) == errno.EINVAL
+        assert raw.version() == 0
+        answers = oversized_fields(raw, mem)
+    finally:
+        raw.close()
+        os.close(mem)
+    assert answers == OVERSIZED_ANSWERS
+    raw = RawClient(dev.socket)
+    try:
+        assert raw.send(C.DEVICE_GET_INFO, codec.DeviceInfo(16, 0, 0, 0)).payload.num_regions == 9
+    finally:
+        raw.close()
+    peak = rss_mib(dev.proc.pid, "VmHWM")
+    assert peak - before < 32, f"RSS {before:.0f} MiB, then a peak of {peak:.0f} MiB"
