@@ -7,6 +7,7 @@ are 0600.  Real device processes; the other uid is ``nobody``, by setpriv."""
 import array
 import asyncio
 import errno
+import json
 import os
 import shutil
 import socket
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from qmpmig.device import records
 from qmpmig.device.bar0 import CTRL_DMA_ENABLE, REGISTERS
 from qmpmig.device.dma import MAX_DMA_MAPS
 from qmpmig.device.service import MIGRATION_REGION
@@ -30,7 +32,7 @@ from qmpmig.vfio_user.client import Client
 from qmpmig.vfio_user.codec import Command as C
 from qmpmig.vfio_user.uapi import Feature, FeatureFlags as FF, IrqSetFlags, PciIrq, PciRegion
 
-from devtools import guest_memory, reg_read, reg_write, start_dma, until
+from devtools import RING_IOVA, guest_memory, reg_read, reg_write, start_dma, until
 
 MiB = 1 << 20
 NOBODY = 65534
@@ -320,9 +322,9 @@ def oversized_fields(raw: RawClient, mem: int) -> dict[str, int | None]:
     for length in (1 << 44, (1 << 64) - 4096):
         report = codec.DmaLoggingReport(0, length, 4096)._encode()
         out[f"REPORT of 2^{length.bit_length()} bytes"] = raw.feature(Feature.DMA_LOGGING_REPORT, FF.GET, report).error_no
-    for i in range(1, MAX_DMA_MAPS + 1):
+    for i in range(MAX_DMA_MAPS):
         if (err := E(C.DMA_MAP, codec.DmaMap(3, 0, (1 << 32) + i * 4096, 4096))) != 0:
-            out[f"DMA_MAP number {i + 1}"] = err
+            out["DMA_MAP past max_dma_maps"] = err
             break
     out["msg_size 2^32 - 1"] = raw.send(C.DEVICE_GET_INFO, codec.DeviceInfo(16, 0, 0, 0), msg_size=(1 << 32) - 1) \
         .error_no
@@ -344,7 +346,7 @@ OVERSIZED_ANSWERS = {
     "START of the memory": 0,
     "REPORT of 2^45 bytes": errno.E2BIG,
     "REPORT of 2^64 bytes": errno.E2BIG,
-    f"DMA_MAP number {MAX_DMA_MAPS + 1}": errno.ENOSPC,
+    "DMA_MAP past max_dma_maps": errno.ENOSPC,
     "msg_size 2^32 - 1": errno.EINVAL,
     "then": None,
 }
@@ -376,3 +378,139 @@ def test_every_size_a_client_chooses_is_bounded_before_anything_is_allocated(spa
         raw.close()
     peak = rss_mib(dev.proc.pid, "VmHWM")
     assert peak - before < 32, f"RSS {before:.0f} MiB, then a peak of {peak:.0f} MiB"
+
+
+def poll(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def hostile(path: str, other_socket: str, other_ram: str) -> dict:
+    """What a hostile client does to its own device, and tries on another
+    VM's: what it got each time (run as another uid by the test below)."""
+    out = {}
+    raw = RawClient(path, version=False)
+    out["VERSION of 1 MiB of JSON"] = raw.version(pad=[[]] * (1 << 18))
+    raw.version()
+    mem = guest_memory(2 * MiB)
+    raw.errno(C.DMA_MAP, codec.DmaMap(3, 0, RING_IOVA, 2 * MiB), (os.dup(mem),))
+    for name, value in (("ring_iova", RING_IOVA), ("ring_size", MiB), ("ctrl", CTRL_DMA_ENABLE)):
+        raw.set_reg(name, value)
+    out["DMA before the shrink"] = poll(lambda: raw.reg("dma_seq") > 50)
+    os.ftruncate(mem, 0)
+    out["DMA fault reported"] = poll(lambda: raw.reg("dma_faults") > 0) and raw.reg("dma_faults")
+    out["engine stopped"] = not raw.reg("ctrl") & CTRL_DMA_ENABLE
+    os.ftruncate(mem, 2 * MiB)
+    raw.set_reg("dma_rate", (1 << 32) - 1)
+    raw.set_reg("ctrl", CTRL_DMA_ENABLE)
+    start = time.monotonic()
+    raw.send(C.DEVICE_GET_INFO, codec.DeviceInfo(16, 0, 0, 0))
+    out["answers within 0.5 s at dma_rate 2^32 - 1"] = time.monotonic() - start < 0.5
+    out["state 99"] = raw.feature(Feature.MIG_DEVICE_STATE, FF.SET, bytes(8)[:4] + (99).to_bytes(4, "little")).error_no
+    out["RESUMING"] = raw.set_state(MigState.RESUMING)
+    out["a stream of garbage refused"] = raw.errno(C.MIG_DATA_WRITE, codec.MigDataWrite(8 + 4096, 4096, os.urandom(4096))) != 0
+    out["leaving RESUMING refused"] = raw.set_state(MigState.RUNNING) != 0
+
+    def state() -> str:
+        reply = raw.feature(Feature.MIG_DEVICE_STATE, FF.GET, room=8)
+        return MigState(codec.MigDeviceStateData.unpack(reply.payload.data).device_state).name
+    out["then"] = state()
+    out["DEVICE_RESET"] = raw.errno(C.DEVICE_RESET, codec.Empty())
+    out["after the reset"] = state()
+    out["oversized fields"] = oversized_fields(raw, mem)
+    raw.close()
+    for what, reach in (("other VM's RAM", lambda: open(other_ram, "rb")),
+                        ("other VM's socket", lambda: RawClient(other_socket))):
+        try:
+            reach()
+            out[what] = "reached"
+        except OSError as err:
+            out[what] = type(err).__name__
+    raw = RawClient(path)
+    out["served again"] = raw.send(C.DEVICE_GET_INFO, codec.DeviceInfo(16, 0, 0, 0)).payload.num_regions
+    raw.close()
+    return out
+
+
+HOSTILE_GETS = {
+    "VERSION of 1 MiB of JSON": errno.EINVAL,
+    "DMA before the shrink": True,
+    "DMA fault reported": 1,
+    "engine stopped": True,
+    "answers within 0.5 s at dma_rate 2^32 - 1": True,
+    "state 99": errno.EINVAL,
+    "RESUMING": 0,
+    "a stream of garbage refused": True,
+    "leaving RESUMING refused": True,
+    "then": "ERROR",
+    "DEVICE_RESET": 0,
+    "after the reset": "RUNNING",
+    "oversized fields": OVERSIZED_ANSWERS,
+    "other VM's RAM": "PermissionError",
+    "other VM's socket": "PermissionError",
+    "served again": 9,
+}
+
+
+def run_hostile(path: Path, other_socket: Path, other_ram: Path) -> dict:
+    """:func:`hostile` as nobody."""
+    done = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                           sys.executable, __file__, str(path), str(other_socket), str(other_ram)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@root_only
+async def test_a_hostile_client_spoils_its_own_device_at_most(spawn_device):
+    """Seed 003: "the kernel must protect itself from hostile userspace";
+    a buggy or hostile user may corrupt its own migration.  A client of
+    another uid (nobody, allowed to its own device and handed its socket)
+    shrinks its memory under the DMA, programs the fastest DMA, walks into
+    ERROR by a stream of garbage, sends every size past its bound and
+    breaks the framing; it cannot open another VM's guest RAM (0600, as
+    the rig's) or its device's socket (0600 in a 0700 directory).  Its own
+    device serves it again afterwards; the other VM's device, next to it,
+    keeps its state (hash unchanged while stopped), does DMA all along
+    (every record in place, no fault) and never loses its client."""
+    top = open_socket_dir()
+    path = top / "hostile.sock"
+    with open(top / "hostile.log", "w") as log:
+        proc = start_device(path, "--state-size", "1M", "--allow-uid", str(NOBODY), stderr=log)
+    os.chown(path, NOBODY, -1)
+    other = spawn_device("--state-size", "1M", "--dma-rate", "1000")
+    ram = Path(tempfile.mktemp(prefix="qmpmig-sec-", suffix=".ram", dir="/dev/shm"))
+    fd = os.open(ram, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    os.ftruncate(fd, 2 * MiB)
+    client = await Client.connect(str(other.socket))
+    try:
+        await start_dma(client, fd, 2 * MiB, ring_size=MiB)
+        await until(lambda: reg_above(client, "dma_seq", 50), "the other VM's DMA")
+        await client.set_device_state(MigState.STOP)
+        digest = await client.state_hash()
+        assert await asyncio.to_thread(run_hostile, path, other.socket, ram) == HOSTILE_GETS
+        assert await client.state_hash() == digest
+        await client.set_device_state(MigState.RUNNING)
+        before = await reg_read(client, "dma_seq")
+        assert await asyncio.to_thread(run_hostile, path, other.socket, ram) == HOSTILE_GETS
+        await reg_write(client, "ctrl", 0)         # the engine stops; MMIO goes on (it does not in STOP)
+        written = await reg_read(client, "dma_seq")
+        assert written > before + 500
+        assert records.verify(os.pread(fd, MiB, 0), 1, written) == []
+        assert [await reg_read(client, name) for name in ("dma_faults", "client_losses")] == [0, 0]
+        assert proc.poll() is None and other.proc.poll() is None
+    finally:
+        await client.close()
+        os.close(fd)
+        ram.unlink()
+        stop_process(proc)
+        shutil.rmtree(top, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    print(json.dumps(hostile(*sys.argv[1:4])))
