@@ -20,7 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from qmpmig.device import records
+from qmpmig.daemon import control
+from qmpmig.device import records, savestream
+from qmpmig.device.migration import Loader
+from qmpmig.device.model import DeviceConfig
+from qmpmig.device.state import InternalState
+from qmpmig.errors import StreamError
 from qmpmig.device.bar0 import CTRL_DMA_ENABLE, REGISTERS
 from qmpmig.device.dma import MAX_DMA_MAPS
 from qmpmig.device.service import MIGRATION_REGION
@@ -511,6 +516,30 @@ async def test_a_hostile_client_spoils_its_own_device_at_most(spawn_device):
         stop_process(proc)
         shutil.rmtree(top, ignore_errors=True)
 
+
+
+@pytest.mark.parametrize("line", [b"[" * 100_000 + b"]" * 100_000, b"1" * 5000, b"\xff", b"[]"],
+                         ids=["deep", "long int", "not UTF-8", "not an object"])
+def test_a_control_line_that_is_no_request_is_a_control_error(line):
+    """The daemon's control and peer protocol: whatever JSON a line holds
+    (nesting past the recursion limit, an int past 4300 digits), the
+    connection gets a ControlError, which the daemon answers and closes
+    on, never another exception."""
+    with pytest.raises(control.ControlError):
+        control.LineReader().feed(line + b"\n")
+
+
+@pytest.mark.parametrize("tag, payload", [(b"REGS", b"[1]"), (b"REGS", b"[" * 5000 + b"]" * 5000),
+                                          (b"REGS", b" " * (savestream.MAX_JSON + 1))],
+                         ids=["a list", "deep", "past MAX_JSON"])
+def test_a_stream_json_chunk_must_be_a_small_object(tag, payload):
+    """A resume stream is the client's to write, CRCs and all: its JSON
+    chunks are refused (StreamError: the device goes to ERROR) unless they
+    are objects of at most MAX_JSON bytes."""
+    config = DeviceConfig(state_size=1 << 20).stream_config()
+    loader = Loader(InternalState(1 << 20), config)
+    with pytest.raises(StreamError):
+        loader.write(savestream.header(config) + savestream.encode(tag, 0, payload))
 
 if __name__ == "__main__":
     print(json.dumps(hostile(*sys.argv[1:4])))
