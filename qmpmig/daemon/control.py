@@ -234,7 +234,7 @@ class LineReader:
     def _decode(line: bytes) -> dict:
         try:
             message = json.loads(line)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (ValueError, RecursionError) as err:     # ValueError: also an int past 4300 digits
             raise ControlError(f"not JSON: {err}") from None
         if not isinstance(message, dict):
             raise ControlError("not a JSON object")

@@ -30,6 +30,7 @@ REGISTERS = {
     "scratch": Field(0x30, "<Q"),
     "page_requests": Field(0x38, "<Q"),
     "client_losses": Field(0x40, "<Q"),
+    "dma_faults": Field(0x48, "<Q"),
 }
 WRITABLE = frozenset({"ctrl", "ring_iova", "ring_size", "dma_rate", "scratch"})
 

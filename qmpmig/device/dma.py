@@ -5,10 +5,21 @@ Mappings carry the client's memory fd (SCM_RIGHTS), mmap'd here, so a
 device write lands in the client's pages (for a VM: in guest RAM).  Every
 write through :meth:`DmaSpace.write` is logged while logging runs; REPORT
 reads and clears (uAPI: "read and clear", bits only ever set).
+
+The client keeps its fd and may shrink the file under the mapping
+(issue 14, seed 003: a hostile client may spoil its own device's
+migration, never kill the device).  A load or store past the end of a
+shared file mapping is a SIGBUS, so the device never touches the mapping
+itself: the kernel copies, by process_vm_writev/readv on this process,
+and a page past the end of the file is EFAULT there.  That keeps the
+mapping's own semantics (hugetlbfs, where write(2) is EINVAL, works; a
+pwrite past the end would grow the file back instead of failing) and has
+no check-then-write race.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -16,7 +27,53 @@ import stat
 from dataclasses import dataclass
 
 from ..errors import DeviceError
+from ..vfio_user.codec import LOG_MAX_RANGES
 from ..vfio_user.uapi import PAGE_SIZE, DmaFlags, bitmap_set, dirty_bitmap_size
+
+
+#: The most mappings a client may hold at once (vfio-user spec, VERSION
+#: capability ``max_dma_maps``, which the device offers); each holds an fd.
+MAX_DMA_MAPS = 1024
+
+
+class _Iovec(ctypes.Structure):
+    """struct iovec (<sys/uio.h>); ``base`` takes bytes or an address."""
+
+    _fields_ = [("base", ctypes.c_char_p), ("len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_process_vm_writev, _process_vm_readv = _libc.process_vm_writev, _libc.process_vm_readv
+for _call in (_process_vm_writev, _process_vm_readv):
+    _call.restype = ctypes.c_ssize_t
+    _call.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+_mmap, _munmap = _libc.mmap, _libc.munmap
+_mmap.restype, _mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                                                  ctypes.c_int, ctypes.c_long]
+_munmap.restype, _munmap.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t]
+#: mmap(2)'s MAP_FAILED, (void *) -1.
+_MAP_FAILED = ctypes.c_void_p(-1).value
+#: The two iovecs of every copy, made once (a copy is a few microseconds;
+#: building them each time doubled it).  The device is single-threaded.
+_LOCAL, _REMOTE = _Iovec(), _Iovec()
+_LOCAL_AT, _REMOTE_AT = ctypes.addressof(_LOCAL), ctypes.addressof(_REMOTE)
+
+
+def _kernel_copy(call, local: bytes | int, remote: int, length: int) -> None:
+    """Copy ``length`` bytes between ``local`` (bytes, or an address) and
+    the address ``remote`` of this process, by process_vm_writev (local to
+    remote) or _readv (remote to local): OSError(EFAULT) instead of SIGBUS
+    where a page is gone."""
+    _LOCAL.base, _LOCAL.len, _REMOTE.base, _REMOTE.len = local, length, remote, length
+    try:
+        done = call(os.getpid(), _LOCAL_AT, 1, _REMOTE_AT, 1, 0)
+    finally:
+        _LOCAL.base = None
+    if done < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    if done != length:
+        raise OSError(errno.EFAULT, f"{length - done} of {length} bytes past the end of the file")
 
 
 @dataclass
@@ -26,7 +83,10 @@ class Mapping:
     flags: int
     fd: int
     offset: int
-    mem: mmap.mmap | None
+    #: Where the mapping of ``fd`` starts in this process (0: no fd, no mapping;
+    #: by libc's mmap, for a read-only mapping has no writable buffer to
+    #: take the address of).
+    base: int = 0
 
     @property
     def end(self) -> int:
@@ -35,9 +95,6 @@ class Mapping:
 
 class DmaLog:
     """Dirty pages of device writes, tracked at PAGE_SIZE granularity."""
-
-    #: As many ranges as one page of (iova, length) pairs holds.
-    MAX_RANGES = PAGE_SIZE // 16
 
     def __init__(self):
         self.ranges: list[tuple[int, int]] | None = None
@@ -54,8 +111,8 @@ class DmaLog:
             raise DeviceError(errno.EBUSY, "DMA logging already started")
         if not ranges:
             raise DeviceError(errno.EINVAL, "no ranges")
-        if len(ranges) > self.MAX_RANGES:
-            raise DeviceError(errno.E2BIG, f"more than {self.MAX_RANGES} ranges")
+        if len(ranges) > LOG_MAX_RANGES:
+            raise DeviceError(errno.E2BIG, f"more than {LOG_MAX_RANGES} ranges")
         if page_size < PAGE_SIZE or page_size & (page_size - 1):
             page_size = PAGE_SIZE
         spans = sorted(ranges)
@@ -82,17 +139,22 @@ class DmaLog:
             if any(a <= addr < a + n for a, n in self.ranges):
                 self._dirty.add(page)
 
-    def report(self, iova: int, length: int, page_size: int) -> bytes:
+    def report(self, iova: int, length: int, page_size: int, max_bytes: int) -> bytes:
         """The bitmap of [iova, iova+length) at ``page_size``: bit n (word
         n // 64, bit n % 64) for the page at iova + n * page_size.  Clears
-        what it reports."""
+        what it reports.  A bitmap longer than ``max_bytes`` (what one reply
+        carries) is E2BIG before anything is allocated: its size is the
+        client's to choose (issue 14)."""
         if not self.running:
             raise DeviceError(errno.EINVAL, "DMA logging is not started")
         if page_size < PAGE_SIZE or page_size & (page_size - 1):
             raise DeviceError(errno.EINVAL, f"page size {page_size} is not a power of two >= {PAGE_SIZE}")
         if iova + length > 1 << 64:
             raise DeviceError(errno.EOVERFLOW, "range overflows")
-        bitmap = bytearray(dirty_bitmap_size(length, page_size))
+        size = dirty_bitmap_size(length, page_size)
+        if size > max_bytes:
+            raise DeviceError(errno.E2BIG, f"a bitmap of {size} bytes, more than the {max_bytes} a reply carries")
+        bitmap = bytearray(size)
         first, last = iova // PAGE_SIZE, (iova + length - 1) // PAGE_SIZE
         hits = [p for p in self._dirty if first <= p <= last]
         for page in hits:
@@ -116,22 +178,25 @@ class DmaSpace:
             if fd is not None:
                 os.close(fd)
             raise
-        mem = None
+        base = 0
         if fd is not None:
             prot = (mmap.PROT_READ if flags & DmaFlags.READ else 0) | (mmap.PROT_WRITE if flags & DmaFlags.WRITE else 0)
-            try:
-                mem = mmap.mmap(fd, size, mmap.MAP_SHARED, prot or mmap.PROT_READ, offset=offset)
-            except (OSError, ValueError) as err:
+            base = _mmap(None, size, prot or mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+            if base == _MAP_FAILED:
+                err = ctypes.get_errno()
                 os.close(fd)
-                raise DeviceError(errno.EINVAL, f"cannot map the fd: {err}") from None
-        self.maps.append(Mapping(address, size, flags, -1 if fd is None else fd, offset, mem))
+                raise DeviceError(errno.EINVAL, f"cannot map the fd: {os.strerror(err)}")
+        self.maps.append(Mapping(address, size, flags, -1 if fd is None else fd, offset, base))
 
     def _check(self, address: int, size: int, fd: int | None, offset: int) -> None:
-        """A mapping of some size, overlapping none, within its file (a DMA
-        past the end of a file's mapping is a SIGBUS; a client that
-        shrinks the file afterwards can still bring one about)."""
+        """A mapping of some size, overlapping none, within max_dma_maps and
+        within its file (a shrink afterwards is EFAULT at the DMA: above)."""
         if not size:
             raise DeviceError(errno.EINVAL, "zero-sized mapping")
+        if offset + size > 1 << 63:
+            raise DeviceError(errno.EINVAL, f"offset {offset:#x}+{size:#x} beyond any file (off_t)")
+        if len(self.maps) >= MAX_DMA_MAPS:
+            raise DeviceError(errno.ENOSPC, f"{MAX_DMA_MAPS} mappings already (max_dma_maps)")
         for m in self.maps:
             if address < m.end and m.address < address + size:
                 raise DeviceError(errno.EEXIST, f"{address:#x}+{size:#x} overlaps {m.address:#x}+{m.size:#x}")
@@ -156,24 +221,31 @@ class DmaSpace:
 
     @staticmethod
     def _release(m: Mapping) -> None:
-        if m.mem is not None:
-            m.mem.close()
+        if m.base:
+            _munmap(m.base, m.size)
         if m.fd >= 0:
             os.close(m.fd)
 
     def _find(self, iova: int, length: int, flag: int) -> tuple[Mapping, int]:
         for m in self.maps:
             if m.address <= iova and iova + length <= m.end:
-                if m.mem is None or not m.flags & flag:
+                if not m.base or not m.flags & flag:
                     raise DeviceError(errno.EPERM, f"{iova:#x}+{length:#x} is not mapped for this access")
                 return m, iova - m.address
         raise DeviceError(errno.EFAULT, f"{iova:#x}+{length:#x} is not mapped")
 
     def write(self, iova: int, data: bytes) -> None:
+        """DMA ``data`` to ``iova``; OSError (EFAULT where the client shrank
+        the file) and nothing logged if it does not all land."""
         m, off = self._find(iova, len(data), DmaFlags.WRITE)
-        m.mem[off:off + len(data)] = data
+        if data:
+            _kernel_copy(_process_vm_writev, bytes(data), m.base + off, len(data))
         self.log.mark(iova, len(data))
 
     def read(self, iova: int, length: int) -> bytes:
+        """``length`` bytes DMA'd from ``iova``; OSError as :meth:`write`."""
         m, off = self._find(iova, length, DmaFlags.READ)
-        return bytes(m.mem[off:off + length])
+        buf = ctypes.create_string_buffer(length)
+        if length:
+            _kernel_copy(_process_vm_readv, ctypes.addressof(buf), m.base + off, length)
+        return buf.raw

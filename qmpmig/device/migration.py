@@ -148,10 +148,10 @@ class Loader:
                 self.state.store(chunk.arg, chunk.parts, chunk.payload_crc)
             elif chunk.tag == b"REGS":
                 try:
-                    self.registers = json.loads(bytes(chunk.payload))
-                except ValueError as err:
-                    self.reader.error = f"unreadable registers: {err}"
-                    raise StreamError(self.reader.error) from None
+                    self.registers = savestream.read_json(chunk, "registers")
+                except StreamError as err:
+                    self.reader.error = str(err)
+                    raise
 
     def finish(self) -> dict:
         """Leaving RESUMING: the stream must be whole and reproduce the

@@ -17,6 +17,7 @@ import errno
 import hashlib
 import json
 import logging
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
@@ -50,6 +51,10 @@ DEFECTS = {
 
 #: Seconds the slow-start defect takes.
 SLOW_START = 3.0
+#: The most records one engine tick writes, whatever ``dma_rate`` the
+#: client programmed (a u32): the engine shares the event loop with the
+#: client's own commands, which must stay answered (seed 003).
+DMA_BURST = 256
 
 
 @dataclass
@@ -214,15 +219,18 @@ class ReferenceDevice:
             self.loader = Loader(self.state, self.config.stream_config())
 
     def _load(self) -> None:
-        """!RESUMING: load and validate what was written; ERROR if invalid."""
+        """!RESUMING: load and validate what was written; ERROR if invalid.
+        Each register must fit its width: a stream is the client's to
+        write, and what it loads must not break the device (seed 003)."""
         loader, self.loader = self.loader, None
         try:
             regs = loader.finish()
             for name in MIGRATED:
-                self.regs[name] = int(regs[name])
+                REGISTERS[name].pack(regs[name])
             self.state.set_rng_state(regs["rng"])
+            self.regs.update({name: regs[name] for name in MIGRATED})
             self.loaded = True
-        except (StreamError, KeyError, TypeError, ValueError) as err:
+        except (StreamError, KeyError, TypeError, ValueError, struct.error) as err:
             self.error = f"resume refused: {err}"
             log.error("%s", self.error)
 
@@ -277,7 +285,7 @@ class ReferenceDevice:
                 self.state.mutate(n)
             if self.dma_allowed and self.regs["ctrl"] & CTRL_DMA_ENABLE:
                 dma_credit += self.regs["dma_rate"] * tick
-                n, dma_credit = int(dma_credit), dma_credit % 1
+                n, dma_credit = min(int(dma_credit), DMA_BURST), dma_credit % 1
                 for _ in range(n):
                     if not await self.dma_one():
                         break
@@ -286,7 +294,13 @@ class ReferenceDevice:
 
     async def dma_one(self) -> bool:
         """Write the next record; raise a page request first if its page is
-        not present.  False when the ring is unusable or DMA got disallowed."""
+        not present.  False when the ring is unusable or DMA got disallowed.
+
+        A DMA that fails (the ring not mapped for writing, the client's file
+        shrunk under it, a page request refused or left unanswered by a
+        client that went away) is the client's doing: counted in
+        ``dma_faults``, the engine stopped (``ctrl`` bit 0 cleared), the
+        device serving on (seed 003)."""
         slots = self.regs["ring_size"] // records.SIZE
         if not slots:
             return False
@@ -301,6 +315,8 @@ class ReferenceDevice:
             self.regs["page_requests"] += 1
             try:
                 await self.page_request(iova)
+            except OSError as err:
+                return self._dma_fault(iova, f"page request: {err}")
             finally:
                 self.page_request_outstanding = None
             self.present_pages.add(page)
@@ -311,11 +327,15 @@ class ReferenceDevice:
         try:
             self.dma.write(iova, records.record(self.config.device_id, seq))
         except OSError as err:
-            log.warning("DMA to %#x failed: %s; engine disabled", iova, err)
-            self.regs["ctrl"] &= ~CTRL_DMA_ENABLE
-            return False
+            return self._dma_fault(iova, str(err))
         self.regs["dma_seq"] = seq + 1
         return True
+
+    def _dma_fault(self, iova: int, why: str) -> bool:
+        log.warning("DMA to %#x failed: %s; engine disabled", iova, why)
+        self.regs["dma_faults"] += 1
+        self.regs["ctrl"] &= ~CTRL_DMA_ENABLE
+        return False
 
 
 #: Seed 000's event-triggered actions (fsm.V1_ACTIONS) -> what this device does.

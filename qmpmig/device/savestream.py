@@ -35,6 +35,11 @@ VERSION = 2
 MODEL = "qmpmig-reference-dma"
 MAX_PAYLOAD = 1 << 20
 TAGS = (b"QHDR", b"PAGE", b"REGS", b"DONE")
+#: The longest JSON chunk (QHDR, REGS: a few KiB): parsed JSON takes up to
+#: some 25 times its text, and the stream is the client's to write
+#: (issue 14: no allocation sized by an unchecked field).
+MAX_JSON = 64 << 10
+JSON_TAGS = (b"QHDR", b"REGS")
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,17 @@ def header(config: dict) -> bytes:
     return encode(b"QHDR", 0, json.dumps(body, sort_keys=True).encode())
 
 
+def read_json(chunk: Chunk, what: str) -> dict:
+    """A JSON chunk's object; StreamError for anything else."""
+    try:
+        value = json.loads(bytes(chunk.payload))
+    except (ValueError, RecursionError) as err:
+        raise StreamError(f"unreadable {what}: {err}") from None
+    if not isinstance(value, dict):
+        raise StreamError(f"the {what} is not a JSON object")
+    return value
+
+
 class StreamReader:
     """Incremental decoder for one resume: feed bytes, get chunks; raises
     StreamError (and stays failed) on anything it must not load."""
@@ -103,8 +119,8 @@ class StreamReader:
             tag, length, arg, crc = CHUNK.unpack_from(self._buf.front(CHUNK.size))
             if tag not in TAGS:
                 raise StreamError(f"chunk {self.chunks}: unknown tag {tag!r}")
-            if length > MAX_PAYLOAD:
-                raise StreamError(f"chunk {self.chunks}: length {length} too large")
+            if length > (MAX_JSON if tag in JSON_TAGS else MAX_PAYLOAD):
+                raise StreamError(f"chunk {self.chunks} ({tag.decode()}): length {length} too large")
             if len(self._buf) < CHUNK.size + length:
                 break
             self._buf.skip(CHUNK.size)
@@ -128,10 +144,7 @@ class StreamReader:
         if self.chunks == 0:
             if chunk.tag != b"QHDR":
                 raise StreamError("stream does not start with a qmpmig device header")
-            try:
-                head = json.loads(bytes(chunk.payload))
-            except ValueError as err:
-                raise StreamError(f"unreadable header: {err}") from None
+            head = read_json(chunk, "header")
             if head.get("model") != MODEL:
                 raise StreamError(f"stream is for device model {head.get('model')!r}, this is {MODEL!r}")
             if head.get("version") != VERSION:

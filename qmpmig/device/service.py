@@ -24,6 +24,7 @@ from ..vfio_user.server import serve_unix
 from ..vfio_user.uapi import (MIGRATION_REGION_TYPE, PCI_NUM_IRQS, PCI_NUM_REGIONS, DeviceInfoFlags, Feature,
                               FeatureFlags as FF, IrqInfoFlags, IrqSetFlags, PciIrq, PciRegion, RegionInfoFlags)
 from .bar0 import BAR0_SIZE, PCI_DEVICE, PCI_VENDOR
+from .dma import MAX_DMA_MAPS
 from .model import ReferenceDevice
 from .v1region import DATA_OFFSET, REGION_SIZE, WINDOW, V1Region
 
@@ -277,7 +278,8 @@ class DeviceService:
 
     def feature_dma_logging_report(self, data: bytes) -> bytes:
         report = codec.DmaLoggingReport.unpack(data)
-        bitmap = self.device.dma_log.report(report.iova, report.length, report.page_size)
+        bitmap = self.device.dma_log.report(report.iova, report.length, report.page_size,
+                                            self.endpoint.conn.max_data_xfer_size)
         return codec.DmaLoggingReport(report.iova, report.length, report.page_size, bitmap).pack()
 
     # -- v2 migration data --------------------------------------------------
@@ -298,13 +300,17 @@ class DeviceService:
         return codec.Empty()
 
 
+#: What the device offers in VERSION; max_dma_maps is what DMA_MAP enforces.
+CAPABILITIES = {"max_msg_fds": 8, "max_data_xfer_size": codec.QMPMIG_MAX_DATA_XFER, "max_dma_maps": MAX_DMA_MAPS}
+
+
 async def run(path: str, device: ReferenceDevice, ready: asyncio.Event | None = None,
               allowed_uids: frozenset[int] = frozenset()) -> None:
     """Serve ``device`` on ``path`` with its engines running, until cancelled."""
     service = DeviceService(device)
     engines = asyncio.create_task(device.run_engines(), name="device engines")
     try:
-        await serve_unix(path, service, ready=ready, allowed_uids=allowed_uids)
+        await serve_unix(path, service, CAPABILITIES, ready=ready, allowed_uids=allowed_uids)
     finally:
         engines.cancel()
         with contextlib.suppress(asyncio.CancelledError):

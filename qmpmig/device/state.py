@@ -120,6 +120,10 @@ class InternalState:
         return [self.generation, list(self._rng.getstate()[1]), self._rng.getstate()[2]]
 
     def set_rng_state(self, saved: list) -> None:
+        """What :meth:`rng_state` gave; ValueError or TypeError for anything
+        else (a resume stream is the client's to write: seed 003)."""
+        if type(saved[0]) is not int or not 0 <= saved[0] < 1 << 63:
+            raise ValueError(f"generation {saved[0]!r} is not a u63")
         self.generation = saved[0]
         self._rng.setstate((3, tuple(saved[1]), saved[2]))
 

@@ -13,6 +13,7 @@ own width and alignment; anything else is EINVAL.
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 
@@ -34,8 +35,11 @@ class V1Region:
         self.device = device
         # The fd stands for the whole region: the window sits at its region
         # offset, so the client maps SPARSE_MMAP areas at region offset + area.
-        self.fd = os.memfd_create("qmpmig-v1-region")
+        # Sealed at its size: the client holds the fd, and a shrink would
+        # make the device's next access to its window a SIGBUS (seed 003).
+        self.fd = os.memfd_create("qmpmig-v1-region", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, REGION_SIZE)
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
         self.window = mmap.mmap(self.fd, WINDOW, offset=DATA_OFFSET)
         self.data_size: int | None = None
         self._reads = 0

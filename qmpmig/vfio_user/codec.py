@@ -60,7 +60,7 @@ import sys
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
-from errno import EINVAL
+from errno import E2BIG, EINVAL
 from typing import Callable, ClassVar, Self
 
 from ..bytequeue import ByteQueue
@@ -75,6 +75,16 @@ DEFAULT_MAX_DATA_XFER = 1 << 20
 #: What qmpmig's client and device offer: fewer, larger MIG_DATA messages
 #: (the per-message cost is Python's; the peer's smaller figure wins).
 QMPMIG_MAX_DATA_XFER = 4 << 20
+#: The longest VERSION JSON read or sent.  The spec sets none; what QEMU
+#: and libvfio-user send is a few hundred bytes, and parsed JSON takes up
+#: to some 25 times its text in objects (issue 14: no allocation sized by
+#: what the peer sends).
+MAX_VERSION_JSON = 64 << 10
+#: The most entries of a REGION_WRITE_MULTI (QEMU's VFIO_USER_MULTI_MAX).
+MULTI_MAX = 200
+#: The most ranges of a DMA_LOGGING_START (the kernel's LOG_MAX_RANGES,
+#: drivers/vfio/vfio_main.c: more is E2BIG).
+LOG_MAX_RANGES = 256
 
 
 class Command(enum.IntEnum):
@@ -275,6 +285,8 @@ class Version(_Struct):
         (major, minor), text = _split(_HH, buf)
         if not text:
             return cls(major, minor)
+        if len(text) > MAX_VERSION_JSON:
+            raise ValueError(f"{len(text)} bytes of JSON, more than {MAX_VERSION_JSON}")
         if text[-1] != 0:
             raise ValueError("JSON is not NUL-terminated")
         try:
@@ -291,9 +303,11 @@ class Version(_Struct):
         if not isinstance(self.capabilities, dict):
             raise ValueError("capabilities is not an object")
         try:
-            json.dumps(self.capabilities)
+            text = json.dumps({"capabilities": self.capabilities}, separators=(",", ":"))
         except (TypeError, ValueError):
             raise ValueError("capabilities are not JSON") from None
+        if len(text) + 1 > MAX_VERSION_JSON:
+            raise ValueError(f"{len(text) + 1} bytes of JSON, more than {MAX_VERSION_JSON}")
         for key, valid in CAPABILITY_TYPES.items():
             if key in self.capabilities and not valid(self.capabilities[key]):
                 raise ValueError(f"capability {key} has the wrong type: {self.capabilities[key]!r}")
@@ -594,6 +608,8 @@ class RegionWriteMulti(_Struct):
     @classmethod
     def _decode(cls, buf: bytes) -> Self:
         (wr_cnt,), tail = _split(_Q, buf)
+        if wr_cnt > MULTI_MAX or len(tail) > MULTI_MAX * _QII8s.size:
+            raise ValueError(f"wr_cnt {wr_cnt} and {len(tail)} bytes of entries: at most {MULTI_MAX} entries")
         items = _items(_QII8s, tail)
         if len(items) != wr_cnt:
             raise ValueError(f"wr_cnt {wr_cnt} with {len(items)} entries")
@@ -601,6 +617,8 @@ class RegionWriteMulti(_Struct):
                          for offset, region, count, data in items))
 
     def _check(self, data: bool, limit: int) -> None:
+        if len(self.writes) > MULTI_MAX:
+            raise ValueError(f"{len(self.writes)} writes, more than {MULTI_MAX}")
         for write in self.writes:
             if type(write) is not RegionAccess or write.count > _MULTI_DATA:
                 raise ValueError(f"not a write of at most 8 bytes: {write!r}")
@@ -736,6 +754,10 @@ class DmaLoggingControl(_FeatureData):
     @classmethod
     def _decode(cls, buf: bytes) -> Self:
         (page_size, num_ranges, reserved), tail = _split(_QII, buf)
+        if num_ranges > LOG_MAX_RANGES:
+            raise RemoteProtocolError(f"{num_ranges} ranges, more than {LOG_MAX_RANGES}", E2BIG)
+        if len(tail) > LOG_MAX_RANGES * _QQ.size:
+            raise RemoteProtocolError(f"{len(tail)} bytes of ranges, more than {LOG_MAX_RANGES} ranges", E2BIG)
         ranges = tuple(_items(_QQ, tail))
         if reserved or len(ranges) != num_ranges:
             raise ValueError(f"reserved {reserved}, num_ranges {num_ranges} with {len(ranges)} ranges")
@@ -743,6 +765,8 @@ class DmaLoggingControl(_FeatureData):
 
     def _check(self, data: bool, limit: int) -> None:
         _check_page_size(self.page_size)
+        if len(self.ranges) > LOG_MAX_RANGES:
+            raise ValueError(f"{len(self.ranges)} ranges, more than {LOG_MAX_RANGES}")
 
 
 @dataclass(frozen=True)
