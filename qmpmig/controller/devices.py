@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import fcntl
 import mmap
 import os
 from collections.abc import Awaitable, Callable
@@ -253,7 +254,7 @@ class V1Device(RemoteDevice):
                 if not kind or (kind.type, kind.subtype) != MIGRATION_REGION_TYPE:
                     continue
                 found = MigrationRegion(index, region.size)
-                if fd is not None and sparse and sparse.areas:
+                if fd is not None and sparse and sparse.areas and _cannot_shrink(fd, region.offset + sum(sparse.areas[0])):
                     found.mmap_start, found.mmap_size = sparse.areas[0]
                     found.mem = mmap.mmap(fd, found.mmap_size, offset=region.offset + found.mmap_start)
                 return found
@@ -380,3 +381,15 @@ async def relay(read: Callable[[], Awaitable[bytes]], write: Callable[[bytes], A
             if not task.cancel() and not task.cancelled():
                 task.exception()            # retrieved: the first failure is raised
     return moved
+
+
+def _cannot_shrink(fd: int, end: int) -> bool:
+    """Whether the window up to ``end`` of a device's region fd may be
+    mapped: the file reaches that far and is sealed against shrinking
+    (F_SEAL_SHRINK).  A device that could shrink it under the mapping would
+    kill this process by SIGBUS on the next access; its region is then
+    read and written through messages instead."""
+    try:
+        return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK) and os.fstat(fd).st_size >= end
+    except OSError:
+        return False
