@@ -495,3 +495,19 @@ async def test_the_source_qemu_killed_in_any_phase(guest_image, phase, fault_cel
     else:
         assert summary.guest_on == "destination" and report.checks["heartbeat"] is None, report.checks
     assert report.violations == []
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "reorder", "duplicate", "replay"])
+async def test_a_spoilt_device_stream_is_refused_and_the_source_runs_on(guest_image, how):
+    """The device stream bent on its way (``--debug spoil-HOW``: a bit
+    flipped, a piece cut short, two pieces swapped, one written twice, an
+    earlier one replayed): the destination device refuses it every time
+    (the data write fails, or leaving RESUMING does: ERROR), the migration
+    fails naming the destination device, and the guest runs on at the
+    source with its device RUNNING, the destination QEMU ended."""
+    report = await launch(options(devices=1, state_size="16M", controller={"debug": frozenset({f"spoil-{how}"})}))
+    summary = report.summary
+    assert not summary.ok and summary.guest_on == "source", summary
+    assert "dst device dev0" in summary.message, summary.message
+    assert not any(report.checks.values()), report.checks
+    assert report.checks["destination QEMU ended"] is None and report.violations == []

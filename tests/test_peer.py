@@ -462,3 +462,26 @@ def test_the_source_hosts_daemon_killed_in_any_phase(two_hosts, pki, phase, faul
                        "destination" if on_dst else "source", time.monotonic(), recovered[0]["message"])
     assert not on_dst and f"the daemon at {address}" in recovered[0]["message"], recovered
     assert dst.last_heartbeat() == 0, "the destination ran the guest"
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("how", ["flip", "truncate", "reorder", "duplicate", "replay"])
+def test_a_spoilt_device_stream_across_hosts_is_refused_and_the_source_runs_on(two_hosts, pki, how):
+    """The device stream bent at host A before it crosses (``--debug
+    spoil-HOW``; the channel's CRC-32 covers the bent bytes, so only the
+    device's own checks stand between it and the guest): B's device refuses
+    it every time, the command exits 1 naming that device, the guest runs
+    on at A with its device RUNNING, and B's QEMU is ended."""
+    hosts, src, dst, tmp = two_hosts
+    runs, address = hosts(pki["host-a"])
+    done = subprocess.run([sys.executable, "-m", "qmpmig", "migrate", "--src", "g0", "--dst", f"g1@{address}",
+                           "--uri", f"unix:{tmp / 'mig.sock'}", "--debug", f"spoil-{how}", "--json",
+                           "--run-dir", str(runs["a"])], capture_output=True, text=True, timeout=180)
+    result = json.loads(done.stdout)
+    assert done.returncode == 1 and not result["ok"] and result["guest_on"] == "source", result
+    assert "dst device dev0" in result["message"] and result["trace_violations"] == [], result
+    src.wait_heartbeat(src.last_heartbeat(), 30)
+    a = asyncio.run(client.call(runs["a"], "status"))
+    assert a["vms"][0]["devices"][0]["state"] == "RUNNING" and a["vms"][0]["devices"][0]["client_losses"] == 0
+    dst.proc.wait(20)
+    assert dst.last_heartbeat() == 0

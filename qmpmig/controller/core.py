@@ -22,7 +22,7 @@ from ..migration import lifecycle
 from ..migration.states import MigFlags, MigState
 from . import flows, precopy
 from .manager import Manager, QmpManager
-from .pump import Pair, Pump
+from .pump import SPOIL, Pair, Pump
 from .recovery import go_forward, recover
 from .side import DeviceEnd, Side
 from .trace import Trace, device_list
@@ -46,6 +46,8 @@ DEBUG = {
     "no-hold": "leave QEMU's downtime-limit alone during pre-copy, so QEMU may switch over by itself",
     "scribble-after-load": "overwrite the start of each compared region of the destination devices after "
                            "their load, so their state differs from the source's",
+    **{f"spoil-{how}": f"{how} a piece of every device stream on its way to the destination (pump.SPOIL)"
+       for how in SPOIL},
 }
 
 
@@ -218,7 +220,8 @@ class Controller:
         if self.manager.dst_ready:
             self.pair_up()
         self.walker = Walker(self.options.device_timeout)
-        self.pump = Pump(self.walker, tuple(self.options.compare_regions))
+        spoil = next((name.removeprefix("spoil-") for name in self.options.debug if name.startswith("spoil-")), None)
+        self.pump = Pump(self.walker, tuple(self.options.compare_regions), spoil)
         #: note(op, **fields): each step, before it is taken, for a journal.
         self.note: Callable[..., None] = lambda op, **fields: None
         #: The migration under way, or the last one.

@@ -15,7 +15,7 @@ import asyncio
 import zlib
 from collections.abc import Awaitable, Callable, Iterable
 
-from ..errors import MigrationFailed, QemuCommandError, QmpmigError
+from ..errors import DeviceError, MigrationFailed, QemuCommandError, QmpmigError
 from ..migration.states import MigFlags, MigState
 from ..qemu.guestmem import COMPARE_CHUNK, GuestRam
 from ..qemu.qmp import MigrationInfo, VmState
@@ -72,7 +72,12 @@ class PeerDevice(RemoteDevice):
         self.chunk_size = described["chunk_size"]
 
     async def _device(self, call: str, **args) -> dict:
-        return await self._call("incoming_device", device=self.name, call=call, **args)
+        """The call's result; the device's own refusal as the OSError a
+        device of this host would raise."""
+        result = await self._call("incoming_device", device=self.name, call=call, **args)
+        if "errno" in result:
+            raise DeviceError(result["errno"], f"{result['error']} (at the destination host)")
+        return result
 
     async def close(self) -> None:
         pass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..migration import fsm
@@ -46,14 +47,49 @@ class Pair:
         return self.sent / self.moved_seconds if self.moved_seconds else None
 
 
+def _flip(piece: bytes) -> bytes:
+    bent = bytearray(piece)
+    bent[len(bent) // 2] ^= 0x01
+    return bytes(bent)
+
+
+#: ``--debug spoil-HOW``: the negative controls of the device stream's
+#: integrity (issue 14, item 4).  What each does to a device's stream on its
+#: way to the destination, by the number of the piece read (from 1), given
+#: the first two pieces kept: the pieces written instead.
+SPOIL: dict[str, Callable[[int, bytes, dict[int, bytes]], list[bytes]]] = {
+    "flip": lambda n, piece, kept: [_flip(piece)] if n == 2 else [piece],
+    "truncate": lambda n, piece, kept: [piece[:len(piece) // 2]] if n == 2 else [piece],
+    "reorder": lambda n, piece, kept: [] if n == 2 else [piece, kept[2]] if n == 3 else [piece],
+    "duplicate": lambda n, piece, kept: [piece, piece] if n == 2 else [piece],
+    "replay": lambda n, piece, kept: [piece, kept[1]] if n == 3 else [piece],
+}
+
+
+class Spoiler:
+    """One device stream bent as :data:`SPOIL` says."""
+
+    def __init__(self, how: str):
+        self.how, self.n, self.kept = SPOIL[how], 0, {}
+
+    def __call__(self, piece: bytes) -> list[bytes]:
+        self.n += 1
+        if self.n <= 2:
+            self.kept[self.n] = piece
+        return self.how(self.n, piece, self.kept)
+
+
 class Pump:
     """Moves stream data and reads DMA logs, every request bounded."""
 
-    def __init__(self, walker: Walker, regions: tuple[int, ...] = ()):
+    def __init__(self, walker: Walker, regions: tuple[int, ...] = (), spoil: str | None = None):
         self.walker = walker
         #: Regions whose contents stand for the state of a device without
         #: QMPMIG_STATE_HASH.
         self.regions = regions
+        #: A negative control's way of bending every stream (SPOIL), if any.
+        self.spoil = spoil
+        self._spoilers: dict[str, Spoiler] = {}
 
     async def move(self, pair: Pair, limit: int | None = None, seconds: float | None = None) -> int:
         """Source data to the destination device until none is available
@@ -64,8 +100,12 @@ class Pump:
             return 0
         start = time.monotonic()
         until = start + seconds if seconds is not None else float("inf")
-        moved = await relay(lambda: self.walker.call(src, src.device.read_data(), "a data read"),
-                            lambda data: self.walker.call(dst, dst.device.send_data(data), "a data write"),
+        async def write(data: bytes) -> None:
+            for piece in spoiler(data) if spoiler else (data,):
+                await self.walker.call(dst, dst.device.send_data(piece), "a data write")
+
+        spoiler = self.spoil and self._spoilers.setdefault(pair.name, Spoiler(self.spoil))
+        moved = await relay(lambda: self.walker.call(src, src.device.read_data(), "a data read"), write,
                             lambda moved: (limit is None or moved < limit) and time.monotonic() < until,
                             depth=src.device.read_ahead,
                             flush=lambda: self.walker.call(dst, dst.device.flush(), "a data write"))

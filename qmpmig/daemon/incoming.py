@@ -112,7 +112,13 @@ async def device_call(side: Side, device: str, call: str, args: dict) -> dict:
     handler, takes = DEVICE_CALLS[call]
     if missing := [name for name in takes if name not in args]:
         raise QmpmigError(f"{call}: missing {', '.join(missing)}")
-    return await handler(ends[device], **{name: args[name] for name in takes})
+    try:
+        return await handler(ends[device], **{name: args[name] for name in takes})
+    except OSError as err:
+        # The device's own refusal (a vfio-user error reply): answered as
+        # such, so the source host's controller treats it as it would a
+        # device of its own (names the device, reads its state).
+        return {"errno": err.errno, "error": err.strerror or str(err)}
 
 
 async def qmp(side: Side, command: str, arguments: dict | None) -> dict:
