@@ -53,6 +53,11 @@ APPROACH_LEAD = 0.25
 APPROACH_MIN = 32 << 20
 #: Seconds between two looks at QEMU's RAM.
 WATCH_EVERY = 0.02
+#: The lead is at least this many times the time the last look took to
+#: come round: on a loaded machine the looks come late, and QEMU, not held
+#: by then, finishes its pass and switches over by itself (one migration in
+#: 63 of a soak with the machine's two CPUs at a load of 6).
+LATE_LOOKS = 3
 #: The estimate of what is left must improve within this many seconds, or
 #: the budget is raised (up to Options.max_downtime_limit).
 STALL_WINDOW = 1.0
@@ -109,13 +114,18 @@ async def watch_ram(c: Controller) -> None:
     """While QEMU sends its first pass at full speed: its rate, and the hold
     (max-bandwidth low) once what is left is near its end."""
     rate = c.run.ram_rate
+    looked = time.monotonic()
     while not c.run.held:
         info = await c.src.qemu.query_migrate()
         if info.status not in PRECOPY:
             return
+        # The next look may be as late as this one was (a loaded machine):
+        # QEMU must not reach the end of its pass in between.
+        now = time.monotonic()
+        lead, looked = max(APPROACH_LEAD, LATE_LOOKS * (now - looked)), now
         rate.add(info.ram_transferred)
         c.run.ram_remaining = left = info.ram_remaining
-        near = max(APPROACH_MIN, (rate.per_second or 0) * APPROACH_LEAD)
+        near = max(APPROACH_MIN, (rate.per_second or 0) * lead)
         if left is not None and left <= near and "no-hold" not in c.options.debug:
             await c.manager.set_parameters(c, {"max-bandwidth": HOLD_BANDWIDTH})
             c.run.held = True
