@@ -5,7 +5,12 @@ and forth between generations of VMs), and the daemon's open descriptors,
 threads and resident memory after each migration, side by side with the
 first one's.
 
-    .venv/bin/python scripts/soak-daemon.py [--migrations 20] [--devices 2] [--memory 256]
+    .venv/bin/python scripts/soak-daemon.py [--migrations 20] [--devices 2] [--memory 256] [--across]
+
+``--across``: back and forth between two hosts, the network and mount
+namespaces scripts/libvirt-e2e sets up (a veth pair between them), a
+daemon in each with TLS: the guest over TCP, the device streams and
+DMA-dirty pages between the daemons (root; ``LV`` names their directory).
 
 Every migration must pass its checks: it succeeds with a clean trace, each
 device's state hash matches, the guest's heartbeat goes on at the
@@ -18,14 +23,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import importlib.machinery
+import importlib.util
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+TOP = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(TOP))
 
 from qmpmig.daemon import client  # noqa: E402
 from qmpmig.device import records  # noqa: E402
@@ -61,34 +71,56 @@ def devices_now(run_dir: Path, tries: int = 5) -> list[dict]:
     raise RuntimeError(f"a device did not answer the daemon {tries} times: {devices}")
 
 
+@dataclass
+class Host:
+    """Where a generation of the guest runs: a daemon's run directory, and
+    (across hosts) the prefix that runs a program in the host's namespaces
+    and the address its daemon serves peers on."""
+
+    run_dir: Path
+    launcher: tuple[str, ...] = ()
+    ip: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.ip}:7780"
+
+
 def soak(migrations: int, workdir: Path, memory: int = 256, devices: int = 1,
-         report=lambda row: None) -> list[dict]:
-    """Migrate a guest ``migrations`` times through one daemon; a row of
-    figures per migration (RuntimeError at the first that fails a check)."""
-    run_dir = workdir / "run"
-    asyncio.run(client.ensure_daemon(run_dir))
+         report=lambda row: None, hosts: list[Host] | None = None) -> list[dict]:
+    """Migrate a guest ``migrations`` times, generation n on host n mod
+    len(hosts) (one daemon by default; two: back and forth between them,
+    their daemons already serving); a row of figures per migration
+    (RuntimeError at the first that fails a check)."""
+    if hosts is None:
+        hosts = [Host(workdir / "run")]
+        asyncio.run(client.ensure_daemon(hosts[0].run_dir))
     ring = f"{DMA_WINDOW[0]:#x}:{DMA_WINDOW[1]:#x}"
 
     def generation(n: int, role: str) -> tuple[Vm, list[DeviceProcess]]:
-        return (Vm(f"g{n}", role, workdir=workdir, memory_mib=memory).start(),
-                [DeviceProcess(workdir / f"g{n}-{i}.sock", "--state-size", "16M", "--device-id", str(i + 1)).start()
-                 for i in range(devices)])
+        host = hosts[n % len(hosts)]
+        vm = Vm(f"g{n}", role, workdir=workdir, memory_mib=memory, launcher=host.launcher).start()
+        return vm, [DeviceProcess(workdir / f"g{n}-{i}.sock", "--state-size", "16M", "--device-id", str(i + 1)).start()
+                    for i in range(devices)]
 
     def attach(n: int, vm: Vm, devs: list[DeviceProcess], *extra: str) -> None:
-        qmpmig(run_dir, "attach", f"g{n}", "--qmp", str(vm.qmp_path), "--ram", str(vm.ram_path),
-               *[arg for dev in devs for arg in ("--device", str(dev.socket))], *extra)
+        qmpmig(hosts[n % len(hosts)].run_dir, "attach", f"g{n}", "--qmp", str(vm.qmp_path), "--ram",
+               str(vm.ram_path), *[arg for dev in devs for arg in ("--device", str(dev.socket))], *extra)
 
     vm, devs = generation(0, "source")
     rows = []
     try:
-        vm.wait_heartbeat(1, 60)
+        vm.wait_heartbeat(1, 90)
         attach(0, vm, devs, "--start-ring", ring)
         for n in range(1, migrations + 1):
+            here, there = hosts[(n - 1) % len(hosts)], hosts[n % len(hosts)]
             new, new_devs = generation(n, "destination")
             attach(n, new, new_devs)
             t0 = time.monotonic()
-            result = qmpmig(run_dir, "migrate", "--src", f"g{n - 1}", "--dst", f"g{n}",
-                            "--uri", f"unix:{workdir / f'mig{n}.sock'}")
+            result = qmpmig(here.run_dir, "migrate", "--src", f"g{n - 1}",
+                            "--dst", f"g{n}" if here is there else f"g{n}@{there.address}",
+                            "--uri", f"unix:{workdir / f'mig{n}.sock'}" if here is there else
+                            f"tcp:{there.ip}:{4400 + n % 500}")
             seconds = time.monotonic() - t0
             if not result["ok"] or result["trace_violations"]:
                 raise RuntimeError(f"migration {n}: {result['message']} {result['trace_violations']}")
@@ -96,9 +128,9 @@ def soak(migrations: int, workdir: Path, memory: int = 256, devices: int = 1,
                 raise RuntimeError(f"migration {n}: device state differs: {result['devices']}")
             beat = vm.last_heartbeat()
             new.wait_heartbeat(beat, 30)
-            first = devices_now(run_dir)
+            first = devices_now(there.run_dir)
             time.sleep(0.3)
-            later = devices_now(run_dir)
+            later = devices_now(there.run_dir)
             for a, b in zip(first, later):
                 if b["client_losses"] or not b["dma_seq"] > a["dma_seq"]:
                     raise RuntimeError(f"migration {n}: destination device {b['name']} no longer works: {b}")
@@ -113,18 +145,50 @@ def soak(migrations: int, workdir: Path, memory: int = 256, devices: int = 1,
             for dev in devs:
                 dev.close()
             vm, devs = new, new_devs
-            fds, rss, threads = daemon_figures(run_dir)
-            rows.append({"migration": n, "seconds": round(seconds, 2), "daemon_fds": fds, "daemon_rss_kib": rss,
-                         "daemon_threads": threads, "pause_s": result["downtime_s"],
-                         "dma_seq": [d.get("dma_seq") for d in later]})
+            figures = [daemon_figures(host.run_dir) for host in hosts]
+            rows.append({"migration": n, "seconds": round(seconds, 2),
+                         **{key: [f[i] for f in figures] for i, key in
+                            enumerate(("daemon_fds", "daemon_rss_kib", "daemon_threads"))},
+                         "pause_s": result["downtime_s"], "dma_seq": [d.get("dma_seq") for d in later]})
             report(rows[-1])
     finally:
-        subprocess.run([sys.executable, "-m", "qmpmig", "daemon", "--stop", "--run-dir", str(run_dir)],
-                       capture_output=True, timeout=60)
+        for host in hosts:
+            subprocess.run([sys.executable, "-m", "qmpmig", "daemon", "--stop", "--run-dir", str(host.run_dir)],
+                           capture_output=True, timeout=60)
         for dev in devs:
             dev.close()
         vm.close()
     return rows
+
+
+@contextlib.contextmanager
+def two_hosts(workdir: Path):
+    """scripts/libvirt-e2e's two hosts (namespaces joined by a veth pair),
+    a daemon in each with TLS, serving peers on its address."""
+    spec = importlib.util.spec_from_loader("e2e", importlib.machinery.SourceFileLoader(
+        "e2e", str(TOP / "scripts" / "libvirt-e2e")))
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    e2e.LV.mkdir(parents=True, exist_ok=True)
+    e2e.hosts("up", timeout=300)
+    daemons = []
+    try:
+        tls = e2e.pki(workdir / "pki")
+        hosts = [Host(workdir / f"run-{h}", e2e.inns(h), ip) for h, ip in (("a", e2e.IP_A), ("b", e2e.IP_B))]
+        for name, host in zip("ab", hosts):
+            daemons.append(subprocess.Popen(
+                [*host.launcher, sys.executable, "-m", "qmpmig", "daemon", "--run-dir", str(host.run_dir),
+                 "--tls-dir", str(tls[name]), "--listen", host.address], cwd=TOP, stdout=subprocess.DEVNULL,
+                stderr=open(workdir / f"daemon-{name}.log", "ab")))
+            e2e.wait(lambda: (host.run_dir / "daemon.pid").exists(), 20, f"host {name}'s daemon")
+        yield hosts
+    finally:
+        for proc in daemons:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        e2e.hosts("down")
 
 
 def main() -> int:
@@ -132,21 +196,23 @@ def main() -> int:
     p.add_argument("--migrations", type=int, default=20)
     p.add_argument("--memory", type=int, default=256, help="guest MiB")
     p.add_argument("--devices", type=int, default=2, help="reference devices doing DMA")
+    p.add_argument("--across", action="store_true",
+                   help="back and forth between two hosts in namespaces (scripts/libvirt-e2e's; root)")
     args = p.parse_args()
-    print(f"{'migration':>9} {'seconds':>8} {'pause s':>8} {'daemon fds':>10} {'vs first':>8} "
-          f"{'threads':>7} {'vs first':>8} {'daemon RSS KiB':>14} {'vs first':>9}  dst dma_seq", flush=True)
+    print(f"{'migration':>9} {'seconds':>8} {'pause s':>8} {'daemon fds':>12} {'threads':>8} "
+          f"{'daemon RSS KiB':>16} {'RSS vs first':>14}  dst dma_seq", flush=True)
     rows: list[dict] = []
 
     def report(row: dict) -> None:
         rows.append(row)
-        first = rows[0]
-        print(f"{row['migration']:>9} {row['seconds']:>8} {row['pause_s']!s:>8} {row['daemon_fds']:>10} "
-              f"{row['daemon_fds'] - first['daemon_fds']:>+8} {row['daemon_threads']:>7} "
-              f"{row['daemon_threads'] - first['daemon_threads']:>+8} {row['daemon_rss_kib']:>14} "
-              f"{row['daemon_rss_kib'] - first['daemon_rss_kib']:>+9}  {row['dma_seq']}", flush=True)
+        grown = [now - then for now, then in zip(row["daemon_rss_kib"], rows[0]["daemon_rss_kib"])]
+        print(f"{row['migration']:>9} {row['seconds']:>8} {row['pause_s']!s:>8} {str(row['daemon_fds']):>12} "
+              f"{str(row['daemon_threads']):>8} {str(row['daemon_rss_kib']):>16} {str(grown):>14}  "
+              f"{row['dma_seq']}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="qmpmig-soak-") as workdir:
-        soak(args.migrations, Path(workdir), args.memory, args.devices, report)
+        with two_hosts(Path(workdir)) if args.across else contextlib.nullcontext() as hosts:
+            soak(args.migrations, Path(workdir), args.memory, args.devices, report, hosts)
     return 0
 
 
