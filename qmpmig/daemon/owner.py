@@ -106,7 +106,8 @@ class Owner:
         #: Incoming migrations over here -> why (the latest OVER_KEPT): what
         #: still comes for one of them is refused saying so.
         self.over: dict[str, str] = {}
-        #: Incoming migrations ended here because their peer was lost, and how.
+        #: Incoming migrations ended here because their peer was lost, and how
+        #: (the latest OVER_KEPT).
         self.peers_lost: list[dict] = []
         self.journal: journal.Journal | None = None
         self._attaching: set[str] = set()
@@ -534,7 +535,8 @@ class Owner:
         if attached is not None and attached.busy == migration:
             attached.busy = None
         log.warning("incoming migration %s of %s: its peer was lost (%s); %s", migration, vm, why, outcome)
-        self.peers_lost.append({"vm": vm, "migration": migration, "why": why, "outcome": outcome})
+        self.peers_lost = [*self.peers_lost[1 - OVER_KEPT:],
+                           {"vm": vm, "migration": migration, "why": why, "outcome": outcome}]
 
     async def incoming_wait(self, vm: str, migration: str, timeout: float = 30.0) -> dict:
         """Until the VM of an expected migration is attached here: under
@@ -799,7 +801,8 @@ UNMANAGED = frozenset({"setup", "active", "pre-switchover"})
 ASK_DEVICE_TIMEOUT = 2.0
 #: Seconds an incoming QEMU may take to end once told to (``quit``).
 QUIT_TIMEOUT = 10.0
-#: Incoming migrations over here remembered, to refuse what still comes.
+#: Incoming migrations over here remembered (to refuse what still comes),
+#: and peers lost.
 OVER_KEPT = 256
 
 
