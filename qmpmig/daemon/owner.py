@@ -237,16 +237,17 @@ class Owner:
         """A peer daemon, its certificate checked by the handshake: only
         peer.PEER_OPS, each answered as soon as it is done (a long poll
         holds no other request up).  The incoming migrations it announced
-        (``expect``) are its own: once it is lost (the connection ends, its
-        host falls silent for peer.LINK_TIMEOUT, or it asks nothing for
-        peer.PEER_SILENCE while nothing of it is under way) each one it did
-        not end is ended here (:meth:`_peer_lost`)."""
+        (``expect``) are its own: once it is lost (its host falls silent for
+        peer.LINK_TIMEOUT, or it asks nothing for peer.PEER_SILENCE while
+        nothing of it is under way) each one it did not end is ended here
+        (:meth:`_peer_lost`); once it closes the connection, each one it had
+        begun to drive (an expectation alone lapses by itself)."""
         who = peer.peer_name(writer)
         log.info("peer %s connected from %s", who, writer.get_extra_info("peername"))
         peer.bound_dead_link(writer)
         answering: set[asyncio.Task] = set()
         announced: set[tuple[str, str]] = set()
-        heard, why = [time.monotonic()], ["it closed the connection"]
+        heard, why = [time.monotonic()], [""]
 
         async def answer(message: dict) -> None:
             answered = await self._answer(message, peer.PEER_OPS)
@@ -282,13 +283,14 @@ class Owner:
             with contextlib.suppress(ConnectionError, ssl.SSLError, OSError):
                 await writer.drain()
             writer.close()
-            if lost := [key for key in announced if key in self.arrivals]:
+            if lost := [key for key in announced if key in self.arrivals
+                        and (why[0] or key[0] in self.vms and self.vms[key[0]].busy == key[1])]:
                 # What it left under way is cut short: its answers would go nowhere.
                 for task in list(answering):
                     task.cancel()
                 await asyncio.gather(*answering, return_exceptions=True)
                 for key in lost:
-                    await self._peer_lost(key, f"peer {who}: {why[0]}")
+                    await self._peer_lost(key, f"peer {who}: {why[0] or 'it closed the connection'}")
 
     async def _answer(self, message: dict, allowed: frozenset[str] | None = None) -> bytes:
         msg_id, op, args = message.get("id", 0), message.get("op"), message.get("args", {})

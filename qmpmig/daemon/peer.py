@@ -28,6 +28,7 @@ libvirt's migration TLS do (and with their files: a directory holding
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import socket
@@ -110,13 +111,18 @@ def bound_dead_link(writer: asyncio.StreamWriter) -> None:
     """The connection ends within :data:`LINK_TIMEOUT` of the peer's kernel
     falling silent: probed after a second idle, given up when data or
     probes stay unacknowledged that long.  A peer that is slow to answer
-    keeps it (its kernel acknowledges)."""
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in ((socket.TCP_KEEPIDLE, 1), (socket.TCP_KEEPINTVL, 1),
-                          (socket.TCP_KEEPCNT, int(LINK_TIMEOUT)),
-                          (socket.TCP_USER_TIMEOUT, int(LINK_TIMEOUT * 1000))):
-        sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    keeps it (its kernel acknowledges).  A connection already closed (a
+    peer refusing this host's certificate) is left to say so at its first
+    request."""
+    if (sock := writer.get_extra_info("socket")) is None:
+        return
+    with contextlib.suppress(OSError):
+        for level, option, value in ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                                     (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1),
+                                     (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1),
+                                     (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, int(LINK_TIMEOUT)),
+                                     (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(LINK_TIMEOUT * 1000))):
+            sock.setsockopt(level, option, value)
 
 
 class Peer:
