@@ -533,7 +533,7 @@ class Owner:
                     notes.append("QEMU ended")
                 except QmpmigError as err:
                     notes.append(f"QEMU not ended: {reason(err)}")
-            outcome = "not every device here had loaded its state: " + ", ".join(notes)
+            outcome = "a device here had not loaded its state: " + ", ".join(notes)
         if attached is not None and attached.busy == migration:
             attached.busy = None
         log.warning("incoming migration %s of %s: its peer was lost (%s); %s", migration, vm, why, outcome)
