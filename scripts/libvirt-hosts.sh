@@ -13,6 +13,7 @@
 #                              daemons, namespaces (and with them mounts and veth)
 #   libvirt-hosts.sh uri a|b   the qemu+unix URI this host uses for that instance
 #   libvirt-hosts.sh sh a|b [cmd...]  run a command inside that instance's namespaces
+#   libvirt-hosts.sh link a|b up|down  that host's end of the veth pair up or down (a cut link)
 #
 # Requires root, libvirt-daemon, libvirt-daemon-driver-qemu, libvirt-clients
 # (scripts/setup.sh installs them) and the test guest (vm-images/build.sh).
@@ -223,6 +224,8 @@ case "${1:-}" in
     down) cmd_down ;;
     status) cmd_status ;;
     uri) uri "$2" ;;
+    link) [ "${3:-}" = up ] || [ "${3:-}" = down ] || die "link a|b up|down"
+          inns "$2" ip link set "${VETH[$2]}" "$3" ;;
     sh) n=$2; shift 2; if [ $# -eq 0 ]; then set -- bash; fi; inns "$n" "$@" ;;
-    *) echo "usage: $0 up|down|status|uri a|b|sh a|b [cmd]" >&2; exit 2 ;;
+    *) echo "usage: $0 up|down|status|uri a|b|link a|b up|down|sh a|b [cmd]" >&2; exit 2 ;;
 esac

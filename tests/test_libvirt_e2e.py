@@ -40,9 +40,7 @@ def test_libvirt_e2e_refuses_stops_a_followed_one_migrates_and_leaves_nothing_ru
     early = moved["early_release"]
     assert early["trace_violations"] and all(v.startswith("end-of-stream") for v in early["trace_violations"])
     assert result["traces"] == [followed["trace"], across["trace"], moved["trace"], early["trace"]]
-    left = subprocess.run(["pgrep", "-f", f"libvirtd|virtlogd|{tmp_path}"], capture_output=True, text=True)
-    running = [pid for pid in left.stdout.split() if _state(pid) not in ("Z", "X", None)]
-    assert running == [], f"left running: {running}"
+    assert _left_running(tmp_path) == []
 
 
 def _state(pid: str) -> str | None:
@@ -52,3 +50,47 @@ def _state(pid: str) -> str | None:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return None
+
+
+def test_the_link_cut_in_each_phase_leaves_the_guest_on_one_side_and_nothing_behind(guest_image, tmp_path):
+    """Issue 14's cut link: A's end of the veth pair down in each phase of a
+    cross-host migration, and once every device at B loaded its state
+    (scripts/libvirt-e2e, case cut).  Before every
+    destination device loaded its state the guest runs on at A with its
+    device RUNNING, the command fails within CUT_RECOVERY of the cut (a
+    guest paused by the migration runs again within --max-pause), B's
+    daemon ends its side by itself (its QEMU quit, its device reset, the
+    expectation dropped) though the link stays down, and what reaches B once
+    the link is back is refused; after that the guest is B's: B keeps it,
+    paused with its devices loaded, and neither destroys nor starts it."""
+    env = {**os.environ, "LV": str(tmp_path / "lv"), "PYTHON": sys.executable,
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run([str(ROOT / "scripts/libvirt-e2e"), "--case", "cut"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    result = json.loads(done.stdout)
+    cells = result["cases"]["cut"]["cells"]
+    assert done.returncode == 0 and result["ok"], json.dumps(result, indent=1) + done.stderr[-3000:]
+    assert list(cells) == ["setup", "precopy", "grace", "stop-copy", "switchover", "resume", "resume+loaded"]
+    for phase, cell in cells.items():
+        assert cell["exit"] != 0 and not cell["trace_result"]["ok"] and cell["trace_check"], (phase, cell)
+        assert cell["a_migrations"] == cell["b_migrations"] == cell["b_incoming"] == [], (phase, cell)
+        assert cell["stale_refused"] and not cell["left_behind"], (phase, cell)
+        if cell["guest"] == "source":
+            assert cell["guest_on"] == "source" and cell["recovered_s"] <= 10, (phase, cell)
+            assert cell["devices_a"] == [["g0", "running", ["RUNNING"]]] and cell["b_over_s"] <= 15, (phase, cell)
+            assert cell["paused_s"] is None or cell["paused_s"] <= 5.0, (phase, cell)
+            if cell["devices_b"]:       # never asked to listen: kept waiting, holding nothing of the guest
+                assert cell["devices_b"] == [[cell["dst"], "inmigrate", ["RUNNING"]]], (phase, cell)
+                assert "never asked to listen" in cell["b_peer_lost"][0]["outcome"], (phase, cell)
+            else:
+                assert cell["dst_qemu_exit"] is not None, (phase, cell)
+        else:   # every device at B had loaded: the guest is B's, kept there paused, never destroyed
+            assert phase == "resume+loaded" and cell["guest_on"] == cell["guest"] == "destination", (phase, cell)
+            assert cell["dst_qemu_exit"] is None and [vm[0] for vm in cell["devices_b"]] == [cell["dst"]], cell
+            assert "every device here had loaded" in cell["b_peer_lost"][0]["outcome"], (phase, cell)
+    assert _left_running(tmp_path) == []
+
+
+def _left_running(tmp_path: Path) -> list[str]:
+    left = subprocess.run(["pgrep", "-f", f"libvirtd|virtlogd|{tmp_path}"], capture_output=True, text=True)
+    return [pid for pid in left.stdout.split() if _state(pid) not in ("Z", "X", None)]

@@ -48,7 +48,7 @@ class PeerQemu:
         try:
             return (await self._call("incoming_qmp", command=command, arguments=arguments))["return"]
         except QmpmigError as err:
-            raise QemuCommandError(command, "PeerError", f"at the destination: {err}") from err
+            raise QemuCommandError(command, type(err).__name__, f"at the destination: {err}") from err
 
     async def query_migrate(self) -> MigrationInfo:
         return MigrationInfo.from_qmp(await self.execute("query-migrate"))

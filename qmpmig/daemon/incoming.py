@@ -13,6 +13,13 @@ destination VM and its devices and does, for an expected migration only
 
 Page requests of the destination's devices stay here: this daemon answers
 them from its own view of the vCPUs.
+
+What this daemon saw of each such migration (:class:`Arrival`) decides how
+it ends it when its peer is lost: before every device here loaded its
+state the guest's place is the source, so this side is undone (devices
+reset, QEMU ended once it was asked to listen); after, the guest's place
+is here, and nothing of it is destroyed (the journal's rule,
+qmpmig/daemon/journal.py).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import asyncio
 import contextlib
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import QmpmigError
@@ -36,6 +44,29 @@ QMP_COMMANDS = frozenset({"migrate-incoming", "migrate-set-capabilities", "migra
                           "query-status", "cont", "quit"})
 #: Longest long poll of incoming_watch (s).
 WATCH_MAX = 30.0
+
+
+@dataclass
+class Arrival:
+    """An incoming migration as this daemon saw it driven."""
+
+    #: Its QEMU was asked to listen (migrate-incoming): it may hold a copy
+    #: of the guest from then on.
+    listening: bool = False
+    #: The devices that left RESUMING with their state loaded.
+    loaded: set[str] = field(default_factory=set)
+
+    def committed(self, side: Side) -> bool:
+        """Every device here loaded its state: the guest's place is here."""
+        return bool(side.devices) and self.loaded >= {end.name for end in side.devices}
+
+    def moved(self, device: str, call: str, before: MigState, after: MigState) -> None:
+        """A device call that succeeded: a load (out of RESUMING, not into
+        ERROR) counts, a reset undoes it."""
+        if call == "reset":
+            self.loaded.discard(device)
+        elif before is MigState.RESUMING and after not in (MigState.RESUMING, MigState.ERROR):
+            self.loaded.add(device)
 
 
 def describe(end: DeviceEnd) -> dict:
@@ -102,8 +133,8 @@ DEVICE_CALLS: dict[str, tuple[Callable, tuple[str, ...]]] = {
 }
 
 
-async def device_call(side: Side, device: str, call: str, args: dict) -> dict:
-    """Call ``call`` on the device named ``device`` of ``side``."""
+async def device_call(side: Side, device: str, call: str, args: dict, arrival: Arrival) -> dict:
+    """Call ``call`` on the device named ``device`` of ``side``, noted in ``arrival``."""
     if call not in DEVICE_CALLS:
         raise QmpmigError(f"no device call {call!r}")
     ends = {end.name: end for end in side.devices}
@@ -112,19 +143,25 @@ async def device_call(side: Side, device: str, call: str, args: dict) -> dict:
     handler, takes = DEVICE_CALLS[call]
     if missing := [name for name in takes if name not in args]:
         raise QmpmigError(f"{call}: missing {', '.join(missing)}")
+    end = ends[device]
+    before = end.state
     try:
-        return await handler(ends[device], **{name: args[name] for name in takes})
+        result = await handler(end, **{name: args[name] for name in takes})
     except OSError as err:
         # The device's own refusal (a vfio-user error reply): answered as
         # such, so the source host's controller treats it as it would a
         # device of its own (names the device, reads its state).
         return {"errno": err.errno, "error": err.strerror or str(err)}
+    arrival.moved(device, call, before, end.state)
+    return result
 
 
-async def qmp(side: Side, command: str, arguments: dict | None) -> dict:
-    """The QMP command on the destination QEMU."""
+async def qmp(side: Side, command: str, arguments: dict | None, arrival: Arrival) -> dict:
+    """The QMP command on the destination QEMU, noted in ``arrival``."""
     if command not in QMP_COMMANDS:
         raise QmpmigError(f"{command!r} is not a command a peer may give")
+    # Noted before it is given: one whose answer is lost may have been taken.
+    arrival.listening |= command == "migrate-incoming"
     return {"return": await side.qmp(command, arguments)}
 
 

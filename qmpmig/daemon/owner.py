@@ -101,6 +101,14 @@ class Owner:
         self.incoming: dict[tuple[str, str], float] = {}
         #: The expectations libvirt's ``migrate begin`` has used up.
         self.admitted: set[tuple[str, str]] = set()
+        #: (domain, migration id) -> what this daemon saw of it, while expected.
+        self.arrivals: dict[tuple[str, str], incoming.Arrival] = {}
+        #: Incoming migrations over here -> why (the latest OVER_KEPT): what
+        #: still comes for one of them is refused saying so.
+        self.over: dict[str, str] = {}
+        #: Incoming migrations ended here because their peer was lost, and how
+        #: (the latest OVER_KEPT).
+        self.peers_lost: list[dict] = []
         self.journal: journal.Journal | None = None
         self._attaching: set[str] = set()
         #: Set by shutdown: no new VM or migration is taken.
@@ -228,32 +236,61 @@ class Owner:
     async def _peer_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A peer daemon, its certificate checked by the handshake: only
         peer.PEER_OPS, each answered as soon as it is done (a long poll
-        holds no other request up)."""
+        holds no other request up).  The incoming migrations it announced
+        (``expect``) are its own: once it is lost (its host falls silent for
+        peer.LINK_TIMEOUT, or it asks nothing for peer.PEER_SILENCE while
+        nothing of it is under way) each one it did not end is ended here
+        (:meth:`_peer_lost`); once it closes the connection, each one it had
+        begun to drive (an expectation alone lapses by itself)."""
         who = peer.peer_name(writer)
         log.info("peer %s connected from %s", who, writer.get_extra_info("peername"))
+        peer.bound_dead_link(writer)
         answering: set[asyncio.Task] = set()
+        announced: set[tuple[str, str]] = set()
+        heard, why = [time.monotonic()], [""]
 
         async def answer(message: dict) -> None:
-            writer.write(await self._answer(message, peer.PEER_OPS))
+            answered = await self._answer(message, peer.PEER_OPS)
+            if message.get("op") == "expect":
+                args = message.get("args") if isinstance(message.get("args"), dict) else {}
+                if (key := (args.get("domain"), args.get("migration"))) in self.arrivals:
+                    announced.add(key)
+            heard[0] = time.monotonic()
+            writer.write(answered)
             with contextlib.suppress(ConnectionError, ssl.SSLError):
                 await writer.drain()
+
+        async def listen_for_silence() -> None:
+            while not (announced and not answering and time.monotonic() - heard[0] > peer.PEER_SILENCE):
+                await asyncio.sleep(1.0)
+            why[0] = f"it asked nothing for {peer.PEER_SILENCE:g} s"
+            writer.transport.abort()
+        silence = asyncio.create_task(listen_for_silence())
         try:
             lines = control.LineReader()
             while data := await reader.read(1 << 16):
+                heard[0] = time.monotonic()
                 for message in lines.feed(data):
                     task = asyncio.create_task(answer(message))
                     answering.add(task)
                     task.add_done_callback(answering.discard)
         except control.ControlError as err:
             writer.write(control.reply(0, error=str(err)))
-        except (ConnectionError, ssl.SSLError):
-            pass
+        except (ConnectionError, ssl.SSLError, TimeoutError, OSError) as err:
+            why[0] = reason(err) or type(err).__name__
         finally:
-            # Requests under way finish (each bounded by its own timeout);
-            # their answers go nowhere.
-            with contextlib.suppress(ConnectionError, ssl.SSLError):
+            silence.cancel()
+            with contextlib.suppress(ConnectionError, ssl.SSLError, OSError):
                 await writer.drain()
             writer.close()
+            if lost := [key for key in announced if key in self.arrivals
+                        and (why[0] or key[0] in self.vms and self.vms[key[0]].busy == key[1])]:
+                # What it left under way is cut short: its answers would go nowhere.
+                for task in list(answering):
+                    task.cancel()
+                await asyncio.gather(*answering, return_exceptions=True)
+                for key in lost:
+                    await self._peer_lost(key, f"peer {who}: {why[0] or 'it closed the connection'}")
 
     async def _answer(self, message: dict, allowed: frozenset[str] | None = None) -> bytes:
         msg_id, op, args = message.get("id", 0), message.get("op"), message.get("args", {})
@@ -407,11 +444,16 @@ class Owner:
 
     async def expect(self, domain: str, migration: str, seconds: float = 600.0) -> dict:
         """An incoming migration of ``domain`` that qmpmig drives is coming:
-        the libvirt hook's ``migrate begin`` lets exactly it in."""
+        the libvirt hook's ``migrate begin`` lets exactly it in.  A migration
+        over here never comes again."""
+        if migration in self.over:
+            raise QmpmigError(f"migration {migration} is over here: {self.over[migration]}")
         now = time.monotonic()
         self.incoming = {key: end for key, end in self.incoming.items() if end > now}
         self.admitted &= set(self.incoming)
+        self.arrivals = {key: self.arrivals[key] for key in self.incoming if key in self.arrivals}
         self.incoming[(domain, migration)] = now + seconds
+        self.arrivals[(domain, migration)] = incoming.Arrival()
         return {"expected": True}
 
     async def expected(self, domain: str, migration: str) -> dict:
@@ -428,6 +470,8 @@ class Owner:
         """The attached VM an expected incoming migration drives from
         another host: announced by :meth:`expect` and not lapsed; taken for
         that migration (busy) from its first request to ``incoming_end``."""
+        if migration in self.over:
+            raise QmpmigError(f"migration {migration} is over here: {self.over[migration]}")
         if self.incoming.get((vm, migration), 0.0) <= time.monotonic():
             raise QmpmigError(f"no incoming migration {migration} of {vm} is expected")
         attached = self._vm(vm)
@@ -441,8 +485,60 @@ class Owner:
         with it: the VM is this daemon's alone again."""
         attached = self._incoming_vm(vm, migration)
         attached.busy = None
-        self.incoming.pop((vm, migration), None)
+        self._end_incoming((vm, migration), "its source ended it")
         return {"ended": migration}
+
+    def _end_incoming(self, key: tuple[str, str], why: str) -> incoming.Arrival | None:
+        """An incoming migration is over here: what still comes for it is refused."""
+        self.incoming.pop(key, None)
+        self.admitted.discard(key)
+        self.over[key[1]] = why
+        while len(self.over) > OVER_KEPT:
+            del self.over[next(iter(self.over))]
+        return self.arrivals.pop(key, None)
+
+    async def _peer_lost(self, key: tuple[str, str], why: str) -> None:
+        """The peer driving an incoming migration is lost before it ended
+        it.  Before every device here loaded its state (the journal's rule)
+        the guest's place is its source, which recovers it there: each
+        device is reset and, once asked to listen, QEMU ended, so no second
+        copy can ever run here.  After, the guest's place is here: nothing
+        is destroyed or started, the VM is left as it is (its devices
+        loaded, its vCPUs as the source left them) for whoever resumes it,
+        and ``status`` says so."""
+        vm, migration = key
+        arrival = self._end_incoming(key, f"its peer was lost ({why})")
+        attached = self.vms.get(vm)
+        if arrival is None or attached is None or attached.busy != migration:
+            outcome = "nothing here had been driven"
+        elif arrival.committed(attached.side):
+            state = attached.side.vm
+            outcome = (f"every device here had loaded its state: the guest's place is here; {vm} is left "
+                       f"{state and state.runstate} with its devices, to be resumed once its source is known "
+                       f"not to run it (a source that did not see the last load runs it on)")
+        else:
+            notes = []
+            for end in attached.side.devices:
+                try:
+                    await asyncio.wait_for(incoming.device_call(attached.side, end.name, "reset", {}, arrival),
+                                           ASK_DEVICE_TIMEOUT)
+                    notes.append(f"{end.name} reset")
+                except (QmpmigError, OSError, TimeoutError) as err:
+                    notes.append(f"{end.name} not reset: {reason(err) or 'no answer'}")
+            if not arrival.listening:
+                notes.append("QEMU kept (never asked to listen, it holds nothing of the guest)")
+            elif not attached.side.gone:
+                try:
+                    await attached.side.quit(QUIT_TIMEOUT)
+                    notes.append("QEMU ended")
+                except QmpmigError as err:
+                    notes.append(f"QEMU not ended: {reason(err)}")
+            outcome = "a device here had not loaded its state: " + ", ".join(notes)
+        if attached is not None and attached.busy == migration:
+            attached.busy = None
+        log.warning("incoming migration %s of %s: its peer was lost (%s); %s", migration, vm, why, outcome)
+        self.peers_lost = [*self.peers_lost[1 - OVER_KEPT:],
+                           {"vm": vm, "migration": migration, "why": why, "outcome": outcome}]
 
     async def incoming_wait(self, vm: str, migration: str, timeout: float = 30.0) -> dict:
         """Until the VM of an expected migration is attached here: under
@@ -477,13 +573,15 @@ class Owner:
         return {"written": len(pages)}
 
     async def incoming_qmp(self, vm: str, migration: str, command: str, arguments: dict | None = None) -> dict:
-        return await incoming.qmp(self._incoming_vm(vm, migration).side, command, arguments)
+        return await incoming.qmp(self._incoming_vm(vm, migration).side, command, arguments,
+                                  self.arrivals[(vm, migration)])
 
     async def incoming_watch(self, vm: str, migration: str, since: int, timeout: float = 10.0) -> dict:
         return await incoming.watch(self._incoming_vm(vm, migration).side, since, timeout)
 
     async def incoming_device(self, vm: str, migration: str, device: str, call: str, **args) -> dict:
-        return await incoming.device_call(self._incoming_vm(vm, migration).side, device, call, args)
+        return await incoming.device_call(self._incoming_vm(vm, migration).side, device, call, args,
+                                          self.arrivals[(vm, migration)])
 
     async def ram_crcs(self, vm: str, migration: str) -> dict:
         """CRC-32 of each MiB of the guest RAM, for the source host to
@@ -532,7 +630,10 @@ class Owner:
         return self.vms[name]
 
     async def status(self) -> dict:
+        now = time.monotonic()
         return {"pid": os.getpid(), "recovered": self.recovered, "unmanaged": self.unmanaged,
+                "incoming": [{"vm": vm, "migration": mid} for (vm, mid), end in self.incoming.items() if end > now],
+                "peers_lost": self.peers_lost,
                 "vms": [await self._describe(vm) for vm in list(self.vms.values())],
                 **await self.migrations_now()}
 
@@ -650,9 +751,12 @@ class Owner:
                        destination: AttachedVm) -> dict:
         trace = controller.trace
         summary = None
+        lost = asyncio.create_task(_cancel_when_peer_lost(controller)) if destination.closer else None
         try:
             summary = await controller.migrate()
         finally:
+            if lost:
+                lost.cancel()
             trace.close()
             for vm in (source, destination):
                 vm.side.trace = Trace(keep=False)
@@ -697,6 +801,11 @@ UNMANAGED = frozenset({"setup", "active", "pre-switchover"})
 
 #: Seconds a device may take to answer ``status``.
 ASK_DEVICE_TIMEOUT = 2.0
+#: Seconds an incoming QEMU may take to end once told to (``quit``).
+QUIT_TIMEOUT = 10.0
+#: Incoming migrations over here remembered (to refuse what still comes),
+#: and peers lost.
+OVER_KEPT = 256
 
 
 #: Seconds a device may take over one step of an attach.
@@ -739,6 +848,20 @@ def _own_dir(path: Path) -> None:
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != me:
         raise QmpmigError(f"{path} is not a directory of uid {me} (a symbolic link or another user's)")
     os.chmod(path, 0o700)
+
+
+async def _cancel_when_peer_lost(c: Controller) -> None:
+    """A peer destination lost before the guest's place became the
+    destination: the source QEMU's migration is cancelled at once, as the
+    recovery would, for a stream blocked on a dead link never ends by itself
+    (the flow waiting on the source QEMU in switchover would wait out
+    Options.timeout, the vCPUs stopped)."""
+    while not await c.dst.wait_gone(60.0):
+        pass
+    if not c.run.committed and c.run.phase not in ("idle", "recover", "failed", "done"):
+        log.warning("the destination's daemon is lost (%s): cancelling the source's migration", c.dst.gone)
+        with contextlib.suppress(QmpmigError):
+            await c.manager.cancel(c)
 
 
 def _progress(mid: str, controller: Controller) -> dict:

@@ -18,12 +18,20 @@ libvirt's migration TLS do (and with their files: a directory holding
 - Guest pages travel with a CRC-32 per request and are written only into
   a VM the destination's daemon was told to expect (``expect``), for that
   migration id, while the expectation holds.
+- A dead link is not a slow peer: each end's kernel gives the connection
+  up once the other's has acknowledged nothing for :data:`LINK_TIMEOUT`
+  (TCP keepalive when idle, TCP_USER_TIMEOUT with data in flight), so
+  every request under way fails then, whatever its own bound
+  (:func:`bound_dead_link`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import itertools
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -43,6 +51,14 @@ PEER_OPS = frozenset({"status", "migrations", "expect", "expected", "ram_write",
 PEER_TIMEOUT = 30.0
 #: Seconds one request may take (a device's or QEMU's own bounds are shorter).
 CALL_TIMEOUT = 90.0
+#: Seconds a connection outlives a peer host whose kernel acknowledges
+#: nothing (a cut link, a dead host): shorter than what the guest's pause
+#: may bear (Options.max_pause less the recovery's margin, 3.5 s by default).
+LINK_TIMEOUT = 3.0
+#: Seconds a peer driving an incoming migration may leave this daemon with
+#: nothing to answer (its source long-polls incoming_watch throughout) before
+#: it is taken for lost.
+PEER_SILENCE = 10.0
 
 
 class PeerError(QmpmigError):
@@ -87,6 +103,27 @@ def peer_name(writer: asyncio.StreamWriter) -> str:
                 return value
     return "?"
 
+#: What a read says once the kernel gave the connection up (bound_dead_link).
+DEAD_LINK = frozenset({errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH})
+
+
+def bound_dead_link(writer: asyncio.StreamWriter) -> None:
+    """The connection ends within :data:`LINK_TIMEOUT` of the peer's kernel
+    falling silent: probed after a second idle, given up when data or
+    probes stay unacknowledged that long.  A peer that is slow to answer
+    keeps it (its kernel acknowledges).  A connection already closed (a
+    peer refusing this host's certificate) is left to say so at its first
+    request."""
+    if (sock := writer.get_extra_info("socket")) is None:
+        return
+    with contextlib.suppress(OSError):
+        for level, option, value in ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                                     (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1),
+                                     (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1),
+                                     (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, int(LINK_TIMEOUT)),
+                                     (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(LINK_TIMEOUT * 1000))):
+            sock.setsockopt(level, option, value)
+
 
 class Peer:
     """One TLS connection to the daemon at ``address`` (``async with``),
@@ -110,6 +147,7 @@ class Peer:
                 PEER_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as err:
             raise PeerError(f"peer {self.address}: {err or type(err).__name__}") from None
+        bound_dead_link(self._writer)
         self._reading = asyncio.create_task(self._read(reader))
         return self
 
@@ -131,6 +169,8 @@ class Peer:
             self._lost = "it closed the connection"
         except (OSError, control.ControlError) as err:
             self._lost = str(err) or type(err).__name__
+            if isinstance(err, OSError) and err.errno in DEAD_LINK:
+                self._lost = f"its host acknowledged nothing for {LINK_TIMEOUT:g} s (a dead link): {err}"
         for waiter in self._waiting.values():
             if not waiter.done():
                 waiter.set_exception(PeerError(self._why(self._lost)))
