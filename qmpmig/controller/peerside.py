@@ -139,6 +139,8 @@ class PeerSide(Side):
     destination."""
 
     lost = "VM is out of reach"
+    left_behind = ("the destination left to its host's daemon, which ends it once it has lost its peer "
+                   "(unless every device there had loaded its state: then it keeps it paused)")
 
     def __init__(self, call: Call, name: str, timeout: float, trace: Trace | None = None):
         super().__init__(PeerQemu(call, name), None, timeout, trace, name="dst")

@@ -61,6 +61,8 @@ async def recover(c: Controller, running: bool) -> str:
             notes.append("destination QEMU ended")
         except (QmpmigError, asyncio.TimeoutError) as err:
             notes.append(f"destination QEMU not ended: {reason(err)}")
+    elif c.run.incoming:
+        notes.append(c.dst.left_behind)
     return ", ".join(notes)
 
 

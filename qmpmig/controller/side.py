@@ -51,6 +51,8 @@ class Side:
 
     #: What ``gone`` means, as a failure says it.
     lost = "QEMU died"
+    #: What a failed migration leaves of a destination that is gone.
+    left_behind = "destination QEMU gone"
 
     def __init__(self, qemu: Qemu, ram: GuestRam, timeout: float, trace: Trace | None = None,
                  name: str = "src"):
