@@ -243,6 +243,23 @@ PHASES = ("setup", "precopy", "grace", "stop-copy", "switchover", "resume")
 WHO = {"src": "source", "dst": "destination"}
 
 
+async def fault_in(phase: str, fault: str, act, fault_cell, **opts):
+    """A migration (one device, 16 MiB of state) with ``act(rig)`` done once
+    it is in ``phase`` (or, for "loaded", once every destination device
+    loaded); skipped if it was through first; the matrix cell recorded."""
+    async def during(rig, watch):
+        if await (loaded(rig) if phase == "loaded" else watch.wait_phase(phase)):
+            act(rig)
+            fault_cell.fault()
+
+    report = await launch(options(devices=1, state_size="16M", **opts), during=during)
+    summary = report.summary
+    if summary.ok:
+        pytest.skip(f"the migration was through before the fault landed in {phase}")
+    fault_cell.outcome(fault, phase, summary.guest_on, report.ended, summary.message)
+    return report
+
+
 async def loaded(rig) -> bool:
     """Wait until the daemon's journal says every destination device
     loaded its state."""
@@ -263,19 +280,11 @@ async def test_the_destination_qemu_killed_in_any_phase(guest_image, phase, faul
     left, and nothing diverged from it); a kill once the destination was
     started is a guest lost (the source never runs again once the
     destination ran it), which the summary says (guest_on "nowhere")."""
-    async def kill(rig, watch):
-        if await (loaded(rig) if phase == "loaded" else watch.wait_phase(phase)):
-            rig.dst.kill()
-            fault_cell.fault()
-
     # "loaded": every destination device loaded, the vCPUs not yet started
     # (the device's slow start, 3 s, holds that window open).
-    defects = ("slow-start",) if phase == "loaded" else ()
-    report = await launch(options(devices=1, state_size="16M", device_defects=defects), during=kill)
+    report = await fault_in(phase, "destination QEMU SIGKILL", lambda rig: rig.dst.kill(), fault_cell,
+                            device_defects=("slow-start",) if phase == "loaded" else ())
     summary = report.summary
-    if summary.ok:
-        pytest.skip(f"the migration was through before the kill landed in {phase}")
-    fault_cell.outcome("destination QEMU SIGKILL", phase, summary.guest_on, report.ended, summary.message)
     assert "destination QEMU died" in summary.message or "dst: QMP connection lost" in summary.message, \
         summary.message
     if summary.guest_on == "source":
@@ -296,16 +305,9 @@ async def test_a_device_killed_in_any_phase(guest_image, side, phase, fault_cell
     one side (the destination only once every device there had loaded its
     state), the other side's QEMU is ended or stopped, and the message names
     the device."""
-    async def kill(rig, watch):
-        if await watch.wait_phase(phase):
-            rig.devices[0][0 if side == "src" else 1].kill()
-            fault_cell.fault()
-
-    report = await launch(options(devices=1, state_size="16M"), during=kill)
+    report = await fault_in(phase, f"{WHO[side]} device SIGKILL",
+                            lambda rig: rig.devices[0][0 if side == "src" else 1].kill(), fault_cell)
     summary = report.summary
-    if summary.ok:
-        pytest.skip(f"the migration was through before the kill landed in {phase}")
-    fault_cell.outcome(f"{WHO[side]} device SIGKILL", phase, summary.guest_on, report.ended, summary.message)
     assert f"{side} device dev0" in summary.message, summary.message
     if summary.guest_on == "destination":
         assert report.checks["heartbeat"] is None and report.checks["source stopped"] is None, report.checks
@@ -326,17 +328,10 @@ async def test_a_device_reset_behind_qmpmigs_back_is_detected(guest_image, side,
     migration fails naming the device and both states (a ``desync`` trace
     record), and the guest runs on at the source, the destination QEMU
     ended."""
-    async def reset(rig, watch):
-        if await watch.wait_phase(phase):
-            os.kill(rig.devices[0][0 if side == "src" else 1].pid, signal.SIGUSR1)
-            fault_cell.fault()
-
-    report = await launch(options(devices=1, state_size="16M", device_defects=("reset-on-sigusr1",)),
-                          during=reset)
+    report = await fault_in(phase, f"{WHO[side]} device reset",
+                            lambda rig: os.kill(rig.devices[0][0 if side == "src" else 1].pid, signal.SIGUSR1),
+                            fault_cell, device_defects=("reset-on-sigusr1",))
     summary = report.summary
-    if summary.ok:
-        pytest.skip(f"the migration was through before the reset landed in {phase}")
-    fault_cell.outcome(f"{WHO[side]} device reset", phase, summary.guest_on, report.ended, summary.message)
     if side == "src" and "reset or moved" not in summary.message:
         # A source reset while its stream flows can spoil the piece being
         # read; the destination then refuses the stream before the source is
@@ -474,16 +469,8 @@ async def test_the_source_qemu_killed_in_any_phase(guest_image, phase, fault_cel
     says so (guest_on "nowhere"), ends the destination QEMU (no half a
     guest may run) and the daemon lets every device of both VMs go.  After
     that the guest goes on at the destination."""
-    async def kill(rig, watch):
-        if await watch.wait_phase(phase):
-            rig.src.kill()
-            fault_cell.fault()
-
-    report = await launch(options(devices=1, state_size="16M"), during=kill)
+    report = await fault_in(phase, "source QEMU SIGKILL", lambda rig: rig.src.kill(), fault_cell)
     summary = report.summary
-    if summary.ok:
-        pytest.skip(f"the migration was through before the kill landed in {phase}")
-    fault_cell.outcome("source QEMU SIGKILL", phase, summary.guest_on, report.ended, summary.message)
     assert "source QEMU died" in summary.message or "src: QMP connection lost" in summary.message, \
         summary.message
     if phase in ("setup", "precopy", "grace", "stop-copy"):
