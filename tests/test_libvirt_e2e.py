@@ -61,8 +61,10 @@ def test_the_link_cut_in_each_phase_leaves_the_guest_on_one_side_and_nothing_beh
     guest paused by the migration runs again within --max-pause), B's
     daemon ends its side by itself (its QEMU quit, its device reset, the
     expectation dropped) though the link stays down, and what reaches B once
-    the link is back is refused; after that the guest is B's: B keeps it,
-    paused with its devices loaded, and neither destroys nor starts it."""
+    the link is back is refused.  Once every device at B loaded, but before
+    A started the guest there, the guest goes back to A all the same (B never
+    ran it), and B keeps its copy paused with its devices loaded, neither
+    destroyed nor started, for the operator to discard."""
     env = {**os.environ, "LV": str(tmp_path / "lv"), "PYTHON": sys.executable,
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     done = subprocess.run([str(ROOT / "scripts/libvirt-e2e"), "--case", "cut"], capture_output=True, text=True,
@@ -79,15 +81,17 @@ def test_the_link_cut_in_each_phase_leaves_the_guest_on_one_side_and_nothing_beh
             assert cell["guest_on"] == "source" and cell["recovered_s"] <= 10, (phase, cell)
             assert cell["devices_a"] == [["g0", "running", ["RUNNING"]]] and cell["b_over_s"] <= 15, (phase, cell)
             assert cell["paused_s"] is None or cell["paused_s"] <= 5.0, (phase, cell)
-            if cell["devices_b"]:       # never asked to listen: kept waiting, holding nothing of the guest
+            if phase == "resume+loaded":    # B had loaded, never started: its copy kept paused for the operator
+                assert "goes back to the source" in cell["message"], (phase, cell)
+                assert "every device here had loaded" in cell["b_peer_lost"][0]["outcome"], (phase, cell)
+                assert cell["dst_qemu_exit"] is None and cell["devices_b"][0][2] == ["STOP"], (phase, cell)
+            elif cell["devices_b"]:         # never asked to listen: kept waiting, holding nothing of the guest
                 assert cell["devices_b"] == [[cell["dst"], "inmigrate", ["RUNNING"]]], (phase, cell)
                 assert "never asked to listen" in cell["b_peer_lost"][0]["outcome"], (phase, cell)
             else:
                 assert cell["dst_qemu_exit"] is not None, (phase, cell)
-        else:   # every device at B had loaded: the guest is B's, kept there paused, never destroyed
-            assert phase == "resume+loaded" and cell["guest_on"] == cell["guest"] == "destination", (phase, cell)
-            assert cell["dst_qemu_exit"] is None and [vm[0] for vm in cell["devices_b"]] == [cell["dst"]], cell
-            assert "every device here had loaded" in cell["b_peer_lost"][0]["outcome"], (phase, cell)
+        else:
+            raise AssertionError(f"the guest left the source: {phase} {cell}")
     assert _left_running(tmp_path) == []
 
 

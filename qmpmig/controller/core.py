@@ -312,7 +312,7 @@ class Controller:
                 # the one copy left, and nothing has diverged from it.
                 committed = False
                 what += ": the guest goes back to the source (the destination never ran it)"
-            lost = self.dst.gone if committed else self.src.gone
+            lost = self.dst.gone and self.dst.dies_when_gone if committed else self.src.gone
             if lost and committed:
                 what += ": the guest is lost (its place was the destination, whose QEMU died)"
             elif lost:

@@ -139,6 +139,8 @@ class PeerSide(Side):
     destination."""
 
     lost = "VM is out of reach"
+    #: Out of reach is not dead: a guest started there may run on.
+    dies_when_gone = False
     left_behind = ("the destination left to its host's daemon, which ends it once it has lost its peer "
                    "(unless every device there had loaded its state: then it keeps it paused)")
 

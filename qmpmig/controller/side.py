@@ -53,6 +53,8 @@ class Side:
     lost = "QEMU died"
     #: What a failed migration leaves of a destination that is gone.
     left_behind = "destination QEMU gone"
+    #: Whether ``gone`` means the VM, and a guest it ran, is gone too.
+    dies_when_gone = True
 
     def __init__(self, qemu: Qemu, ram: GuestRam, timeout: float, trace: Trace | None = None,
                  name: str = "src"):

@@ -55,6 +55,10 @@ class Arrival:
     listening: bool = False
     #: The devices that left RESUMING with their state loaded.
     loaded: set[str] = field(default_factory=set)
+    #: Its peer has begun to drive it (a QMP command or a device call):
+    #: from then on the peer's silence means it is lost.  (Before, under
+    #: libvirt, it may wait long for libvirt to start QEMU here.)
+    driven: bool = False
 
     def committed(self, side: Side) -> bool:
         """Every device here loaded its state: the guest's place is here."""
@@ -145,6 +149,7 @@ async def device_call(side: Side, device: str, call: str, args: dict, arrival: A
         raise QmpmigError(f"{call}: missing {', '.join(missing)}")
     end = ends[device]
     before = end.state
+    arrival.driven = True
     try:
         result = await handler(end, **{name: args[name] for name in takes})
     except OSError as err:
@@ -162,6 +167,7 @@ async def qmp(side: Side, command: str, arguments: dict | None, arrival: Arrival
         raise QmpmigError(f"{command!r} is not a command a peer may give")
     # Noted before it is given: one whose answer is lost may have been taken.
     arrival.listening |= command == "migrate-incoming"
+    arrival.driven = True
     return {"return": await side.qmp(command, arguments)}
 
 

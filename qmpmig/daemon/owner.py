@@ -261,7 +261,8 @@ class Owner:
                 await writer.drain()
 
         async def listen_for_silence() -> None:
-            while not (announced and not answering and time.monotonic() - heard[0] > peer.PEER_SILENCE):
+            while not (any(key in self.arrivals and self.arrivals[key].driven for key in announced)
+                       and not answering and time.monotonic() - heard[0] > peer.PEER_SILENCE):
                 await asyncio.sleep(1.0)
             why[0] = f"it asked nothing for {peer.PEER_SILENCE:g} s"
             writer.transport.abort()
@@ -513,9 +514,10 @@ class Owner:
             outcome = "nothing here had been driven"
         elif arrival.committed(attached.side):
             state = attached.side.vm
-            outcome = (f"every device here had loaded its state: the guest's place is here; {vm} is left "
-                       f"{state and state.runstate} with its devices, to be resumed once its source is known "
-                       f"not to run it (a source that did not see the last load runs it on)")
+            outcome = (f"every device here had loaded its state, the guest not yet started here; {vm} is kept "
+                       f"{state and state.runstate} with its devices, never started by this daemon: the source "
+                       f"runs the guest on when it loses this host before starting it here, so end this copy "
+                       f"once the source is seen running it, and resume it only if the source is known not to")
         else:
             notes = []
             for end in attached.side.devices:
