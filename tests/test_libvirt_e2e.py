@@ -19,7 +19,9 @@ pytestmark = [pytest.mark.qemu,
 def test_libvirt_e2e_refuses_stops_a_followed_one_migrates_and_leaves_nothing_running(guest_image, tmp_path):
     env = {**os.environ, "LV": str(tmp_path / "lv"), "PYTHON": sys.executable,
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    done = subprocess.run([str(ROOT / "scripts/libvirt-e2e")], capture_output=True, text=True, timeout=900, env=env)
+    cases = [arg for case in ("refused", "followed", "across", "libvirt") for arg in ("--case", case)]
+    done = subprocess.run([str(ROOT / "scripts/libvirt-e2e"), *cases], capture_output=True, text=True, timeout=900,
+                          env=env)
     result = json.loads(done.stdout)
     assert done.returncode == 0 and result["ok"], json.dumps(result, indent=1) + done.stderr[-3000:]
     refused = result["cases"]["refused"]
