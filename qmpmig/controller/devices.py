@@ -61,6 +61,7 @@ class RemoteDevice:
         """Connect and find out how the device migrates (``protocol`` forces
         v1 or v2); DeviceError ENOTTY if it does not."""
         client = await Client.connect(path)
+        device = None
         try:
             for cls in (V2Device, V1Device):
                 if protocol in (None, cls.protocol) and (device := await cls.probe(client)):
@@ -69,7 +70,7 @@ class RemoteDevice:
                     return device
             raise DeviceError(errno.ENOTTY, f"{path}: the device offers no {protocol or 'v1 or v2'} migration")
         except BaseException:
-            await client.close()
+            await (device or client).close()       # a v1 device's window is mapped: close it too
             raise
 
     @classmethod
@@ -221,6 +222,18 @@ class MigrationRegion:
         return None
 
 
+def _map_window(fd: int, offset: int, size: int) -> mmap.mmap:
+    """A v1 device's data window, mapped from the fd it offered; DeviceError
+    if the fd cannot back it: not mappable there, or a file that ends
+    before the window does (mmap's ValueError; a read there would be a
+    SIGBUS in the controller; a device that shrinks the file afterwards
+    can still bring one about)."""
+    try:
+        return mmap.mmap(fd, size, offset=offset)
+    except (OSError, ValueError, OverflowError) as err:
+        raise DeviceError(errno.EINVAL, f"cannot map the migration region's window: {err}") from None
+
+
 class V1Device(RemoteDevice):
     """The v1 migration region (VFIO_REGION_TYPE_MIGRATION, kernels 5.8-5.17),
     with seed 000's NDMA where the device takes it."""
@@ -237,8 +250,13 @@ class V1Device(RemoteDevice):
         if region is None:
             return None
         device = cls(client, MigFlags.STOP_COPY | MigFlags.PRE_COPY, region)
-        if await device._takes_ndma():
-            device.offered = device.flags = device.flags | MigFlags.P2P
+        try:
+            if await device._takes_ndma():
+                device.offered = device.flags = device.flags | MigFlags.P2P
+        except BaseException:
+            if region.mem:              # else held, fd and all, until the garbage collector finds it
+                region.mem.close()
+            raise
         return device
 
     @staticmethod
@@ -255,7 +273,7 @@ class V1Device(RemoteDevice):
                 found = MigrationRegion(index, region.size)
                 if fd is not None and sparse and sparse.areas:
                     found.mmap_start, found.mmap_size = sparse.areas[0]
-                    found.mem = mmap.mmap(fd, found.mmap_size, offset=region.offset + found.mmap_start)
+                    found.mem = _map_window(fd, region.offset + found.mmap_start, found.mmap_size)
                 return found
             finally:
                 if fd is not None:
