@@ -64,7 +64,6 @@ import time
 from collections import Counter
 
 from ..controller.devices import RemoteDevice
-from ..device.migration import StreamError
 from ..device.model import DeviceConfig, ReferenceDevice
 from ..device.service import MIGRATION_REGION, DeviceService
 from ..device.v1region import DATA_OFFSET, REGION_SIZE, WINDOW
@@ -658,6 +657,21 @@ def saved_stream(device: ReferenceDevice) -> bytes:
     return good
 
 
+def loads(device: ReferenceDevice, data: bytes) -> bool:
+    """Whether a v2 device takes ``data`` as its stream: written in RESUMING
+    4 KiB at a time, then leaving RESUMING (a refusal is a DeviceError,
+    StreamError among them; the device is in ERROR)."""
+    device.set_v2(MigState.STOP)
+    device.set_v2(MigState.RESUMING)
+    try:
+        for pos in range(0, len(data), 4096):
+            device.loader.write(data[pos:pos + 4096])
+        device.set_v2(MigState.STOP)
+    except DeviceError:
+        return False
+    return True
+
+
 def stream_case(seed: int, stats: Counter) -> str | None:
     """A real stop-copy stream, damaged, into a RESUMING device."""
     rng = random.Random(seed)
@@ -676,13 +690,7 @@ def stream_case(seed: int, stats: Counter) -> str | None:
         data = [b + a + c, a + b + b + c, a + b + c + b][how - 2]
     data = bytes(data)
     stats["damaged" if data != good else "unchanged"] += 1
-    dst.set_v2(MigState.STOP)
-    dst.set_v2(MigState.RESUMING)
-    try:
-        for pos in range(0, len(data), 4096):
-            dst.loader.write(data[pos:pos + 4096])
-        dst.set_v2(MigState.STOP)
-    except (StreamError, DeviceError, OSError):
+    if not loads(dst, data):
         stats["refused"] += 1
         return None if data != good else "the source's own stream was refused"
     stats["accepted"] += 1
