@@ -222,7 +222,7 @@ class ReferenceDevice:
                 self.regs[name] = int(regs[name])
             self.state.set_rng_state(regs["rng"])
             self.loaded = True
-        except (StreamError, KeyError, TypeError, ValueError) as err:
+        except (StreamError, LookupError, TypeError, ValueError, ArithmeticError) as err:   # forged registers too
             self.error = f"resume refused: {err}"
             log.error("%s", self.error)
 
