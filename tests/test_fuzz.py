@@ -55,6 +55,25 @@ def test_a_short_fuzzing_run_finds_nothing(target, cases):
         assert stats["loaded"] == stats["saves"] > 0 and stats["refused"] > 0 and stats["answered"] > 0, stats
 
 
+#: (target, seed, what the case found before its fix), replayed in process.
+REGRESSIONS = [
+    ("server", 1, "the fd of half a frame stayed open when the client hung up (transport: _shutdown)"),
+    ("client", 16, "the same in the client"),
+    ("client", 4, "a reply of another command's cmd reached the caller: AttributeError (transport: _settle)"),
+    ("client", 65, "a window fd smaller than the window: ValueError out of RemoteDevice.open (devices: _map_window)"),
+    ("client", 98, "error reply errno 0xFFFFFFFF: OverflowError in a done callback, request hung (errors: ErrorReply)"),
+    ("stream", 84, "forged registers: int(Infinity) escaped the load (model: ReferenceDevice._load)"),
+    ("stream", 481, "forged registers: IndexError escaped the load"),
+    ("stream", 734, "forged registers: IndexError on a string"),
+]
+
+
+@pytest.mark.parametrize("target, seed, found", REGRESSIONS)
+def test_a_case_that_found_a_bug_passes(target, seed, found):
+    result = fuzz.run_target(target, range(seed, seed + 1))
+    assert result["failure_count"] == 0, (found, result["failures"])
+
+
 def test_a_failure_names_its_seed_and_replays(monkeypatch):
     """A case that fails is reported with its seed, and --seed S --cases 1 runs that case alone."""
     monkeypatch.setitem(fuzz.TARGETS, "stream", lambda seed, stats: "broken" if seed == 7 else None)
