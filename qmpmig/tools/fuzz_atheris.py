@@ -36,8 +36,6 @@ from pathlib import Path
 TARGETS = ("server", "client", "stream", "v1region")
 #: Seconds an input may take before libFuzzer calls it a hang.
 INPUT_TIMEOUT = 10
-#: A small device state: 4 pages, so a whole stream fits one input.
-SMALL_STATE = 4 * 4096
 
 
 def _targets():
@@ -54,7 +52,7 @@ def _targets():
     from qmpmig.vfio_user.uapi import MIGRATION_INFO
 
     def device(v1: bool = False) -> ReferenceDevice:
-        return ReferenceDevice(DeviceConfig(state_size=SMALL_STATE, migration="v1" if v1 else "v2",
+        return ReferenceDevice(DeviceConfig(state_size=fuzz.SMALL_STATE, migration="v1" if v1 else "v2",
                                             dma_rate=0, mutate_rate=0))
 
     def pieces(conn: codec.Connection, data: bytes, step: int):
