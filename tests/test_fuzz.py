@@ -62,6 +62,7 @@ REGRESSIONS = [
     ("client", 4, "a reply of another command's cmd reached the caller: AttributeError (transport: _settle)"),
     ("client", 65, "a window fd smaller than the window: ValueError out of RemoteDevice.open (devices: _map_window)"),
     ("client", 98, "error reply errno 0xFFFFFFFF: OverflowError in a done callback, request hung (errors: ErrorReply)"),
+    ("client", 20336531, "a v1 device_state of no state (0x41): ValueError out of V1Device.state (devices: _v2_state)"),
     ("stream", 84, "forged registers: int(Infinity) escaped the load (model: ReferenceDevice._load)"),
     ("stream", 481, "forged registers: IndexError escaped the load"),
     ("stream", 734, "forged registers: IndexError on a string"),

@@ -126,6 +126,17 @@ class RemoteDevice:
         """Every piece sent is acknowledged; the first refusal raised."""
 
 
+def _v2_state(value: int) -> MigState:
+    """The v2 state a v1 device's device_state means; one that means none
+    is the device breaking the uAPI (DeviceError EPROTO, as a malformed
+    reply; MIG_DEVICE_STATE's codec already refuses one), not a ValueError
+    out of the controller."""
+    try:
+        return v1_to_v2(value)
+    except ValueError:
+        raise DeviceError(errno.EPROTO, f"the device answered device_state {value:#x}, which is no state") from None
+
+
 async def _region_sizes(client: Client) -> dict[int, int]:
     sizes = {}
     for index in range((await client.device_info()).num_regions):
@@ -328,7 +339,7 @@ class V1Device(RemoteDevice):
     # -- the v2 words --------------------------------------------------------
 
     async def state(self) -> MigState:
-        return v1_to_v2(await self.get("device_state"))
+        return _v2_state(await self.get("device_state"))
 
     async def set_state(self, state: MigState) -> None:
         """One device_state write of the state's v1 twin (NDMA for the P2P states)."""
