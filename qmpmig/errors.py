@@ -83,11 +83,20 @@ class DeviceError(QmpmigError, OSError):
         OSError.__init__(self, err, msg)
 
 
+def _strerror(err: int) -> str:
+    """os.strerror, for any u32 a peer may put in an error reply (beyond a
+    C int, os.strerror raises OverflowError)."""
+    try:
+        return os.strerror(err)
+    except (OverflowError, ValueError):
+        return f"errno {err}"
+
+
 class ErrorReply(DeviceError):
     """The device answered ``cmd`` with a vfio-user error reply."""
 
     def __init__(self, cmd: int, name: str, err: int, what: str = ""):
-        text = os.strerror(err) if err else "error"
+        text = _strerror(err) if err else "error"
         super().__init__(err, f"{name}: {text}{': ' + what if what else ''}")
         self.cmd = cmd
 

@@ -62,6 +62,7 @@ class RemoteDevice:
         """Connect and find out how the device migrates (``protocol`` forces
         v1 or v2); DeviceError ENOTTY if it does not."""
         client = await Client.connect(path)
+        device = None
         try:
             for cls in (V2Device, V1Device):
                 if protocol in (None, cls.protocol) and (device := await cls.probe(client)):
@@ -70,7 +71,7 @@ class RemoteDevice:
                     return device
             raise DeviceError(errno.ENOTTY, f"{path}: the device offers no {protocol or 'v1 or v2'} migration")
         except BaseException:
-            await client.close()
+            await (device or client).close()       # a v1 device's window is mapped: close it too
             raise
 
     @classmethod
@@ -124,6 +125,17 @@ class RemoteDevice:
 
     async def flush(self) -> None:
         """Every piece sent is acknowledged; the first refusal raised."""
+
+
+def _v2_state(value: int) -> MigState:
+    """The v2 state a v1 device's device_state means; one that means none
+    is the device breaking the uAPI (DeviceError EPROTO, as a malformed
+    reply; MIG_DEVICE_STATE's codec already refuses one), not a ValueError
+    out of the controller."""
+    try:
+        return v1_to_v2(value)
+    except ValueError:
+        raise DeviceError(errno.EPROTO, f"the device answered device_state {value:#x}, which is no state") from None
 
 
 async def _region_sizes(client: Client) -> dict[int, int]:
@@ -222,6 +234,18 @@ class MigrationRegion:
         return None
 
 
+def _map_window(fd: int, offset: int, size: int) -> mmap.mmap:
+    """A v1 device's data window, mapped from the fd it offered; DeviceError
+    if the fd cannot back it: not mappable there, or a file that ends
+    before the window does (mmap's ValueError; a read there would be a
+    SIGBUS in the controller; a device that shrinks the file afterwards
+    can still bring one about)."""
+    try:
+        return mmap.mmap(fd, size, offset=offset)
+    except (OSError, ValueError, OverflowError) as err:
+        raise DeviceError(errno.EINVAL, f"cannot map the migration region's window: {err}") from None
+
+
 class V1Device(RemoteDevice):
     """The v1 migration region (VFIO_REGION_TYPE_MIGRATION, kernels 5.8-5.17),
     with seed 000's NDMA where the device takes it."""
@@ -238,8 +262,13 @@ class V1Device(RemoteDevice):
         if region is None:
             return None
         device = cls(client, MigFlags.STOP_COPY | MigFlags.PRE_COPY, region)
-        if await device._takes_ndma():
-            device.offered = device.flags = device.flags | MigFlags.P2P
+        try:
+            if await device._takes_ndma():
+                device.offered = device.flags = device.flags | MigFlags.P2P
+        except BaseException:
+            if region.mem:              # else held, fd and all, until the garbage collector finds it
+                region.mem.close()
+            raise
         return device
 
     @staticmethod
@@ -254,9 +283,10 @@ class V1Device(RemoteDevice):
                 if not kind or (kind.type, kind.subtype) != MIGRATION_REGION_TYPE:
                     continue
                 found = MigrationRegion(index, region.size)
-                if fd is not None and sparse and sparse.areas and _cannot_shrink(fd, region.offset + sum(sparse.areas[0])):
+                if fd is not None and sparse and sparse.areas \
+                        and _cannot_shrink(fd, region.offset + sum(sparse.areas[0])):
                     found.mmap_start, found.mmap_size = sparse.areas[0]
-                    found.mem = mmap.mmap(fd, found.mmap_size, offset=region.offset + found.mmap_start)
+                    found.mem = _map_window(fd, region.offset + found.mmap_start, found.mmap_size)
                 return found
             finally:
                 if fd is not None:
@@ -311,7 +341,7 @@ class V1Device(RemoteDevice):
     # -- the v2 words --------------------------------------------------------
 
     async def state(self) -> MigState:
-        return v1_to_v2(await self.get("device_state"))
+        return _v2_state(await self.get("device_state"))
 
     async def set_state(self, state: MigState) -> None:
         """One device_state write of the state's v1 twin (NDMA for the P2P states)."""

@@ -230,7 +230,7 @@ class ReferenceDevice:
             self.state.set_rng_state(regs["rng"])
             self.regs.update({name: regs[name] for name in MIGRATED})
             self.loaded = True
-        except (StreamError, KeyError, TypeError, ValueError, struct.error) as err:
+        except (StreamError, LookupError, TypeError, ValueError, ArithmeticError, struct.error) as err:
             self.error = f"resume refused: {err}"
             log.error("%s", self.error)
 

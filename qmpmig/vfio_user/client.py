@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 from typing import Any, Awaitable, Callable
 
@@ -59,6 +60,8 @@ class Client(Endpoint):
     async def _negotiate(self) -> None:
         caps = {"max_msg_fds": 8, "max_data_xfer_size": self.conn.max_data_xfer_size}
         reply = await self.request(Command.VERSION, codec.Version(MAJOR, MINOR, caps))
+        for fd in reply.fds:            # the one a VERSION reply may carry: qmpmig has no use for it
+            os.close(fd)
         version = reply.payload
         if version.major != MAJOR or version.minor > MINOR:
             raise RemoteProtocolError(f"server answered version {version.major}.{version.minor}")

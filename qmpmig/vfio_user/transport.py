@@ -62,7 +62,8 @@ def _wake(ready: asyncio.Future) -> None:
 
 def _settle(result: asyncio.Future, waiter: asyncio.Future, cmd: codec.Command) -> None:
     """A request's outcome from its reply: the reply, ErrorReply for an
-    error reply, or the waiter's exception."""
+    error reply, DeviceError EPROTO for a reply of another command (its
+    payload is not the one the caller reads), or the waiter's exception."""
     if result.done():
         if not waiter.cancelled():
             waiter.exception()          # retrieved: the caller gave up first
@@ -71,7 +72,12 @@ def _settle(result: asyncio.Future, waiter: asyncio.Future, cmd: codec.Command) 
         result.cancel()
     elif waiter.exception() is not None:
         result.set_exception(waiter.exception())
-    elif (reply := waiter.result()).error_no or reply.payload is None:
+    elif (reply := waiter.result()).cmd != cmd:
+        for fd in reply.fds:
+            os.close(fd)
+        result.set_exception(DeviceError(errno.EPROTO, f"{codec.Command(cmd).name} answered by a "
+                                                       f"{codec.Command(reply.cmd).name} reply"))
+    elif reply.error_no or reply.payload is None:
         result.set_exception(ErrorReply(cmd, codec.Command(cmd).name, reply.error_no))
     else:
         result.set_result(reply)
@@ -309,6 +315,9 @@ class Endpoint:
                     waiter.set_exception(Disconnected(f"vfio-user connection closed: {why}"))
         self._waiters.clear()
         self.sock.close()
+        for fd in self.conn.pending_fds:    # they came with half a message
+            with contextlib.suppress(OSError):
+                os.close(fd)
         self.on_disconnect()
 
     def on_disconnect(self) -> None:
