@@ -233,7 +233,7 @@ def test_short_soak_the_daemon_does_not_grow(tmp_path, guest_image):
     were after the first, its memory within 8 MiB of what the first three
     reached."""
     spec = importlib.util.spec_from_file_location("soak", Path(__file__).parent.parent / "scripts" / "soak-daemon.py")
-    soak = importlib.util.module_from_spec(spec)
+    soak = sys.modules["soak"] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(soak)
     rows = soak.soak(SOAK_MIGRATIONS, tmp_path, memory=128, devices=2)
     for figure in ("daemon_fds", "daemon_threads"):
