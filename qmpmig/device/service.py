@@ -278,8 +278,8 @@ class DeviceService:
 
     def feature_dma_logging_report(self, data: bytes) -> bytes:
         report = codec.DmaLoggingReport.unpack(data)
-        bitmap = self.device.dma_log.report(report.iova, report.length, report.page_size,
-                                            self.endpoint.conn.max_data_xfer_size)
+        limit = self.endpoint.conn.max_data_xfer_size if self.endpoint else codec.DEFAULT_MAX_DATA_XFER
+        bitmap = self.device.dma_log.report(report.iova, report.length, report.page_size, limit)
         return codec.DmaLoggingReport(report.iova, report.length, report.page_size, bitmap).pack()
 
     # -- v2 migration data --------------------------------------------------
