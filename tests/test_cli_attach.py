@@ -95,6 +95,8 @@ def test_the_command_killed_in_any_phase_leaves_the_migration_going(setup, phase
     wait_for_phase(tmp, phase)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
+    if proc.returncode == 0 and "migration completed" in out:
+        pytest.skip(f"the migration was through before the {sig.name} landed in {phase}")
     assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), out + err
     result = migration_ended(tmp)
     fault_cell.outcome(f"the CLI {sig.name}", phase, "destination", 0, result["message"])
