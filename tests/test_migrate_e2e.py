@@ -287,6 +287,7 @@ async def test_the_destination_qemu_killed_in_any_phase(guest_image, phase, faul
     summary = report.summary
     assert "destination QEMU died" in summary.message or "dst: QMP connection lost" in summary.message, \
         summary.message
+    assert phase != "loaded" or summary.guest_on == "source", summary
     if summary.guest_on == "source":
         assert report.checks["source heartbeat"] is None and report.checks["source dev0"] is None, report.checks
         if phase == "loaded":

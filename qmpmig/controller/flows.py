@@ -215,6 +215,9 @@ async def resume(c: Controller, running: bool) -> None:
     barrier = MigState.RUNNING_P2P if MigState.RUNNING_P2P in target.values() else None
     await c.walker.walk_all(dst, lambda end: target[end], barrier=barrier)
     await c.walker.walk_all(dst, lambda end: MigState.RUNNING)
+    if dst.gone or not dst.qemu.connected:
+        # Never started: the source, paused, is still the guest's one copy.
+        raise MigrationFailed(f"the destination died before its vCPUs were started: {dst.gone or 'monitor lost'}")
     c.run.dst_started = True
     await c.manager.resume_destination(c)
     await dst.wait(lambda s: s.runstate == "running", "destination running")
