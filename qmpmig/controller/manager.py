@@ -16,7 +16,11 @@ managers apart, and the flows read them here:
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Protocol
+
+from ..errors import MigrationFailed, reason
+from ..qemu import channel
 
 if TYPE_CHECKING:
     from .core import Controller
@@ -26,6 +30,9 @@ if TYPE_CHECKING:
 CAPABILITIES = {"src": ("events", "pause-before-switchover"), "dst": ("events",)}
 #: The migration parameters the flow changes (on the source).
 PARAMETERS = ("max-bandwidth", "downtime-limit")
+#: Seconds QEMU has to answer migrate_cancel before qmpmig shuts its
+#: stream down itself (QmpManager.cancel).
+CANCEL_GRACE = 1.0
 
 
 class Manager(Protocol):
@@ -94,10 +101,23 @@ class QmpManager:
     async def set_parameters(self, c: Controller, parameters: dict) -> None:
         await c.src.qmp("migrate-set-parameters", parameters)
 
+    def __init__(self):
+        #: qmpmig's descriptor of the socket the source QEMU sends over.
+        self.stream: channel.Stream | None = None
+
     async def start(self, c: Controller) -> None:
-        """The destination listens, the source sends."""
+        """The destination listens; qmpmig connects to it and hands the
+        socket to the source, which sends (:mod:`qmpmig.qemu.channel`)."""
         await c.dst.qmp("migrate-incoming", {"uri": c.uri})
-        await c.src.qmp("migrate", {"uri": c.uri})
+        try:
+            self.stream = await channel.Stream.connect(c.uri)
+        except (OSError, asyncio.TimeoutError) as err:
+            raise MigrationFailed(f"cannot connect to the destination at {c.uri}: {reason(err)}") from err
+        if self.stream is None:
+            await c.src.qmp("migrate", {"uri": c.uri})
+            return
+        await c.src.qmp("getfd", {"fdname": channel.FD_NAME}, fd=self.stream.fileno())
+        await c.src.qmp("migrate", {"uri": f"fd:{channel.FD_NAME}"})
 
     async def hold_for_stop(self, c: Controller) -> None:
         """Not needed: qmpmig answers pre-switchover itself."""
@@ -112,7 +132,17 @@ class QmpManager:
         await c.dst.qmp("cont")
 
     async def cancel(self, c: Controller) -> None:
-        await c.src.qmp("migrate_cancel")
+        """migrate_cancel; if QEMU does not answer within CANCEL_GRACE (its
+        big lock held in a write that does not end), the stream is shut down
+        from outside, which is all migrate_cancel would do, and QEMU's write
+        fails."""
+        asking = asyncio.ensure_future(c.src.qmp("migrate_cancel"))
+        await asyncio.wait({asking}, timeout=CANCEL_GRACE)
+        if not asking.done() and self.stream is not None:
+            c.trace.emit("stream_shutdown", side="src",
+                         why=f"migrate_cancel unanswered after {CANCEL_GRACE:.0f} s")
+            self.stream.shutdown()
+        await asking
 
     async def resume_source(self, c: Controller) -> None:
         await c.src.qmp("cont")
@@ -122,7 +152,11 @@ class QmpManager:
         await c.dst.quit(timeout)
 
     async def done(self, c: Controller) -> None:
-        """The migration has ended, either way: nothing of the manager's is left running."""
+        """The migration has ended, either way: nothing of the manager's is
+        left running, nor open."""
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
 
 
 async def put_back(execute, saved: dict) -> None:

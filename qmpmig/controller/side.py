@@ -224,10 +224,10 @@ class Side:
         if not await self.wait_gone(timeout):
             raise MigrationFailed(f"{self.name} QEMU still there {timeout:.0f} s after quit")
 
-    async def qmp(self, command: str, arguments: dict | None = None):
-        """A QMP command, traced."""
+    async def qmp(self, command: str, arguments: dict | None = None, fd: int | None = None):
+        """A QMP command, traced; ``fd`` passed with it (``getfd``)."""
         self.trace.emit("qmp_command", side=self.name, command=command, arguments=arguments or {})
         try:
-            return await self.qemu.execute(command, arguments)
+            return await self.qemu.execute(command, arguments, fd)
         except QemuGone as err:
             raise MigrationFailed(f"{self.name} QEMU died during {command}: {err}") from err

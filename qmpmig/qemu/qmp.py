@@ -16,7 +16,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient
+from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
 from qemu.qmp.protocol import StateError
 
 from ..errors import QemuCommandError, QemuGone, QmpmigError
@@ -125,13 +125,18 @@ class Qemu:
     def connected(self) -> bool:
         return self._qmp.runstate.name == "RUNNING"
 
-    async def execute(self, command: str, arguments: dict | None = None) -> Any:
+    async def execute(self, command: str, arguments: dict | None = None, fd: int | None = None) -> Any:
+        """A QMP command; ``fd`` passed with it (SCM_RIGHTS), for ``getfd``."""
         try:
+            if fd is not None:
+                self._qmp.send_fd_scm(fd)
             return await self._qmp.execute(command, arguments)
         except ExecuteError as err:
             raise QemuCommandError(command, err.error_class, str(err)) from err
         except (ExecInterruptedError, StateError, EOFError, ConnectionError) as err:
             raise QemuGone(f"{self.name}: QMP connection lost during {command}") from err
+        except QMPError as err:                 # fds cross only a UNIX socket
+            raise QemuCommandError(command, "GenericError", str(err)) from err
 
     async def ram_backing(self) -> str:
         """The file behind the guest's RAM: the largest memory-backend-file
