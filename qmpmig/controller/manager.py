@@ -32,7 +32,7 @@ CAPABILITIES = {"src": ("events", "pause-before-switchover"), "dst": ("events",)
 PARAMETERS = ("max-bandwidth", "downtime-limit")
 #: Seconds QEMU has to answer migrate_cancel before qmpmig shuts its
 #: stream down itself (QmpManager.cancel).
-CANCEL_GRACE = 1.0
+CANCEL_GRACE = 0.5
 
 
 class Manager(Protocol):
@@ -140,7 +140,7 @@ class QmpManager:
         await asyncio.wait({asking}, timeout=CANCEL_GRACE)
         if not asking.done() and self.stream is not None:
             c.trace.emit("stream_shutdown", side="src",
-                         why=f"migrate_cancel unanswered after {CANCEL_GRACE:.0f} s")
+                         why=f"migrate_cancel unanswered after {CANCEL_GRACE} s")
             self.stream.shutdown()
         await asking
 
