@@ -44,6 +44,10 @@ class Manager(Protocol):
     async def settings(self, c: Controller) -> dict[str, dict]:
         """side -> what the flow will change, as it is now (for put_back)."""
 
+    async def enable(self, c: Controller) -> None:
+        """The capabilities the flow needs, turned on once what
+        :meth:`settings` read is in the journal."""
+
     async def put_back(self, side: Side, saved: dict) -> None: ...
 
     async def set_parameters(self, c: Controller, parameters: dict) -> None:
@@ -82,7 +86,7 @@ class QmpManager:
 
     async def settings(self, c: Controller) -> dict[str, dict]:
         """side -> the capabilities and parameters the flow will change, as
-        they are now; then the capabilities it needs turned on."""
+        they are now."""
         saved = {}
         for side in (c.src, c.dst):
             caps = {cap["capability"]: cap["state"] for cap in await side.qemu.execute("query-migrate-capabilities")}
@@ -90,10 +94,12 @@ class QmpManager:
                                                  for name in CAPABILITIES[side.name]]}
         params = await c.src.qemu.execute("query-migrate-parameters")
         saved["src"]["parameters"] = {name: params[name] for name in PARAMETERS if name in params}
+        return saved
+
+    async def enable(self, c: Controller) -> None:
         for side in (c.src, c.dst):
             await side.qmp("migrate-set-capabilities", {"capabilities": [
                 {"capability": name, "state": True} for name in CAPABILITIES[side.name]]})
-        return saved
 
     async def put_back(self, side: Side, saved: dict) -> None:
         await put_back(side.qmp, saved)

@@ -103,6 +103,7 @@ async def prepare_switchover(c: Controller) -> None:
     libvirt's)."""
     c.run.settings = await c.manager.settings(c)
     c.note("settings", settings=c.run.settings)
+    await c.manager.enable(c)
     c.run.budget = c.options.downtime_limit
     c.run.release = {"max-bandwidth": c.run.settings["src"]["parameters"].get("max-bandwidth", 128 << 20),
                      "downtime-limit": c.options.downtime_limit}

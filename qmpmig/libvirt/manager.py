@@ -86,6 +86,9 @@ class LibvirtManager:
         downtime = await self.lv.call("virDomainMigrateGetMaxDowntime", dom.migrateGetMaxDowntime, 0)
         return {"src": {"parameters": {"max-bandwidth": speed << 20, "downtime-limit": downtime}}, "dst": {}}
 
+    async def enable(self, c: Controller) -> None:
+        """Nothing: libvirt turns on what it needs itself."""
+
     async def put_back(self, side: Side, saved: dict) -> None:
         """libvirt's settings as they were, on a domain still running here."""
         if "parameters" not in saved:
