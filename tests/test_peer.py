@@ -465,6 +465,49 @@ def test_the_source_hosts_daemon_killed_in_any_phase(two_hosts, pki, phase, faul
 
 
 @pytest.mark.qemu
+@pytest.mark.parametrize("phase", PHASES)
+def test_the_source_hosts_daemon_hung_in_any_phase(two_hosts, pki, phase, fault_cell):
+    """Host A's daemon SIGSTOPped in each phase: its connection stays open
+    and only its silence tells.  B takes it for lost within
+    peer.PEER_SILENCE of its last request (a long poll under way does not
+    hold B: peer.LONG_POLLS), ends what it holds of the attempt and says so;
+    once A's daemon is let go on (SIGCONT) it finds its peer gone and the
+    guest runs on at the source, never at B."""
+    hosts, src, dst, tmp = two_hosts
+    runs, address = hosts(pki["host-a"])
+    command = migrating_in(phase, runs, address, tmp)
+    if command is None:
+        pytest.skip(f"the migration was through before {phase}")
+    daemon = int((runs["a"] / "daemon.pid").read_text())
+    os.kill(daemon, signal.SIGSTOP)
+    fault_cell.fault()
+    try:
+        deadline = time.monotonic() + peer.PEER_SILENCE + 10
+        while not (lost := asyncio.run(client.call(runs["b"], "status"))["peers_lost"]):
+            assert time.monotonic() < deadline, "B never took its hung peer for lost"
+            time.sleep(0.1)
+        b_over = time.monotonic() - fault_cell.landed
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    assert "asked nothing" in lost[0]["why"], lost
+    assert b_over < peer.PEER_SILENCE + 4, f"B took {b_over:.1f} s to see its peer silent"
+    out, err = command.communicate(timeout=120)
+    result = json.loads(out) if out else {"error": err}
+    if result.get("ok"):
+        pytest.skip(f"the migration was through before the stop landed in {phase}")
+    src.wait_heartbeat(src.last_heartbeat(), 30)
+    fault_cell.outcome("source host's daemon SIGSTOP, then SIGCONT once B gave it up", phase,
+                       result.get("guest_on"), time.monotonic(), result.get("message", ""), b_over_s=round(b_over, 2),
+                       b_outcome=lost[0]["outcome"])
+    assert result["guest_on"] == "source" and command.returncode == 1, result
+    assert "peer" in result["message"], result
+    assert dst.last_heartbeat() == 0, "the destination ran the guest"
+    a = asyncio.run(client.call(runs["a"], "status"))
+    assert a["migrations"] == [] and a["vms"][0]["runstate"] == "running", a
+    assert a["vms"][0]["devices"][0]["state"] == "RUNNING", a
+
+
+@pytest.mark.qemu
 @pytest.mark.parametrize("how", ["flip", "truncate", "reorder", "duplicate", "replay"])
 def test_a_spoilt_device_stream_across_hosts_is_refused_and_the_source_runs_on(two_hosts, pki, how):
     """The device stream bent at host A before it crosses (``--debug

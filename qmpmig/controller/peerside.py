@@ -28,8 +28,10 @@ Call = Callable[..., Awaitable[dict]]
 #: carries: the bytes follow the request raw (control.MAX_PAYLOAD).
 PAGES_PER_WRITE = 1024
 DATA_PER_REQUEST = 4 << 20
-#: Seconds one long poll of the peer's VM may wait.
-WATCH_POLL = 10.0
+#: Seconds one long poll of the peer's VM may wait (the peer holds it no
+#: longer than its LONG_POLL_MAX; asking again as often keeps this side
+#: from looking silent to it, peer.PEER_SILENCE).
+WATCH_POLL = 3.0
 
 
 class PeerQemu:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import QmpmigError
 from ..migration.states import MigState
+from . import peer
 
 if TYPE_CHECKING:
     from ..controller.side import DeviceEnd, Side
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
 QMP_COMMANDS = frozenset({"migrate-incoming", "migrate-set-capabilities", "migrate-set-parameters",
                           "query-migrate", "query-migrate-capabilities", "query-migrate-parameters",
                           "query-status", "cont", "quit"})
-#: Longest long poll of incoming_watch (s).
-WATCH_MAX = 30.0
 
 
 @dataclass
@@ -176,7 +175,7 @@ async def watch(side: Side, since: int, timeout: float) -> dict:
     ``since`` (or ``timeout`` passed, or QEMU went away)."""
     if side.updates == since and not side.gone:
         with contextlib.suppress(asyncio.TimeoutError):
-            await side.next_update(min(timeout, WATCH_MAX))
+            await side.next_update(min(timeout, peer.LONG_POLL_MAX))
     state = side.vm
     return {"runstate": state and state.runstate, "status": state and state.status, "updates": side.updates,
             "gone": side.gone, "event_times": dict(side.event_times), "devices": [end.name for end in side.devices]}

@@ -245,7 +245,9 @@ class Owner:
         who = peer.peer_name(writer)
         log.info("peer %s connected from %s", who, writer.get_extra_info("peername"))
         peer.bound_dead_link(writer)
+        #: Every request under way; those the peer waits on (no long poll).
         answering: set[asyncio.Task] = set()
+        working: set[asyncio.Task] = set()
         announced: set[tuple[str, str]] = set()
         heard, why = [time.monotonic()], [""]
 
@@ -255,15 +257,16 @@ class Owner:
                 args = message.get("args") if isinstance(message.get("args"), dict) else {}
                 if (key := (args.get("domain"), args.get("migration"))) in self.arrivals:
                     announced.add(key)
-            heard[0] = time.monotonic()
+            if message.get("op") not in peer.LONG_POLLS:
+                heard[0] = time.monotonic()
             writer.write(answered)
             with contextlib.suppress(ConnectionError, ssl.SSLError):
                 await writer.drain()
 
         async def listen_for_silence() -> None:
             while not (any(key in self.arrivals and self.arrivals[key].driven for key in announced)
-                       and not answering and time.monotonic() - heard[0] > peer.PEER_SILENCE):
-                await asyncio.sleep(1.0)
+                       and not working and time.monotonic() - heard[0] > peer.PEER_SILENCE):
+                await asyncio.sleep(0.25)
             why[0] = f"it asked nothing for {peer.PEER_SILENCE:g} s"
             writer.transport.abort()
         silence = asyncio.create_task(listen_for_silence())
@@ -275,6 +278,9 @@ class Owner:
                     task = asyncio.create_task(answer(message))
                     answering.add(task)
                     task.add_done_callback(answering.discard)
+                    if message.get("op") not in peer.LONG_POLLS:
+                        working.add(task)
+                        task.add_done_callback(working.discard)
         except control.ControlError as err:
             writer.write(control.reply(0, error=str(err)))
         except (ConnectionError, ssl.SSLError, TimeoutError, OSError) as err:
@@ -578,7 +584,7 @@ class Owner:
         return await incoming.qmp(self._incoming_vm(vm, migration).side, command, arguments,
                                   self.arrivals[(vm, migration)])
 
-    async def incoming_watch(self, vm: str, migration: str, since: int, timeout: float = 10.0) -> dict:
+    async def incoming_watch(self, vm: str, migration: str, since: int, timeout: float = peer.LONG_POLL_MAX) -> dict:
         return await incoming.watch(self._incoming_vm(vm, migration).side, since, timeout)
 
     async def incoming_device(self, vm: str, migration: str, device: str, call: str, **args) -> dict:

@@ -55,10 +55,17 @@ CALL_TIMEOUT = 90.0
 #: nothing (a cut link, a dead host): shorter than what the guest's pause
 #: may bear (Options.max_pause less the recovery's margin, 3.5 s by default).
 LINK_TIMEOUT = 3.0
-#: Seconds a peer driving an incoming migration may leave this daemon with
-#: nothing to answer (its source long-polls incoming_watch throughout) before
-#: it is taken for lost.
+#: Seconds a peer driving an incoming migration may ask nothing new of this
+#: daemon, with nothing but a long poll of it under way, before it is taken
+#: for lost (a healthy source asks again at least every LONG_POLL_MAX).
 PEER_SILENCE = 10.0
+#: The requests that are held until something changes (long polls): one
+#: under way is not work the peer waits for, and its answer is not news of
+#: the peer.
+LONG_POLLS = frozenset({"incoming_watch"})
+#: Seconds a long poll is held at most: well inside PEER_SILENCE, so that a
+#: peer that stopped asking (its daemon hung) is seen within PEER_SILENCE.
+LONG_POLL_MAX = 3.0
 
 
 class PeerError(QmpmigError):
