@@ -275,7 +275,7 @@ class Endpoint:
             for fd in msg.fds:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            if isinstance(err, OSError):
+            if isinstance(err, (OSError, ProtocolError)):     # the client's fault: said, not a bug
                 log.info("%s refused: %s", getattr(msg.cmd, "name", msg.cmd), err)
             else:
                 log.exception("%s: handler failed", getattr(msg.cmd, "name", msg.cmd))
