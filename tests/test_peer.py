@@ -245,6 +245,31 @@ def test_pages_that_may_not_be_written_are_not(incoming_vm, pki, tmp_path, case)
     assert asyncio.run(peer.call(address, pki["host-a"], "status"))["vms"][0]["name"] == "guest1"
 
 
+@pytest.mark.qemu
+def test_a_peer_gets_at_most_max_in_flight_requests_answered_at_once(incoming_vm, pki):
+    """One more long poll than peer.MAX_IN_FLIGHT on one connection: the
+    last is read only once one of the others was answered (each held
+    peer.LONG_POLL_MAX), and every one is answered."""
+    address, run_dir, dst_ram = incoming_vm
+
+    async def go() -> list[float]:
+        async with peer.Peer(address, pki["host-a"]) as p:
+            await p.call("expect", domain="guest1", migration="m-11")
+            since = (await p.call("incoming_watch", vm="guest1", migration="m-11", since=-1, timeout=0))["updates"]
+            t0 = time.monotonic()
+
+            async def poll() -> float:
+                await p.call("incoming_watch", vm="guest1", migration="m-11", since=since,
+                             timeout=peer.LONG_POLL_MAX)
+                return time.monotonic() - t0
+            return sorted(await asyncio.gather(*(poll() for _ in range(peer.MAX_IN_FLIGHT + 1))))
+
+    answered = asyncio.run(go())
+    assert answered[-2] < peer.LONG_POLL_MAX + 1.5, answered
+    assert answered[-1] > answered[-2] + peer.LONG_POLL_MAX / 2, answered
+    assert asyncio.run(peer.call(address, pki["host-a"], "status"))["pid"] > 0, "the daemon still serves"
+
+
 # -- a migration to the daemon of another host ----------------------------------
 
 

@@ -275,6 +275,8 @@ class Owner:
             while data := await reader.read(1 << 16):
                 heard[0] = time.monotonic()
                 for message in lines.feed(data):
+                    while len(answering) >= peer.MAX_IN_FLIGHT:
+                        await asyncio.wait(answering, return_when=asyncio.FIRST_COMPLETED)
                     task = asyncio.create_task(answer(message))
                     answering.add(task)
                     task.add_done_callback(answering.discard)

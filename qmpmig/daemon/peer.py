@@ -63,6 +63,11 @@ PEER_SILENCE = 10.0
 #: under way is not work the peer waits for, and its answer is not news of
 #: the peer.
 LONG_POLLS = frozenset({"incoming_watch"})
+#: Requests of one peer connection answered at once; past it the daemon
+#: reads no more of that connection until one is answered (TCP holds the
+#: peer back): what a peer can make this daemon hold is bounded by it,
+#: with control.MAX_PAYLOAD a request.
+MAX_IN_FLIGHT = 16
 #: Seconds a long poll is held at most: well inside PEER_SILENCE, so that a
 #: peer that stopped asking (its daemon hung) is seen within PEER_SILENCE.
 LONG_POLL_MAX = 3.0
