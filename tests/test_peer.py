@@ -533,6 +533,49 @@ def test_the_source_hosts_daemon_hung_in_any_phase(two_hosts, pki, phase, fault_
 
 
 @pytest.mark.qemu
+@pytest.mark.parametrize("phase", PHASES)
+def test_the_destination_hosts_daemon_hung_in_any_phase(two_hosts, pki, phase, fault_cell):
+    """Host B's daemon SIGSTOPped in each phase: its kernel still
+    acknowledges, so the link looks alive; A's requests go unanswered.  The
+    migration fails at A's first bound (a device request's timeout, or,
+    with the guest paused, --max-pause for every request, QMP and guest
+    pages too: Walker.paused_deadline), the guest runs on at the source
+    with its device RUNNING, and the destination never runs it; let go on,
+    B finds its peer gone and ends its side."""
+    hosts, src, dst, tmp = two_hosts
+    runs, address = hosts(pki["host-a"])
+    command = migrating_in(phase, runs, address, tmp)
+    if command is None:
+        pytest.skip(f"the migration was through before {phase}")
+    daemon = int((runs["b"] / "daemon.pid").read_text())
+    os.kill(daemon, signal.SIGSTOP)
+    fault_cell.fault()
+    try:
+        out, err = command.communicate(timeout=120)
+        ended = time.monotonic()
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    result = json.loads(out) if out else {"error": err}
+    if result.get("ok"):
+        pytest.skip(f"the migration was through before the stop landed in {phase}")
+    src.wait_heartbeat(src.last_heartbeat(), 30)
+    fault_cell.outcome("destination host's daemon SIGSTOP", phase, result.get("guest_on"), ended,
+                       result.get("message", ""), exit=command.returncode, paused_s=result.get("downtime_s"))
+    assert result["guest_on"] == "source" and command.returncode == 1, result
+    # The first request that misses its bound (a long poll's hold and
+    # LONG_POLL_GRACE, --max-pause while paused) gives the peer up.
+    assert ended - fault_cell.landed < 20, f"A took {ended - fault_cell.landed:.1f} s"
+    a = asyncio.run(client.call(runs["a"], "status"))
+    assert a["migrations"] == [] and a["vms"][0]["runstate"] == "running", a
+    assert a["vms"][0]["devices"][0]["state"] == "RUNNING", a
+    deadline = time.monotonic() + 20
+    while (b := asyncio.run(client.call(runs["b"], "status")))["migrations"] or any(vm["busy"] for vm in b["vms"]):
+        assert time.monotonic() < deadline, f"B still holds the attempt: {b}"
+        time.sleep(0.1)
+    assert dst.last_heartbeat() == 0, "the destination ran the guest"
+
+
+@pytest.mark.qemu
 @pytest.mark.parametrize("how", ["flip", "truncate", "reorder", "duplicate", "replay"])
 def test_a_spoilt_device_stream_across_hosts_is_refused_and_the_source_runs_on(two_hosts, pki, how):
     """The device stream bent at host A before it crosses (``--debug

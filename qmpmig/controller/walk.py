@@ -94,6 +94,14 @@ class Walker:
     def resumed(self) -> None:
         self.paused_timeout = None
 
+    def paused_deadline(self, start: float) -> float | None:
+        """While the guest is paused: when a request begun at ``start``
+        (monotonic) must have ended, so that the guest runs again soon
+        enough; None while it runs."""
+        if self.paused_timeout is None:
+            return None
+        return max(start, self.paused_since) + self.paused_timeout
+
     async def call(self, end: DeviceEnd, request: Awaitable[T], what: str) -> T:
         """One request to a device, bounded; a failure of it fails the
         migration with the device and the step named (and, where the device
@@ -145,11 +153,10 @@ class Walker:
         try:
             while True:
                 timeout, why, deadline = self.timeout, "", start + self.timeout
-                if self.paused_timeout is not None:
-                    paused_deadline = max(start, self.paused_since) + self.paused_timeout
-                    if paused_deadline < deadline:
-                        timeout, why = self.paused_timeout, " with the guest paused (--max-pause)"
-                        deadline = paused_deadline
+                paused_deadline = self.paused_deadline(start)
+                if paused_deadline is not None and paused_deadline < deadline:
+                    timeout, why = self.paused_timeout, " with the guest paused (--max-pause)"
+                    deadline = paused_deadline
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise MigrationFailed(f"{end.side.name} device {end.name} did not answer {what} "

@@ -762,6 +762,8 @@ class Owner:
         trace = controller.trace
         summary = None
         lost = asyncio.create_task(_cancel_when_peer_lost(controller)) if destination.closer else None
+        if destination.closer:      # a hung peer holds a paused guest no longer than a device may
+            destination.closer.deadline_of = controller.walker.paused_deadline
         try:
             summary = await controller.migrate()
         finally:
@@ -774,9 +776,10 @@ class Owner:
                 vm.busy = None
             if destination.closer:          # a peer's VM: the channel to its daemon
                 await destination.side.unfollow()
-                with contextlib.suppress(QmpmigError):
-                    await destination.closer.call("incoming_end", vm=destination.name.partition("@")[0],
-                                                  migration=mid)
+                with contextlib.suppress(QmpmigError, asyncio.TimeoutError):
+                    # A peer that does not answer within its silence bound has lost this connection.
+                    await asyncio.wait_for(destination.closer.call(
+                        "incoming_end", vm=destination.name.partition("@")[0], migration=mid), peer.PEER_SILENCE)
                 await destination.closer.__aexit__(None, None, None)
             del self.migrations[mid]
             if summary is not None:

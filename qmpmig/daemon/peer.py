@@ -33,6 +33,7 @@ import errno
 import itertools
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -51,6 +52,8 @@ PEER_OPS = frozenset({"status", "migrations", "expect", "expected", "ram_write",
 PEER_TIMEOUT = 30.0
 #: Seconds one request may take (a device's or QEMU's own bounds are shorter).
 CALL_TIMEOUT = 90.0
+#: Seconds between looks at a request's deadline (Peer.deadline_of may move).
+RECHECK = 0.05
 #: Seconds a connection outlives a peer host whose kernel acknowledges
 #: nothing (a cut link, a dead host): shorter than what the guest's pause
 #: may bear (Options.max_pause less the recovery's margin, 3.5 s by default).
@@ -71,6 +74,9 @@ MAX_IN_FLIGHT = 16
 #: Seconds a long poll is held at most: well inside PEER_SILENCE, so that a
 #: peer that stopped asking (its daemon hung) is seen within PEER_SILENCE.
 LONG_POLL_MAX = 3.0
+#: Seconds past its hold a long poll may take to come back before its peer
+#: is taken for hung (its kernel may still acknowledge: LINK_TIMEOUT cannot tell).
+LONG_POLL_GRACE = 5.0
 
 
 class PeerError(QmpmigError):
@@ -150,6 +156,10 @@ class Peer:
         self._lost: str | None = None
         #: Whether the peer has answered anything on this connection.
         self._answered = False
+        #: start -> when a request begun then must be answered by, sooner
+        #: than CALL_TIMEOUT (the controller's, while its guest is paused:
+        #: Walker.paused_deadline), or None.  Long polls keep their own bound.
+        self.deadline_of: Callable[[float], float | None] = lambda start: None
 
     async def __aenter__(self) -> "Peer":
         host, port = split_address(self.address)
@@ -178,11 +188,18 @@ class Peer:
                     waiter = self._waiting.pop(message.get("id"), None)
                     if waiter and not waiter.done():
                         waiter.set_result(message)
-            self._lost = "it closed the connection"
+            self._give_up("it closed the connection")
         except (OSError, control.ControlError) as err:
-            self._lost = str(err) or type(err).__name__
             if isinstance(err, OSError) and err.errno in DEAD_LINK:
-                self._lost = f"its host acknowledged nothing for {LINK_TIMEOUT:g} s (a dead link): {err}"
+                self._give_up(f"its host acknowledged nothing for {LINK_TIMEOUT:g} s (a dead link): {err}")
+            self._give_up(str(err) or type(err).__name__)
+
+    def _give_up(self, why: str) -> None:
+        """The connection is lost (the first reason given is kept): every
+        request under way fails with it, and so will every later one."""
+        self._lost = self._lost or why
+        if self._writer:
+            self._writer.transport.abort()
         for waiter in self._waiting.values():
             if not waiter.done():
                 waiter.set_exception(PeerError(self._why(self._lost)))
@@ -195,17 +212,36 @@ class Peer:
             raise PeerError(self._why(self._lost))
         msg_id = next(self._ids)
         waiter = self._waiting[msg_id] = asyncio.get_running_loop().create_future()
+        start = time.monotonic()
         try:
             self._writer.write(control.request(msg_id, op, args, payload))
             await self._writer.drain()
-            message = await asyncio.wait_for(waiter, CALL_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as err:
+            while not waiter.done():
+                bound, why = self._bound(op, args, start)
+                if (left := start + bound - time.monotonic()) <= 0:
+                    # A peer that missed its bound is hung: nothing more is asked of it.
+                    self._give_up(f"{op}: no answer within {bound:.1f} s{why}")
+                    raise PeerError(self._why(self._lost))
+                # Woken now and then: the guest may be paused meanwhile.
+                await asyncio.wait({waiter}, timeout=min(left, RECHECK))
+            message = waiter.result()
+        except OSError as err:
             raise PeerError(self._why(f"{op}: {err or type(err).__name__}")) from None
         finally:
             self._waiting.pop(msg_id, None)
         if not message.get("ok"):
             raise PeerError(f"peer {self.address}: {message.get('error')}")
         return message.get("result", {})
+
+    def _bound(self, op: str, args: dict, start: float) -> tuple[float, str]:
+        """Seconds request ``op`` begun at ``start`` may take (it may
+        shrink while it waits: the guest paused), and what sets them."""
+        if op in LONG_POLLS:
+            return min(args.get("timeout", LONG_POLL_MAX), LONG_POLL_MAX) + LONG_POLL_GRACE, " (a long poll)"
+        paused = self.deadline_of(start)
+        if paused is not None and paused - start < CALL_TIMEOUT:
+            return paused - start, " with the guest paused (--max-pause)"
+        return CALL_TIMEOUT, ""
 
     def _why(self, what: str) -> str:
         """The error of a lost connection; one lost before any answer is
