@@ -3,6 +3,7 @@ daemons and certificates made by openssl: both ends prove who they are;
 a peer without the right certificate gets nothing and injects nothing."""
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -489,6 +490,25 @@ def test_the_source_hosts_daemon_killed_in_any_phase(two_hosts, pki, phase, faul
     assert dst.last_heartbeat() == 0, "the destination ran the guest"
 
 
+@contextlib.contextmanager
+def daemon_stopped_in(phase: str, two_hosts, pki, host: str, fault_cell):
+    """``qmpmig migrate`` across hosts under way in ``phase``, with
+    ``host``'s daemon SIGSTOPped until the block ends (then SIGCONT):
+    (run dirs, source VM, destination VM, the command)."""
+    hosts, src, dst, tmp = two_hosts
+    runs, address = hosts(pki["host-a"])
+    command = migrating_in(phase, runs, address, tmp)
+    if command is None:
+        pytest.skip(f"the migration was through before {phase}")
+    daemon = int((runs[host] / "daemon.pid").read_text())
+    os.kill(daemon, signal.SIGSTOP)
+    fault_cell.fault()
+    try:
+        yield runs, src, dst, command
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+
+
 @pytest.mark.qemu
 @pytest.mark.parametrize("phase", PHASES)
 def test_the_source_hosts_daemon_hung_in_any_phase(two_hosts, pki, phase, fault_cell):
@@ -498,22 +518,12 @@ def test_the_source_hosts_daemon_hung_in_any_phase(two_hosts, pki, phase, fault_
     hold B: peer.LONG_POLLS), ends what it holds of the attempt and says so;
     once A's daemon is let go on (SIGCONT) it finds its peer gone and the
     guest runs on at the source, never at B."""
-    hosts, src, dst, tmp = two_hosts
-    runs, address = hosts(pki["host-a"])
-    command = migrating_in(phase, runs, address, tmp)
-    if command is None:
-        pytest.skip(f"the migration was through before {phase}")
-    daemon = int((runs["a"] / "daemon.pid").read_text())
-    os.kill(daemon, signal.SIGSTOP)
-    fault_cell.fault()
-    try:
+    with daemon_stopped_in(phase, two_hosts, pki, "a", fault_cell) as (runs, src, dst, command):
         deadline = time.monotonic() + peer.PEER_SILENCE + 10
         while not (lost := asyncio.run(client.call(runs["b"], "status"))["peers_lost"]):
             assert time.monotonic() < deadline, "B never took its hung peer for lost"
             time.sleep(0.1)
         b_over = time.monotonic() - fault_cell.landed
-    finally:
-        os.kill(daemon, signal.SIGCONT)
     assert "asked nothing" in lost[0]["why"], lost
     assert b_over < peer.PEER_SILENCE + 4, f"B took {b_over:.1f} s to see its peer silent"
     out, err = command.communicate(timeout=120)
@@ -542,19 +552,9 @@ def test_the_destination_hosts_daemon_hung_in_any_phase(two_hosts, pki, phase, f
     pages too: Walker.paused_deadline), the guest runs on at the source
     with its device RUNNING, and the destination never runs it; let go on,
     B finds its peer gone and ends its side."""
-    hosts, src, dst, tmp = two_hosts
-    runs, address = hosts(pki["host-a"])
-    command = migrating_in(phase, runs, address, tmp)
-    if command is None:
-        pytest.skip(f"the migration was through before {phase}")
-    daemon = int((runs["b"] / "daemon.pid").read_text())
-    os.kill(daemon, signal.SIGSTOP)
-    fault_cell.fault()
-    try:
+    with daemon_stopped_in(phase, two_hosts, pki, "b", fault_cell) as (runs, src, dst, command):
         out, err = command.communicate(timeout=120)
         ended = time.monotonic()
-    finally:
-        os.kill(daemon, signal.SIGCONT)
     result = json.loads(out) if out else {"error": err}
     if result.get("ok"):
         pytest.skip(f"the migration was through before the stop landed in {phase}")
