@@ -287,3 +287,10 @@ def test_a_migration_the_daemon_does_not_drive_is_cancelled_before_its_switchove
     finally:
         for proc in (dev, src, dst):
             proc.close()
+
+
+def test_the_daemon_fixes_glibcs_mmap_threshold():
+    """mallopt(M_MMAP_THRESHOLD) takes on this glibc: the soak across hosts
+    levels only with it (owner.DAEMON_MMAP_THRESHOLD)."""
+    from qmpmig.daemon.owner import steady_malloc
+    assert steady_malloc()

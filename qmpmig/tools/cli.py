@@ -23,7 +23,7 @@ from ..rig.launch import LaunchOptions, launch
 from ..daemon import client
 from ..daemon.control import default_run_dir
 from ..daemon import peer
-from ..daemon.owner import Owner
+from ..daemon.owner import Owner, steady_malloc
 from ..libvirt.api import SYSTEM
 from . import check
 from .tracecheck import RULES, check as check_trace, load as load_trace
@@ -236,6 +236,7 @@ def _daemon(args) -> int:
         return 0
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="qmpmig-daemon[%(process)d] %(levelname)s %(name)s: %(message)s")
+    steady_malloc()
 
     async def serve() -> None:
         owner = Owner(args.run_dir, listen=args.listen, tls_dir=args.tls_dir, libvirt_uri=args.libvirt_uri)
