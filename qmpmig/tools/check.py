@@ -187,6 +187,7 @@ class Context:
         """Close the shared connection to ``path`` (a rule needs new ones)."""
         if (conn := self._connections.pop(path, None)) and conn.device:
             await conn.device.close()
+            self.servers.left(path)
 
     async def close(self) -> None:
         for path in list(self._connections):
@@ -218,7 +219,7 @@ class Connection:
         """A new connection (Skip if the server takes none)."""
         if self.device:
             await self.device.close()
-            self.ctx.servers.ensure(self.path, after_close=True)
+            self.ctx.servers.left(self.path)
         self.device = None
         try:
             self.device = await _connect(self.path, self.ctx.protocol, self.ctx.servers)
@@ -236,14 +237,22 @@ class Servers:
         self.procs: dict[str, DeviceProcess] = {}
         #: socket -> how its servers ended, in order.
         self.endings: dict[str, list[str]] = {}
+        #: sockets whose client left since their server was last looked at.
+        self._left: set[str] = set()
 
-    def ensure(self, path: str, after_close: bool = False) -> None:
-        """A server listening on ``path`` (when check starts them); with
-        ``after_close``, one whose client just left is first given a moment
-        to exit, as a server of one client does."""
+    def left(self, path: str) -> None:
+        """A client of ``path`` closed its connection: a server of one
+        client is on its way out, and the next connection must not land in
+        its backlog."""
+        self._left.add(path)
+
+    def ensure(self, path: str) -> None:
+        """A server listening on ``path`` (when check starts them); one
+        whose client just left is first given a moment to exit, as a server
+        of one client does."""
         if not self.command:
             return
-        self.settle(path, after_close)
+        self.settle(path, path in self._left)
         if path not in self.procs:
             self.procs[path] = DeviceProcess(path, command=self.command).start()
 
@@ -267,6 +276,7 @@ class Servers:
         if proc is not None and lost:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.proc.wait(EXIT_GRACE)
+        self._left.discard(path)
         self.ended(path)
 
     def ended(self, path: str) -> str:
@@ -937,7 +947,7 @@ async def _raw(ctx: Context) -> AsyncIterator[tuple[socketlib.socket, dict]]:
     sock.setblocking(False)
     try:
         try:
-            ctx.servers.ensure(ctx.socket, after_close=True)
+            ctx.servers.ensure(ctx.socket)
             try:
                 await loop.sock_connect(sock, ctx.socket)
             except (ConnectionRefusedError, FileNotFoundError):
@@ -958,6 +968,7 @@ async def _raw(ctx: Context) -> AsyncIterator[tuple[socketlib.socket, dict]]:
         yield sock, reply.payload.capabilities
     finally:
         sock.close()
+        ctx.servers.left(ctx.socket)
 
 
 #: label, cmd, payload given the server's max_data_xfer_size.
