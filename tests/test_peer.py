@@ -111,6 +111,68 @@ def test_a_peer_may_ask_only_what_peers_may(daemon, pki):
     assert asyncio.run(peer.call(address, pki["host-a"], "status"))["pid"] > 0, "the daemon still serves"
 
 
+def test_a_request_bounded_by_its_caller_gives_a_hung_peer_up(daemon, pki, tmp_path):
+    """``Peer.call(within=...)``: a daemon that took the connection and then
+    hung (SIGSTOP: its kernel still acknowledges) fails the request at the
+    caller's bound, not CALL_TIMEOUT, and the connection is given up."""
+    address = daemon(pki["host-b"])
+    pid = int((tmp_path / "run-0" / "daemon.pid").read_text())
+
+    async def ask() -> tuple[float, str, str]:
+        async with peer.Peer(address, pki["host-a"]) as connection:
+            await connection.call("status")
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                start = time.monotonic()
+                with pytest.raises(peer.PeerError) as first:
+                    await connection.call("status", within=1.0)
+                took = time.monotonic() - start
+                with pytest.raises(peer.PeerError) as later:
+                    await connection.call("status")
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        return took, str(first.value), str(later.value)
+
+    took, first, later = asyncio.run(ask())
+    assert 1.0 <= took < 2.0 and "no answer within 1.0 s" in first, (took, first)
+    assert later == first, "a connection given up answers every later request with why"
+
+
+def test_strangers_that_never_finish_a_handshake_hold_at_most_max_peer_sockets(daemon, pki, tmp_path):
+    """Connections to the peer port that send nothing: past
+    peer.MAX_PEER_SOCKETS of them a new one (a real peer's too) is closed
+    at once, so the daemon's file descriptors stay its VMs'; its control
+    socket serves meanwhile, and peers are answered once the strangers go."""
+    address = daemon(pki["host-b"])
+    run_dir = tmp_path / "run-0"
+    pid = int((run_dir / "daemon.pid").read_text())
+    fds_before = len(os.listdir(f"/proc/{pid}/fd"))
+    host, port = peer.split_address(address)
+    strangers = [socket.create_connection((host, port)) for _ in range(peer.MAX_PEER_SOCKETS + 20)]
+    try:
+        deadline = time.monotonic() + 10
+        while len(os.listdir(f"/proc/{pid}/fd")) < fds_before + peer.MAX_PEER_SOCKETS:
+            assert time.monotonic() < deadline, "the daemon did not take the strangers' connections"
+            time.sleep(0.05)
+        with pytest.raises(peer.PeerError):
+            asyncio.run(peer.call(address, pki["host-a"], "status"))
+        assert asyncio.run(client.call(run_dir, "status"))["pid"] == pid
+        time.sleep(0.5)
+        held = len(os.listdir(f"/proc/{pid}/fd")) - fds_before
+        assert held <= peer.MAX_PEER_SOCKETS, f"{held} descriptors for {len(strangers)} strangers"
+    finally:
+        for stranger in strangers:
+            stranger.close()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert asyncio.run(peer.call(address, pki["host-a"], "status"))["pid"] == pid
+            break
+        except peer.PeerError:
+            assert time.monotonic() < deadline, "peers are still refused once the strangers left"
+            time.sleep(0.1)
+
+
 def test_an_incoming_migration_announced_by_a_peer_is_expected_locally(daemon, pki, tmp_path):
     address = daemon(pki["host-b"])
     asyncio.run(peer.call(address, pki["host-a"], "expect", domain="guest1", migration="m-1"))

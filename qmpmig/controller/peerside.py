@@ -28,10 +28,6 @@ Call = Callable[..., Awaitable[dict]]
 #: carries: the bytes follow the request raw (control.MAX_PAYLOAD).
 PAGES_PER_WRITE = 1024
 DATA_PER_REQUEST = 4 << 20
-#: Seconds one long poll of the peer's VM may wait (the peer holds it no
-#: longer than its LONG_POLL_MAX; asking again as often keeps this side
-#: from looking silent to it, peer.PEER_SILENCE).
-WATCH_POLL = 3.0
 
 
 class PeerQemu:
@@ -190,7 +186,9 @@ class PeerSide(Side):
     async def _poll(self) -> None:
         try:
             while not self.gone:
-                status = await self._call("incoming_watch", since=self.updates, timeout=WATCH_POLL)
+                # Held by the peer as long as it likes (its LONG_POLL_MAX): asked
+                # again at once, so that this side never looks silent to it.
+                status = await self._call("incoming_watch", since=self.updates)
                 async with self._changed:
                     self._mirror(status)
                     self._changed.notify_all()

@@ -110,6 +110,8 @@ class Owner:
         #: Incoming migrations ended here because their peer was lost, and how
         #: (the latest OVER_KEPT).
         self.peers_lost: list[dict] = []
+        #: TCP connections to the peer port now open, handshakes included.
+        self._peer_sockets: set[asyncio.StreamWriter] = set()
         self.journal: journal.Journal | None = None
         self._attaching: set[str] = set()
         #: Set by shutdown: no new VM or migration is taken.
@@ -136,7 +138,7 @@ class Owner:
         peers = None
         if self.listen:
             host, port = peer.split_address(self.listen)
-            peers = await asyncio.start_server(self._peer_connection, host, port, ssl=tls)
+            peers = await asyncio.start_server(lambda r, w: self._peer_accept(tls, r, w), host, port)
             log.info("peers served on %s (TLS, certificates of %s)", self.listen, self.tls_dir)
         (self.run_dir / "daemon.pid").write_text(f"{os.getpid()}\n")
         log.info("serving %s", self.socket_path)
@@ -233,6 +235,30 @@ class Owner:
             with contextlib.suppress(ConnectionError):
                 await writer.drain()
             writer.close()
+
+    async def _peer_accept(self, tls: ssl.SSLContext, reader: asyncio.StreamReader,
+                           writer: asyncio.StreamWriter) -> None:
+        """A TCP connection to the peer port: at most peer.MAX_PEER_SOCKETS
+        at once, handshakes included (each holds a file descriptor, and a
+        stranger need not finish one), each handshake within
+        peer.PEER_TIMEOUT; then the peer (:meth:`_peer_connection`)."""
+        origin = writer.get_extra_info("peername")
+        if len(self._peer_sockets) >= peer.MAX_PEER_SOCKETS:
+            log.warning("peer connection from %s refused: %d open already", origin, peer.MAX_PEER_SOCKETS)
+            writer.transport.abort()
+            return
+        self._peer_sockets.add(writer)
+        try:
+            try:
+                await writer.start_tls(tls, ssl_handshake_timeout=peer.PEER_TIMEOUT)
+            except (ssl.SSLError, OSError, TimeoutError) as err:
+                log.warning("peer connection from %s refused: no TLS session (%s)", origin,
+                            reason(err) or type(err).__name__)
+                writer.transport.abort()
+                return
+            await self._peer_connection(reader, writer)
+        finally:
+            self._peer_sockets.discard(writer)
 
     async def _peer_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A peer daemon, its certificate checked by the handshake: only
@@ -747,12 +773,16 @@ class Owner:
         connection = peer.Peer(address, self.tls_dir)
         await connection.__aenter__()
         try:
-            await connection.call("expect", domain=name, migration=mid)
-            side = PeerSide(connection.bound(vm=name, migration=mid), f"{name}@{address}", self.timeout)
-            if attach:
-                await side.attach()
-        except BaseException:
+            async with asyncio.timeout(peer.PEER_TIMEOUT):     # a hung peer, before any long poll
+                await connection.call("expect", domain=name, migration=mid)
+                side = PeerSide(connection.bound(vm=name, migration=mid), f"{name}@{address}", self.timeout)
+                if attach:
+                    await side.attach()
+        except BaseException as err:
             await connection.__aexit__(None, None, None)
+            if isinstance(err, TimeoutError):
+                raise peer.PeerError(f"peer {address}: the migration's setup had no answer within "
+                                     f"{peer.PEER_TIMEOUT:g} s") from None
             raise
         vm = AttachedVm(f"{name}@{address}", "", side, [], closer=connection)
         vm.busy = mid       # taken up by migrate()
@@ -762,9 +792,10 @@ class Owner:
                        destination: AttachedVm) -> dict:
         trace = controller.trace
         summary = None
-        lost = asyncio.create_task(_cancel_when_peer_lost(controller)) if destination.closer else None
+        lost = None
         if destination.closer:      # a hung peer holds a paused guest no longer than a device may
             destination.closer.deadline_of = controller.walker.paused_deadline
+            lost = asyncio.create_task(_cancel_when_peer_lost(controller))
         try:
             summary = await controller.migrate()
         finally:
@@ -777,10 +808,10 @@ class Owner:
                 vm.busy = None
             if destination.closer:          # a peer's VM: the channel to its daemon
                 await destination.side.unfollow()
-                with contextlib.suppress(QmpmigError, asyncio.TimeoutError):
+                with contextlib.suppress(QmpmigError):
                     # A peer that does not answer within its silence bound has lost this connection.
-                    await asyncio.wait_for(destination.closer.call(
-                        "incoming_end", vm=destination.name.partition("@")[0], migration=mid), peer.PEER_SILENCE)
+                    await destination.closer.call("incoming_end", vm=destination.name.partition("@")[0],
+                                                  migration=mid, within=peer.PEER_SILENCE)
                 await destination.closer.__aexit__(None, None, None)
             del self.migrations[mid]
             if summary is not None:

@@ -48,7 +48,8 @@ DEFAULT_TLS_DIR = Path("/etc/pki/qemu")
 PEER_OPS = frozenset({"status", "migrations", "expect", "expected", "ram_write", "ram_crcs",
                       "incoming_qmp", "incoming_watch", "incoming_device", "incoming_end", "incoming_wait",
                       "incoming_resume"})
-#: Seconds for the connection and the handshake.
+#: Seconds for the connection and the handshake, and for the requests that
+#: set a migration up (owner._peer_vm) before its first long poll.
 PEER_TIMEOUT = 30.0
 #: Seconds one request may take (a device's or QEMU's own bounds are shorter).
 CALL_TIMEOUT = 90.0
@@ -71,6 +72,11 @@ LONG_POLLS = frozenset({"incoming_watch"})
 #: peer back): what a peer can make this daemon hold is bounded by it,
 #: with control.MAX_PAYLOAD a request.
 MAX_IN_FLIGHT = 16
+#: TCP connections to the peer port open at once, TLS handshakes under way
+#: included; past it a new one is closed at once.  Strangers can then keep
+#: peers out (as a full listen backlog would), not use up the daemon's file
+#: descriptors, which its VMs and devices need.
+MAX_PEER_SOCKETS = 64
 #: Seconds a long poll is held at most: well inside PEER_SILENCE, so that a
 #: peer that stopped asking (its daemon hung) is seen within PEER_SILENCE.
 LONG_POLL_MAX = 3.0
@@ -205,9 +211,11 @@ class Peer:
                 waiter.set_exception(PeerError(self._why(self._lost)))
         self._waiting.clear()
 
-    async def call(self, op: str, payload: bytes | memoryview = b"", **args) -> dict:
+    async def call(self, op: str, payload: bytes | memoryview = b"", *, within: float | None = None,
+                   **args) -> dict:
         """One request (its ``payload`` sent as raw bytes after it, which
-        the peer's handler gets as ``data``); its result, or PeerError."""
+        the peer's handler gets as ``data``); its result, or PeerError.
+        ``within``: seconds it may take at most, sooner than its own bound."""
         if self._lost:
             raise PeerError(self._why(self._lost))
         msg_id = next(self._ids)
@@ -218,6 +226,8 @@ class Peer:
             await self._writer.drain()
             while not waiter.done():
                 bound, why = self._bound(op, args, start)
+                if within is not None and within < bound:
+                    bound, why = within, ""
                 if (left := start + bound - time.monotonic()) <= 0:
                     # A peer that missed its bound is hung: nothing more is asked of it.
                     self._give_up(f"{op}: no answer within {bound:.1f} s{why}")
