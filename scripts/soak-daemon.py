@@ -132,7 +132,7 @@ def soak(migrations: int, workdir: Path, memory: int = 256, devices: int = 1,
             time.sleep(0.3)
             later = devices_now(there.run_dir)
             for a, b in zip(first, later):
-                if b["client_losses"] or not b["dma_seq"] > a["dma_seq"]:
+                if b["client_losses"] or b["dma_faults"] or not b["dma_seq"] > a["dma_seq"]:
                     raise RuntimeError(f"migration {n}: destination device {b['name']} no longer works: {b}")
             with open(new.ram_path, "rb") as ram:
                 ram.seek(DMA_WINDOW[0])

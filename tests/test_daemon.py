@@ -173,6 +173,7 @@ def test_migration_asked_of_the_daemon_outlives_the_command(run_dir, tmp_path, g
         later = dst_device()
         assert later["dma_seq"] > first["dma_seq"], "the destination device stopped its DMA"
         assert later["client_losses"] == 0, "the destination device lost its client"
+        assert later["dma_faults"] == 0, "a DMA of the destination device failed"
         dst.wait_heartbeat(src.last_heartbeat(), 30)
         errors = records.verify(dst.ram_path.read_bytes()[DMA_WINDOW[0]:sum(DMA_WINDOW)], 1, later["dma_seq"])
         assert errors == []

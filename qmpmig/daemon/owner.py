@@ -884,13 +884,13 @@ async def _bounded(step, what: str):
 
 async def _ask_device(device: RemoteDevice) -> dict:
     """What ``status`` shows of a device no migration uses: its state hash
-    where it offers one; the reference device's DMA record count and
-    client losses."""
+    where it offers one; the reference device's DMA record count, DMA
+    faults and client losses."""
     answers = {}
     if digest := await device.state_hash():
         answers["state_hash"] = digest.hex()
     if await is_reference(device.client):
-        for register in ("dma_seq", "client_losses"):
+        for register in ("dma_seq", "dma_faults", "client_losses"):
             answers[register] = await read_register(device.client, register)
     return answers
 

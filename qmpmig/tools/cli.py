@@ -308,6 +308,7 @@ def _describe_vm(vm: dict) -> str:
     lines = [f"{vm['name']}: ({vm['runstate']}, {vm['status']})" + (f", in migration {vm['busy']}" if vm["busy"] else "")]
     for dev in vm["devices"]:
         extra = "".join(f", {k} {dev[k]}" for k in ("state_hash", "dma_seq") if k in dev)
+        extra += "".join(f", {k} {dev[k]}" for k in ("dma_faults", "client_losses") if dev.get(k))
         lines.append(f"  {dev['name']}: {dev['protocol']} {dev['state']}{extra}")
     return "\n".join(lines)
 
