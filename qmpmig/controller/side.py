@@ -185,7 +185,7 @@ class Side:
         except asyncio.TimeoutError:
             raise MigrationFailed(f"{self.name} QEMU: no {what} within {timeout:.0f} s (at {self.vm})") from None
         if self.gone:
-            raise MigrationFailed(f"{self.name} QEMU died ({self.gone}) waiting for {what}")
+            raise MigrationFailed(f"{self.name} {self.lost} ({self.gone}) waiting for {what}")
         return self.vm
 
     async def next_update(self, timeout: float) -> None:
