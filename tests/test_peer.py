@@ -134,7 +134,7 @@ def test_a_request_bounded_by_its_caller_gives_a_hung_peer_up(daemon, pki, tmp_p
         return took, str(first.value), str(later.value)
 
     took, first, later = asyncio.run(ask())
-    assert 1.0 <= took < 2.0 and "no answer within 1.0 s" in first, (took, first)
+    assert 1.0 <= took < 5.0 and "no answer within 1.0 s" in first, (took, first)   # not CALL_TIMEOUT
     assert later == first, "a connection given up answers every later request with why"
 
 
